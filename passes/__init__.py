@@ -1,0 +1,1 @@
+"""Graph passes of the turbo backend (installed as ``turbo_fx.passes``)."""

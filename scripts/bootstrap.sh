@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install turbo-fx editable with the [dev] extras, pinned by
+# constraints.txt. A stamp inside .venv records a hash of the install inputs; when it
+# matches, the install is skipped, so a second `make test` starts in seconds.
+#
+# Environment knobs:
+#   PYTHON  interpreter that creates the venv (default: python3)
+#   VENV    venv folder (default: .venv in the repository root)
+#   EXTRAS  extras to install (default: dev)
+#   FORCE=1 reinstall even when the stamp matches
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-$ROOT/.venv}"
+EXTRAS="${EXTRAS:-dev}"
+STAMP="$VENV/.turbo-fx-bootstrap.stamp"
+
+die() {
+    echo "bootstrap: ERROR: $*" >&2
+    exit 1
+}
+trap 'echo "bootstrap: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
+
+[ -f pyproject.toml ] || die "pyproject.toml not found in $ROOT"
+[ -f constraints.txt ] || die "constraints.txt not found in $ROOT"
+
+hash_inputs() {
+    # Everything that decides what gets installed: the project metadata, the pins, this
+    # script, the extras and the interpreter's version.
+    {
+        cat pyproject.toml constraints.txt "${BASH_SOURCE[0]}"
+        echo "extras=$EXTRAS"
+        "$VENV/bin/python" -c 'import sys; print(sys.version)'
+    } | sha256sum | cut -d' ' -f1
+}
+
+# 1. The virtual environment.
+if [ ! -x "$VENV/bin/python" ]; then
+    command -v "$PYTHON" >/dev/null 2>&1 || die "'$PYTHON' not found; install Python >= 3.10 or set PYTHON=/path/to/python3"
+    "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
+        || die "$("$PYTHON" -V 2>&1) is too old; turbo-fx needs Python >= 3.10 (set PYTHON=...)"
+    echo "bootstrap: creating $VENV with $("$PYTHON" -V 2>&1)"
+    rm -rf "$VENV"
+    if ! "$PYTHON" -m venv "$VENV"; then
+        # Debian/Ubuntu without the python3-venv package: no ensurepip. Create the venv
+        # without pip and let the system pip install pip into it.
+        echo "bootstrap: 'python -m venv' failed (no ensurepip?); retrying with --without-pip" >&2
+        rm -rf "$VENV"
+        "$PYTHON" -m venv --without-pip "$VENV" \
+            || die "cannot create a virtual environment; install python3-venv (apt-get install python3-venv)"
+        "$PYTHON" -m pip --python "$VENV/bin/python" install pip \
+            || die "the venv has no pip and the system pip could not install one; install python3-venv (apt-get install python3-venv)"
+    fi
+fi
+"$VENV/bin/python" -m pip --version >/dev/null 2>&1 || die "$VENV has no working pip; remove it (make clean) and retry"
+
+# 2. The install, unless the stamp says it is current.
+want="$(hash_inputs)"
+if [ "${FORCE:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    echo "bootstrap: $VENV is up to date (stamp matches), skipping the install"
+else
+    rm -f "$STAMP"
+    pip_flags=(--constraint constraints.txt)
+    if [ -n "${CI:-}" ]; then
+        pip_flags+=(--progress-bar off)
+    fi
+    echo "bootstrap: installing turbo-fx[$EXTRAS] (editable) with constraints.txt; the first time this downloads torch (~1-3 min, ~5 GB)"
+    start=$SECONDS
+    "$VENV/bin/python" -m pip install "${pip_flags[@]}" --editable ".[$EXTRAS]" \
+        || die "pip install failed (see above)"
+    # A final consistency check: a broken dependency set must not get a stamp.
+    "$VENV/bin/python" -m pip check || die "pip check found broken requirements (see above)"
+    echo "$want" > "$STAMP"
+    echo "bootstrap: install done in $((SECONDS - start)) s"
+fi
+
+"$VENV/bin/python" -c 'import torch; print("bootstrap: torch", torch.__version__, "from", torch.__file__)' \
+    || die "torch does not import in $VENV"
