@@ -1,0 +1,238 @@
+"""Pass: find the attention sites of a torch-level (Dynamo) FX graph.
+
+Matches
+  * fused attention: ``scaled_dot_product_attention(q, k, v, attn_mask=..., scale=...)``;
+  * explicit attention: ``matmul(q, k^T) -> (scale) -> (+ mask) -> softmax -> (dropout, cast) -> matmul(., v)``.
+For each site it identifies q and k (k with its token axis), the mask, the residual
+stream entering the sub-block and the add that closes it (and, for post-norm blocks,
+the LayerNorm right after that add), plus the module the site came from.
+
+Guarantees: the graph is not modified. Sites come back in graph order; a site that
+cannot be merged safely carries the reasons in ``problems`` (cross-attention,
+causal masks, grouped-query heads, biases that are not padding masks, a residual
+stream that is not [batch, tokens, channels]).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from . import graph_utils as gu
+
+
+@dataclass
+class AttentionSite:
+    index: int
+    kind: str  # "sdpa" or "explicit"
+    attn: Node  # the SDPA call, or the probs @ v matmul
+    q: Node
+    k: Node
+    k_token_axis: int  # -2 for [B, H, N, D] keys, -1 for pre-transposed [B, H, D, N]
+    mask: Optional[Node] = None
+    scale: Optional[float] = None
+    softmax: Optional[Node] = None
+    logits: Optional[Node] = None  # what feeds softmax (explicit only)
+    mask_add: Optional[Node] = None  # the add that applies the mask (explicit only)
+    residual: Optional[Node] = None
+    closing_add: Optional[Node] = None
+    stream_out: Optional[Node] = None
+    module: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def mergeable(self) -> bool:
+        return not self.problems
+
+
+def find_attention_sites(gm: GraphModule) -> list[AttentionSite]:
+    """All attention sites of ``gm`` in graph order (see the module docstring)."""
+    sites: list[AttentionSite] = []
+    for node in gm.graph.nodes:
+        site = None
+        if gu.is_sdpa(node):
+            site = _sdpa_site(node)
+        elif gu.is_softmax(node):
+            site = _explicit_site(node)
+        if site is not None:
+            site.index = len(sites)
+            site.module = gu.module_path(node)
+            _find_residual(site)
+            _check_site(site)
+            sites.append(site)
+    return sites
+
+
+def _sdpa_site(node: Node) -> AttentionSite:
+    scale = gu.sdpa_arg(node, "scale")
+    site = AttentionSite(
+        index=-1,
+        kind="sdpa",
+        attn=node,
+        q=gu.sdpa_arg(node, "query"),
+        k=gu.sdpa_arg(node, "key"),
+        k_token_axis=-2,
+        mask=gu.sdpa_arg(node, "attn_mask"),
+        scale=float(scale) if isinstance(scale, (int, float)) else None,
+    )
+    if gu.sdpa_arg(node, "is_causal", False):
+        site.problems.append("causal attention (merging would let tokens see the future)")
+    if gu.sdpa_arg(node, "enable_gqa", False):
+        site.problems.append("grouped-query attention")
+    if scale is not None and not isinstance(scale, (int, float)):
+        site.problems.append("attention scale is a tensor")
+    return site
+
+
+def _explicit_site(softmax: Node) -> Optional[AttentionSite]:
+    found = _walk_back_to_matmul(softmax.args[0] if softmax.args else None, depth=8)
+    if found is None:
+        return None
+    score_matmul, mask_add, mask = found
+    value_matmul = _walk_forward_to_matmul(softmax, depth=6)
+    if value_matmul is None:
+        return None
+    q, k_t = score_matmul.args[0], score_matmul.args[1]
+    if not isinstance(q, Node) or not isinstance(k_t, Node):
+        return None
+    if gu.is_call(k_t, gu.TRANSPOSE_FUNCTIONS, gu.TRANSPOSE_METHODS) and _swaps_last_two(k_t):
+        k, axis = k_t.args[0], -2
+    else:
+        k, axis = k_t, -1
+    return AttentionSite(
+        index=-1,
+        kind="explicit",
+        attn=value_matmul,
+        q=q,
+        k=k,
+        k_token_axis=axis,
+        mask=mask,
+        softmax=softmax,
+        logits=softmax.args[0],
+        mask_add=mask_add,
+    )
+
+
+def _swaps_last_two(node: Node) -> bool:
+    if node.target == "mT":
+        return True
+    dims = [a for a in node.args[1:3]]
+    shape = gu.tensor_shape(node.args[0])
+    if shape is None or len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+        return False
+    rank = len(shape)
+    return sorted(d % rank for d in dims) == [rank - 2, rank - 1]
+
+
+def _walk_back_to_matmul(node, depth: int):
+    """From softmax's input back to the q @ k^T matmul; returns (matmul, mask_add, mask)."""
+    mask_add = mask = None
+    while isinstance(node, Node) and depth > 0:
+        depth -= 1
+        if gu.is_matmul(node):
+            return node, mask_add, mask
+        if gu.is_add(node) and mask_add is None:
+            left, right = node.args[0], node.args[1]
+            if isinstance(left, Node) and _reaches_matmul(left, 6):
+                mask_add, mask, node = node, right, left
+            elif isinstance(right, Node) and _reaches_matmul(right, 6):
+                mask_add, mask, node = node, left, right
+            else:
+                return None
+            continue
+        if gu.is_passthrough(node):
+            node = next((a for a in node.args if isinstance(a, Node)), None)
+            continue
+        return None
+    return None
+
+
+def _reaches_matmul(node: Node, depth: int) -> bool:
+    while isinstance(node, Node) and depth > 0:
+        if gu.is_matmul(node):
+            return True
+        if not gu.is_passthrough(node):
+            return False
+        node = next((a for a in node.args if isinstance(a, Node)), None)
+        depth -= 1
+    return False
+
+
+def _walk_forward_to_matmul(node: Node, depth: int) -> Optional[Node]:
+    while depth > 0:
+        depth -= 1
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if gu.is_matmul(user):
+            return user if user.args[0] is node else None
+        if not gu.is_passthrough(user):
+            return None
+        node = user
+    return None
+
+
+def _find_residual(site: AttentionSite, max_visits: int = 200) -> None:
+    """The add that closes the attention sub-block: the nearest add downstream of the
+    attention whose other operand is the stream that fed q (an ancestor of q that
+    does not depend on the attention)."""
+    q_ancestors = gu.ancestors(site.q) | {site.q}
+    queue, seen = deque([site.attn]), {site.attn}
+    downstream = {site.attn}
+    visits = 0
+    while queue and visits < max_visits:
+        node = queue.popleft()
+        visits += 1
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            downstream.add(user)
+            if gu.is_add(user) and len(user.args) >= 2:
+                left, right = user.args[0], user.args[1]
+                for mine, other in ((left, right), (right, left)):
+                    if mine in downstream and isinstance(other, Node) and other in q_ancestors:
+                        site.closing_add, site.residual = user, other
+                        site.stream_out = _post_norm(user)
+                        return
+            queue.append(user)
+
+
+def _post_norm(add: Node) -> Node:
+    users = list(add.users)
+    if len(users) == 1 and gu.is_layer_norm(users[0]) and users[0].args[0] is add:
+        return users[0]
+    return add
+
+
+def _check_site(site: AttentionSite) -> None:
+    if site.closing_add is None:
+        site.problems.append("no residual add closes the attention sub-block")
+        return
+    if site.residual not in gu.ancestors(site.k):
+        site.problems.append("cross-attention (keys come from another sequence)")
+    q_shape, k_shape = gu.tensor_shape(site.q), gu.tensor_shape(site.k)
+    stream_shape = gu.tensor_shape(site.stream_out)
+    if q_shape is None or k_shape is None or stream_shape is None:
+        site.problems.append("missing shape information")
+        return
+    if len(q_shape) != 4 or len(k_shape) != 4:
+        site.problems.append(f"attention is not [batch, heads, tokens, dim] (q {q_shape})")
+        return
+    if q_shape[1] != k_shape[1]:
+        site.problems.append("grouped-query attention (q and k head counts differ)")
+    n_keys = k_shape[site.k_token_axis]
+    if len(stream_shape) != 3 or not isinstance(stream_shape[1], int) or stream_shape[1] != n_keys:
+        site.problems.append(
+            f"residual stream {stream_shape} is not [batch, tokens, channels] with {n_keys} tokens"
+        )
+    if q_shape[2] != n_keys:
+        site.problems.append("query and key token counts differ")
+    if isinstance(site.mask, Node) and not gu.depends_on_data(site.mask):
+        site.problems.append("attention bias does not come from the input (e.g. a relative position bias)")
+    elif site.mask is not None and not isinstance(site.mask, Node):
+        site.problems.append("attention mask is a constant")

@@ -1,0 +1,102 @@
+"""Pass: count the protected tokens (CLS, distillation, registers) in front of a sequence.
+
+Matches the ``cat`` along the token axis that builds the sequence entering the
+first attention block (``cat([cls.expand(B,-1,-1), dist.expand(..), patches], 1)``
+in timm, ``cat((cls_tokens, embeddings), 1)`` in transformers). Leading pieces
+that do not derive from the user's input are protected, as is a leading slice
+``x[:, :k]`` of an already-protected prefix (register tokens inserted after CLS).
+
+Guarantees: the graph is not modified. When no such ``cat`` exists (text models,
+whose [CLS] comes from the tokenizer) the first token is protected, and the
+returned note says so.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from . import graph_utils as gu
+
+CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def count_protected_tokens(gm: GraphModule, stream: Node) -> tuple[int, str]:
+    """(count, how it was found) for the sequence ``stream`` [B, N, C]."""
+    shape = gu.tensor_shape(stream)
+    if shape is None or len(shape) != 3:
+        return 1, "first token (sequence shape unknown)"
+    count = _prefix_count(stream, shape[1], depth=12)
+    if count is None:
+        return 1, "first token (no prepended parameter tokens found)"
+    return count, f"{count} prepended parameter token(s)"
+
+
+def _prefix_count(node: Node, n_tokens: int, depth: int):
+    while isinstance(node, Node) and depth > 0:
+        depth -= 1
+        if _is_token_cat(node):
+            return _cat_prefix(node, n_tokens, depth)
+        node = _token_carrying_input(node, n_tokens)
+    return None
+
+
+def _is_token_cat(node: Node) -> bool:
+    if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
+        return False
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    shape = gu.tensor_shape(node)
+    return shape is not None and len(shape) == 3 and dim in (1, -2)
+
+
+def _cat_prefix(cat: Node, n_tokens: int, depth: int) -> int:
+    pieces = list(cat.args[0])
+    total = 0
+    for piece in pieces[:-1]:
+        width = _token_width(piece)
+        if width is None:
+            break
+        if not gu.depends_on_data(piece):
+            total += width
+            continue
+        prefix = _leading_slice_of_prefix(piece, depth)
+        if prefix is not None and prefix >= width:
+            total += width
+            continue
+        break
+    return total
+
+
+def _leading_slice_of_prefix(piece: Node, depth: int):
+    """For ``x[:, :k]``, the protected count of x when k fits inside it."""
+    if piece.op != "call_function" or piece.target is not operator.getitem:
+        return None
+    source, index = piece.args
+    if not (isinstance(index, tuple) and len(index) >= 2 and isinstance(index[1], slice)):
+        return None
+    sl = index[1]
+    if sl.start not in (None, 0) or not isinstance(sl.stop, int) or sl.step not in (None, 1):
+        return None
+    shape = gu.tensor_shape(source)
+    if shape is None or len(shape) != 3:
+        return None
+    inner = _prefix_count(source, shape[1], depth)
+    return inner if inner is not None and sl.stop <= inner else None
+
+
+def _token_width(piece) -> int | None:
+    shape = gu.tensor_shape(piece)
+    if shape is None or len(shape) != 3 or not isinstance(shape[1], int):
+        return None
+    return shape[1]
+
+
+def _token_carrying_input(node: Node, n_tokens: int):
+    """The one input that carries the data sequence with the same token count."""
+    candidates = []
+    for inp in node.all_input_nodes:
+        shape = gu.tensor_shape(inp)
+        if shape is not None and len(shape) == 3 and shape[1] == n_tokens and gu.depends_on_data(inp):
+            candidates.append(inp)
+    return candidates[0] if len(candidates) == 1 else None

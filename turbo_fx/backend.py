@@ -1,0 +1,118 @@
+"""The ``turbo`` torch.compile backend: rewrite the Dynamo graph to merge tokens, then compile it.
+
+Registered through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="turbo", options={...})`` needs no import.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch.fx import GraphModule
+
+from turbo_fx.config import TurboConfig, TurboConfigError, resolve_config
+from turbo_fx.passes.propagate_shapes import CannotRewrite
+from turbo_fx.report import GraphReport, counters, publish, wants_flops
+from turbo_fx.rewrite import NothingToMerge, rewrite_graph
+
+log = logging.getLogger("turbo_fx")
+
+
+def turbo_backend(
+    gm: GraphModule,
+    example_inputs: list,
+    options: Union[None, dict, TurboConfig] = None,
+    mode: Optional[str] = None,
+    **unexpected: Any,
+) -> Callable:
+    """Dynamo backend entry: validate options, rewrite ``gm``, hand it to the inner compiler."""
+    if unexpected:
+        raise TurboConfigError(f"turbo backend got unexpected arguments {sorted(unexpected)}; pass options={{...}}")
+    config = resolve_config(options)
+    report = GraphReport(graph_index=counters["graphs"], n_nodes=len(gm.graph.nodes))
+    counters["graphs"] += 1
+
+    start = time.perf_counter()
+    rewritten = _rewrite_or_fallback(gm, example_inputs, config, report)
+    report.rewrite_seconds = time.perf_counter() - start
+
+    if wants_flops():
+        report.flops_before = count_flops(gm, example_inputs)
+        report.flops_after = count_flops(rewritten, example_inputs) if rewritten is not gm else report.flops_before
+    publish(report)
+
+    start = time.perf_counter()
+    compiled = _compile_inner(rewritten, gm, example_inputs, config, mode, report)
+    report.compile_seconds = time.perf_counter() - start
+    return compiled
+
+
+def _rewrite_or_fallback(gm: GraphModule, example_inputs: list, config: TurboConfig, report: GraphReport) -> GraphModule:
+    fake_mode = graph_fake_mode(gm)
+    try:
+        rewritten = rewrite_graph(gm, fake_mode, config, report)
+    except NothingToMerge as exc:
+        log.info("turbo: graph %d compiled unchanged: %s", report.graph_index, exc)
+        counters["graphs_unchanged"] += 1
+        return gm
+    except CannotRewrite as exc:
+        return _fallback(gm, report, str(exc))
+    except Exception as exc:  # a pass bug must never break the user's model
+        log.debug("turbo: internal error while rewriting", exc_info=True)
+        return _fallback(gm, report, f"internal error in a turbo pass: {type(exc).__name__}: {exc}")
+    counters["graphs_rewritten"] += 1
+    counters["merges_inserted"] += report.merges
+    counters["tokens_removed"] += sum(b.r_applied for b in report.blocks)
+    return rewritten
+
+
+def graph_fake_mode(gm: GraphModule):
+    """The fake mode the graph's recorded values live in (Dynamo's), or None."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch._subclasses.FakeTensor):
+            return value.fake_mode
+    return None
+
+
+def _fallback(gm: GraphModule, report: GraphReport, reason: str) -> GraphModule:
+    report.fallback_reason = reason
+    counters["graphs_fallback"] += 1
+    log.warning("turbo: graph %d compiled without token merging: %s", report.graph_index, reason)
+    return gm
+
+
+def _compile_inner(rewritten, original, example_inputs, config: TurboConfig, mode, report: GraphReport):
+    compiler = inner_compiler(config.inner_backend, mode)
+    if rewritten is original:
+        return compiler(original, example_inputs)
+    try:
+        return compiler(rewritten, example_inputs)
+    except Exception as exc:
+        log.debug("turbo: inner compiler failed on the rewritten graph", exc_info=True)
+        _fallback(original, report, f"{config.inner_backend} failed on the rewritten graph: {type(exc).__name__}: {exc}")
+        return compiler(original, example_inputs)
+
+
+def inner_compiler(name: str, mode: Optional[str] = None) -> Callable:
+    if name == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = torch._inductor.list_mode_options(mode) if mode else {}
+        return lambda gm, inputs: compile_fx(gm, inputs, config_patches=patches)
+    if name == "eager":
+        return lambda gm, inputs: gm.forward
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(name)
+
+
+def count_flops(gm: GraphModule, example_inputs: list) -> int:
+    """FLOPs of one run of ``gm`` on the example inputs (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        gm(*example_inputs)
+    return counter.get_total_flops()

@@ -1,0 +1,214 @@
+"""The typed configuration of the turbo backend, validated once at the edge.
+
+Every option a user can pass (as ``options={...}`` to ``torch.compile`` or as a
+``TurboConfig``) is checked here, before any graph is touched. A bad value raises
+``TurboConfigError`` (a ``ValueError``) that names the option and what it accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence, Union
+
+FUSIONS = ("sub", "div", "mul", "layer")
+FUSION_ALIASES = {
+    "R-alpha*I": "sub",
+    "R/I": "div",
+    "R*(1-alpha*I)": "mul",
+    "R-beta**|gamma-block|*alpha*I": "layer",
+}
+METRICS = ("keys", "queries")
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+class TurboConfigError(ValueError):
+    """An option the turbo backend does not accept; the message says what it does accept."""
+
+
+@dataclass(frozen=True)
+class LinearSchedule:
+    """A merge count that falls linearly from ``first`` (block 0) to ``last`` (final block).
+
+    Block ``i`` of ``n`` removes ``round(first + (last - first) * i / (n - 1))`` tokens.
+    More merging early is where the paper and ToMe find the cheapest speed; the
+    schedule must not increase (``first >= last >= 0``).
+    """
+
+    first: int
+    last: int
+
+    def __post_init__(self) -> None:
+        for name in ("first", "last"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise TurboConfigError(
+                    f"r schedule: '{name}' must be a non-negative int, got {value!r}"
+                )
+        if self.first < self.last:
+            raise TurboConfigError(
+                f"r schedule must decrease: first={self.first} < last={self.last}"
+            )
+
+    def counts(self, n_blocks: int) -> list[int]:
+        if n_blocks <= 1:
+            return [self.first] * n_blocks
+        step = (self.last - self.first) / (n_blocks - 1)
+        return [int(round(self.first + step * i)) for i in range(n_blocks)]
+
+
+RSpec = Union[int, Sequence[int], LinearSchedule]
+
+
+@dataclass(frozen=True)
+class TurboConfig:
+    """What the turbo backend does to a model.
+
+    r: tokens removed per attention block: an int (every block), a list with one
+        entry per attention block, or a ``LinearSchedule``. Clamped per block to
+        half of the mergeable tokens and to ``min_tokens``.
+    alpha: weight of the semantic value in the information degree.
+    beta, gamma: the layer-wise fusion's decay and peak block (fusion="layer").
+    fusion: how redundancy R and semantic value I combine into the information
+        degree E: "sub" (R - alpha*I, default), "div" (R / I), "mul"
+        (R * (1 - alpha*I)), "layer" (R - beta**|gamma - block| * alpha*I).
+    metric: the token features whose cosine similarity is the redundancy:
+        "keys" (default) or "queries", averaged over heads.
+    semantic: include the semantic value; False gives redundancy-only merging
+        (what ToMe does).
+    prop_attn: add log(size) to the attention logits of later blocks so a merged
+        token is attended as often as the tokens it stands for.
+    min_tokens: never merge a sequence below this many tokens (the paper's threshold).
+    protected: "auto" (prepended parameter tokens, such as CLS, distillation and
+        register tokens; the first token when there are none) or a count of leading
+        tokens that never merge.
+    restore_outputs: graph outputs that carry the token axis get the original token
+        count back (each original token takes its merged token's value).
+    inner_backend: what compiles the rewritten graph: "inductor", "aot_eager", "eager".
+
+    The semantic value I is the CLS query's attention over the current tokens
+    multiplied by the number of tokens that can be attended (1.0 = uniform
+    attention), so alpha means the same at 50 tokens as at 1000: one unit of alpha
+    trades one unit of cosine similarity against attention equal to the average.
+    """
+
+    r: RSpec = 8
+    alpha: float = 0.05
+    beta: float = 0.9
+    gamma: float = 6.0
+    fusion: str = "sub"
+    metric: str = "keys"
+    semantic: bool = True
+    prop_attn: bool = True
+    min_tokens: int = 0
+    protected: Union[str, int] = "auto"
+    restore_outputs: bool = True
+    inner_backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "r", _validate_r(self.r))
+        for name in ("alpha", "beta", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TurboConfigError(f"option '{name}' must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.alpha < 0:
+            raise TurboConfigError(f"option 'alpha' must be >= 0, got {self.alpha}")
+        if self.beta <= 0:
+            raise TurboConfigError(f"option 'beta' must be > 0, got {self.beta}")
+        fusion = FUSION_ALIASES.get(self.fusion, self.fusion)
+        if fusion not in FUSIONS:
+            raise TurboConfigError(
+                f"option 'fusion' must be one of {FUSIONS} (or {tuple(FUSION_ALIASES)}), got {self.fusion!r}"
+            )
+        object.__setattr__(self, "fusion", fusion)
+        _check_choice("metric", self.metric, METRICS)
+        _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
+        for name in ("semantic", "prop_attn", "restore_outputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise TurboConfigError(f"option '{name}' must be True or False, got {getattr(self, name)!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise TurboConfigError(f"option 'min_tokens' must be an int >= 0, got {self.min_tokens!r}")
+        if self.protected != "auto" and (not _is_int(self.protected) or self.protected < 0):
+            raise TurboConfigError(
+                f"option 'protected' must be 'auto' or an int >= 0, got {self.protected!r}"
+            )
+
+    def r_per_block(self, n_blocks: int) -> list[int]:
+        """Requested merges for each of ``n_blocks`` attention blocks (before clamping)."""
+        if isinstance(self.r, int):
+            return [self.r] * n_blocks
+        if isinstance(self.r, LinearSchedule):
+            return self.r.counts(n_blocks)
+        if len(self.r) != n_blocks:
+            raise TurboConfigError(
+                f"option 'r' lists {len(self.r)} blocks but the graph has {n_blocks} attention blocks"
+            )
+        return list(self.r)
+
+    @property
+    def merges_anything(self) -> bool:
+        if isinstance(self.r, int):
+            return self.r > 0
+        if isinstance(self.r, LinearSchedule):
+            return self.r.first > 0
+        return any(v > 0 for v in self.r)
+
+    def replace(self, **changes: Any) -> "TurboConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise TurboConfigError(f"option '{name}' must be one of {tuple(allowed)}, got {value!r}")
+
+
+def _validate_r(r: Any) -> RSpec:
+    if _is_int(r):
+        if r < 0:
+            raise TurboConfigError(f"option 'r' must be >= 0, got {r}")
+        return r
+    if isinstance(r, LinearSchedule):
+        return r
+    if isinstance(r, Mapping):
+        unknown = set(r) - {"first", "last"}
+        if unknown or not {"first", "last"} <= set(r):
+            raise TurboConfigError(
+                f"option 'r' as a schedule must be {{'first': int, 'last': int}}, got {dict(r)!r}"
+            )
+        return LinearSchedule(first=r["first"], last=r["last"])
+    if isinstance(r, (list, tuple)):
+        if not r:
+            raise TurboConfigError("option 'r' as a list must not be empty")
+        for v in r:
+            if not _is_int(v) or v < 0:
+                raise TurboConfigError(f"option 'r' list entries must be ints >= 0, got {v!r}")
+        return tuple(r)
+    raise TurboConfigError(
+        "option 'r' must be an int, a list of ints (one per attention block) or a "
+        f"schedule {{'first': int, 'last': int}} / LinearSchedule, got {r!r}"
+    )
+
+
+def resolve_config(options: Union[None, TurboConfig, Mapping[str, Any]] = None, **extra: Any) -> TurboConfig:
+    """Turn whatever the user passed (None, a dict, a TurboConfig, keywords) into a TurboConfig."""
+    if isinstance(options, TurboConfig):
+        return options.replace(**extra) if extra else options
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise TurboConfigError(
+            f"turbo options must be a dict or turbo_fx.TurboConfig, got {type(options).__name__}"
+        )
+    merged = {**options, **extra}
+    known = {f.name for f in dataclasses.fields(TurboConfig)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise TurboConfigError(
+            f"unknown turbo option(s) {unknown}; allowed options: {sorted(known)}"
+        )
+    return TurboConfig(**merged)

@@ -1,0 +1,212 @@
+"""Runtime token-merging ops: plain torch functions that the passes call from the graph.
+
+They are ordinary torch code with static Python ints for every count, so Dynamo's
+graph stays traceable and Inductor traces through them and fuses them like any
+other op. Shapes use ``B`` (batch), ``H`` (heads), ``N`` (tokens), ``C`` (channels).
+
+Token bookkeeping
+-----------------
+``size`` [B, N] float32: how many original tokens each current token stands for.
+Padding tokens have size 0: a size-weighted average then ignores them, and the
+attention bias ``log(size)`` masks them, so one tensor carries both facts.
+``dest`` [B, N] int64: where each token of the previous sequence went.
+``assign`` [B, N0] int64: where each original token is now (composition of dests).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# A pair of padding tokens is the best merge there is (nothing is lost); a pair
+# across padding and real tokens is the worst. Finite, so no inf - inf NaNs.
+PAD_PAIR_SCORE = 1.0e4
+# An additive mask value at or below this excludes a key: exp(-1000) is 0 in any float dtype.
+MASKED_BELOW = -1000.0
+
+
+def merge_count(n_tokens: int, protected: int, r: int, min_tokens: int) -> int:
+    """How many tokens one block can actually merge: r clamped to the bipartite
+    limit (half the unprotected tokens) and to the ``min_tokens`` floor."""
+    mergeable = max(0, (n_tokens - protected) // 2)
+    floor_room = max(0, n_tokens - min_tokens)
+    return max(0, min(r, mergeable, floor_room))
+
+
+def head_mean(t: Tensor, token_axis: int = -2) -> Tensor:
+    """Average a per-head tensor over heads (dim 1) into a [B, N, D] metric."""
+    m = t.mean(dim=1)
+    if token_axis in (-1, t.dim() - 1):
+        m = m.transpose(-1, -2)
+    return m
+
+
+def key_validity(mask: Tensor, like: Tensor) -> Tensor:
+    """Which keys an attention mask lets the first (CLS) query see, as [B, N] bool
+    (B and N taken from ``like``, the [B, N, C] token sequence)."""
+    m = mask
+    while m.dim() > 2:
+        m = m[:, 0] if m.dim() > 3 else m[:, 0, :]
+    if m.dim() == 1:
+        m = m.unsqueeze(0)
+    valid = m if m.dtype == torch.bool else m > MASKED_BELOW
+    return valid.expand(like.shape[0], like.shape[1])
+
+
+def check_key_padding_mask(mask: Tensor) -> Tensor:
+    """Fail loudly at run time if a mask differs between query rows (causal, banded):
+    merging rewrites masks as per-key padding masks, which would be wrong for those."""
+    if mask.dim() >= 2 and mask.size(-2) > 1:
+        same = (mask == mask[..., :1, :]).all()
+        torch._assert_async(same, "turbo_fx: the attention mask varies by query; token merging needs a key-padding mask")
+    return mask
+
+
+def initial_sizes(x: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Sizes before any merge: 1 for every real token, 0 for padding."""
+    if valid is None:
+        return torch.ones(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    return valid.to(torch.float32)
+
+
+def initial_assign(x: Tensor) -> Tensor:
+    """Each original token is where it started."""
+    return torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+
+
+def key_bias(size: Tensor, dtype: torch.dtype, prop_attn: bool) -> Tensor:
+    """Additive attention bias [B, 1, 1, N]: log(size) (proportional attention) or 0,
+    and the dtype's lowest value for size-0 (padding) keys."""
+    if prop_attn:
+        value = size.clamp_min(1.0).log()
+    else:
+        value = torch.zeros_like(size)
+    bias = torch.where(size > 0, value, torch.finfo(dtype).min)
+    return bias.to(dtype)[:, None, None, :]
+
+
+def add_bias(logits: Tensor, bias: Tensor) -> Tensor:
+    """Logits plus a [B, 1, 1, N] bias (explicit attention)."""
+    return logits + bias.to(logits.dtype)
+
+
+def cls_attention(q: Tensor, k: Tensor, scale: float | None, mask: Tensor | None) -> Tensor:
+    """Semantic value: the first (CLS) query's attention over all keys, averaged over
+    heads, [B, N]. One row of softmax(q k^T * scale + mask), so models on fused
+    attention (SDPA), which never materialise probabilities, still get it."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = torch.matmul(q[:, :, :1, :], k.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        row = mask[..., :1, :] if mask.dim() >= 2 else mask
+        if row.dtype == torch.bool:
+            logits = logits.masked_fill(~row, float("-inf"))
+        else:
+            logits = logits + row.float()
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def cls_attention_from_probs(probs: Tensor) -> Tensor:
+    """Semantic value from materialised attention probabilities [B, H, N, N]."""
+    return probs[:, :, 0, :].float().mean(dim=1)
+
+
+def information_degree(
+    redundancy: Tensor,
+    semantic: Tensor | None,
+    fusion: str,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    block: int,
+) -> Tensor:
+    """E from R and the normalised semantic value I (None: redundancy only)."""
+    if semantic is None:
+        return redundancy
+    if fusion == "sub":
+        return redundancy - alpha * semantic
+    if fusion == "div":
+        return redundancy / semantic.clamp_min(1e-6)
+    if fusion == "mul":
+        return redundancy * (1.0 - alpha * semantic)
+    if fusion == "layer":
+        return redundancy - (beta ** abs(gamma - block)) * alpha * semantic
+    raise ValueError(f"unknown fusion {fusion!r}")
+
+
+def merge_tokens(
+    x: Tensor,
+    size: Tensor,
+    metric: Tensor,
+    semantic: Tensor | None,
+    r: int,
+    protected: int,
+    fusion: str = "sub",
+    alpha: float = 0.0,
+    beta: float = 1.0,
+    gamma: float = 0.0,
+    block: int = 0,
+    padding: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge ``r`` tokens of x [B, N, C] by informativity-driven bipartite matching.
+
+    The first ``protected`` tokens never merge. The rest split alternately into A
+    (even offsets) and B (odd offsets); each A token's redundancy R is its best
+    cosine similarity to a B token; the r A tokens with the highest information
+    degree E merge into their best B partner by size-weighted average. Tokens keep
+    their original relative order. ``r`` must already be clamped (``merge_count``).
+
+    Returns (merged x [B, N-r, C], merged size [B, N-r], dest [B, N]).
+    """
+    batch, n_tokens, channels = x.shape
+    if r <= 0:
+        return x, size, initial_assign(x)
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a, b = unit[:, protected::2], unit[:, protected + 1 :: 2]
+    scores = a @ b.transpose(-1, -2)
+    if padding:
+        valid_a = size[:, protected::2] > 0
+        valid_b = size[:, protected + 1 :: 2] > 0
+        both_pad = (~valid_a)[:, :, None] & (~valid_b)[:, None, :]
+        crossing = valid_a[:, :, None] ^ valid_b[:, None, :]
+        scores = torch.where(both_pad, PAD_PAIR_SCORE, torch.where(crossing, -PAD_PAIR_SCORE, scores))
+    redundancy, match = scores.max(dim=-1)
+
+    normalised = None
+    if semantic is not None:
+        if padding:
+            n_valid = (size > 0).sum(dim=-1, keepdim=True).to(torch.float32)
+        else:
+            n_valid = float(n_tokens)
+        normalised = (semantic.float() * n_valid)[:, protected::2]
+    degree = information_degree(redundancy, normalised, fusion, alpha, beta, gamma, block)
+
+    chosen = degree.topk(r, dim=-1).indices
+    src_tok = protected + 2 * chosen
+    dst_tok = protected + 1 + 2 * match.gather(1, chosen)
+    kept = torch.ones(batch, n_tokens, dtype=torch.bool, device=x.device).scatter(1, src_tok, False)
+    position = kept.cumsum(dim=1) - 1
+    dest = position.scatter(1, src_tok, position.gather(1, dst_tok))
+
+    weight = size.to(torch.float32)
+    summed = torch.zeros(batch, n_tokens - r, channels, dtype=torch.float32, device=x.device)
+    summed = summed.scatter_add(1, dest[:, :, None].expand(-1, -1, channels), x.float() * weight[:, :, None])
+    new_size = torch.zeros(batch, n_tokens - r, dtype=torch.float32, device=x.device).scatter_add(1, dest, weight)
+    merged = (summed / new_size.clamp_min(1e-6)[:, :, None]).to(x.dtype)
+    return merged, new_size, dest
+
+
+def compose_assign(assign: Tensor, dest: Tensor) -> Tensor:
+    """Where each original token is after one more merge."""
+    return dest.gather(1, assign)
+
+
+def restore_tokens(y: Tensor, assign: Tensor, axis: int) -> Tensor:
+    """Give a token-axis tensor back its original token count: each original token
+    takes the value of the merged token it went into. Axis 0 must be the batch."""
+    moved = y.movedim(axis, 1)
+    index = assign.reshape(assign.shape + (1,) * (moved.dim() - 2)).expand(
+        (assign.shape[0], assign.shape[1]) + tuple(moved.shape[2:])
+    )
+    return moved.gather(1, index).movedim(1, axis)

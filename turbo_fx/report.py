@@ -1,0 +1,153 @@
+"""What the backend did to each graph: a report object users and tests can read, and counters."""
+from __future__ import annotations
+
+import collections
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+from tabulate import tabulate
+
+# Like Inductor's counters: totals since import (or ``counters.clear()``), for tests and logs.
+counters: collections.Counter = collections.Counter()
+
+
+@dataclass
+class BlockReport:
+    index: int
+    module: str
+    kind: str
+    tokens_in: int
+    r_requested: int
+    r_applied: int
+
+    @property
+    def tokens_out(self) -> int:
+        return self.tokens_in - self.r_applied
+
+
+@dataclass
+class GraphReport:
+    """One graph Dynamo handed to the backend."""
+
+    graph_index: int
+    n_nodes: int
+    blocks: list[BlockReport] = field(default_factory=list)
+    protected: Optional[int] = None
+    protected_note: str = ""
+    padding: bool = False
+    outputs_restored: int = 0
+    fallback_reason: Optional[str] = None
+    flops_before: Optional[int] = None
+    flops_after: Optional[int] = None
+    rewrite_seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+    @property
+    def rewritten(self) -> bool:
+        return self.fallback_reason is None and any(b.r_applied for b in self.blocks)
+
+    @property
+    def tokens_per_block(self) -> list[int]:
+        return [b.tokens_in for b in self.blocks]
+
+    @property
+    def merges(self) -> int:
+        return sum(1 for b in self.blocks if b.r_applied > 0)
+
+    @property
+    def flop_ratio(self) -> Optional[float]:
+        if self.flops_before and self.flops_after is not None:
+            return self.flops_after / self.flops_before
+        return None
+
+    def table(self, fmt: str = "github") -> str:
+        rows = [
+            [b.index, b.module or "-", b.kind, b.tokens_in, b.r_requested, b.r_applied, b.tokens_out]
+            for b in self.blocks
+        ]
+        head = ["block", "module", "attention", "tokens in", "r asked", "r applied", "tokens out"]
+        return tabulate(rows, headers=head, tablefmt=fmt)
+
+    def summary(self) -> str:
+        lines = [f"graph {self.graph_index}: {self.n_nodes} nodes, {len(self.blocks)} attention sites, {self.merges} merges"]
+        if self.fallback_reason:
+            lines.append(f"  FALLBACK (compiled unchanged): {self.fallback_reason}")
+        if self.protected is not None:
+            lines.append(f"  protected tokens: {self.protected} ({self.protected_note})")
+        if self.padding:
+            lines.append("  padding mask: followed through merges (padding never merges into real tokens)")
+        if self.outputs_restored:
+            lines.append(f"  outputs restored to the original token count: {self.outputs_restored}")
+        if self.flops_before is not None and self.flops_after is not None:
+            lines.append(
+                f"  FLOPs: {self.flops_before / 1e9:.3f} G -> {self.flops_after / 1e9:.3f} G "
+                f"(ratio {self.flop_ratio:.3f})"
+            )
+        return "\n".join(lines)
+
+
+@dataclass
+class TurboReport:
+    """Every graph of one compiled model, printable as tables."""
+
+    graphs: list[GraphReport] = field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> list[str]:
+        return [g.fallback_reason for g in self.graphs if g.fallback_reason]
+
+    @property
+    def flops_before(self) -> int:
+        return sum(g.flops_before or 0 for g in self.graphs)
+
+    @property
+    def flops_after(self) -> int:
+        return sum(g.flops_after or 0 for g in self.graphs)
+
+    @property
+    def flop_ratio(self) -> Optional[float]:
+        return self.flops_after / self.flops_before if self.flops_before else None
+
+    def __str__(self) -> str:
+        if not self.graphs:
+            return "turbo: no graph was compiled"
+        parts = []
+        for g in self.graphs:
+            parts.append(g.summary())
+            if g.blocks:
+                parts.append(g.table())
+        return "\n\n".join(parts)
+
+
+class _Recorder:
+    def __init__(self, count_flops: bool) -> None:
+        self.count_flops = count_flops
+        self.graphs: list[GraphReport] = []
+
+
+_recorders: list[_Recorder] = []
+
+
+@contextlib.contextmanager
+def recording(count_flops: bool = False) -> Iterator[_Recorder]:
+    """Collect the GraphReport of every graph compiled inside the block."""
+    recorder = _Recorder(count_flops)
+    _recorders.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _recorders.remove(recorder)
+
+
+def active_recorders() -> list[_Recorder]:
+    return list(_recorders)
+
+
+def wants_flops() -> bool:
+    return any(r.count_flops for r in _recorders)
+
+
+def publish(report: GraphReport) -> None:
+    for recorder in _recorders:
+        recorder.graphs.append(report)

@@ -1,0 +1,72 @@
+"""The pass pipeline: find sites, insert merges, re-propagate shapes, restore outputs, validate."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.fx import GraphModule
+
+from turbo_fx.config import TurboConfig
+from turbo_fx.passes.find_attention import AttentionSite, find_attention_sites
+from turbo_fx.passes.insert_merges import insert_merges, plan_merges
+from turbo_fx.passes.propagate_shapes import CannotRewrite, propagate_shapes
+from turbo_fx.passes.protected_tokens import count_protected_tokens
+from turbo_fx.passes.restore_outputs import restore_outputs
+from turbo_fx.report import GraphReport
+
+
+class NothingToMerge(Exception):
+    """The graph is fine but the configuration merges nothing in it (e.g. r=0)."""
+
+
+def copy_graph_module(gm: GraphModule) -> GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph (node metadata copied, modules shared),
+    so a failed rewrite leaves the original untouched."""
+    new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    return new
+
+
+def describe_problems(sites: list[AttentionSite]) -> str:
+    parts = [f"site {s.index} ({s.module or s.kind}): {'; '.join(s.problems)}" for s in sites if s.problems]
+    return "; ".join(parts)
+
+
+def rewrite_graph(gm: GraphModule, fake_mode, config: TurboConfig, report: GraphReport) -> GraphModule:
+    """Return a rewritten copy of ``gm`` that merges tokens as ``config`` says, filling ``report``.
+
+    Raises ``CannotRewrite`` (the caller compiles ``gm`` unchanged and says why) or
+    ``NothingToMerge``.
+    """
+    work = copy_graph_module(gm)
+    sites = find_attention_sites(work)
+    if not sites:
+        raise CannotRewrite("no attention site found in the graph")
+    problems = describe_problems(sites)
+    if problems:
+        raise CannotRewrite(problems)
+    if config.protected == "auto":
+        protected, note = count_protected_tokens(work, sites[0].residual)
+    else:
+        protected, note = config.protected, "set by the 'protected' option"
+    report.protected, report.protected_note = protected, note
+    report.padding = any(s.mask is not None for s in sites)
+    try:
+        report.blocks = plan_merges(sites, config, protected)
+    except ValueError as exc:  # a per-block r list of the wrong length
+        raise CannotRewrite(str(exc)) from exc
+    if not any(b.r_applied for b in report.blocks):
+        raise NothingToMerge("the configuration merges no token in this graph")
+    if fake_mode is None:
+        raise CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")
+
+    old_values = {n: n.meta.get("example_value") for n in work.graph.nodes}
+    insertion = insert_merges(work, sites, report.blocks, config, protected)
+    for merged, original in insertion.replaced.items():
+        old_values[merged] = old_values[original]
+    propagate_shapes(work, fake_mode, old_values, insertion.touched, protected)
+    if config.restore_outputs:
+        report.outputs_restored = restore_outputs(work, fake_mode, old_values, insertion.assign_by_count)
+    work.graph.lint()
+    work.recompile()
+    return work
