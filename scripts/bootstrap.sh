@@ -29,10 +29,16 @@ trap 'echo "bootstrap: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 hash_inputs() {
     # Everything that decides what gets installed: the project metadata, the pins, this
-    # script, the extras and the interpreter's version.
+    # script, the extras and the interpreter's version. Also whether each mapped package
+    # folder has its __init__.py: setuptools' editable finder records a folder without one as
+    # a namespace package, and keeps serving it as such (its __init__.py never runs when
+    # imported from outside the repository root) until the project is reinstalled.
     {
         cat pyproject.toml constraints.txt "${BASH_SOURCE[0]}"
         echo "extras=$EXTRAS"
+        for init in turbo_fx/__init__.py passes/__init__.py model_zoo/__init__.py; do
+            if [ -f "$init" ]; then echo "has $init"; else echo "no $init"; fi
+        done
         "$VENV/bin/python" -c 'import sys; print(sys.version)'
     } | sha256sum | cut -d' ' -f1
 }
