@@ -69,17 +69,17 @@ def insert_merges(
     """Insert the merges of ``plans`` into ``gm`` (see the module docstring)."""
     graph = gm.graph
     result = MergeInsertion(blocks=plans, padding=any(s.mask is not None for s in sites))
-    sizes: Optional[Node] = None
-    assign: Optional[Node] = None
+    merge_fn = ops.merge_block if config.fuse_merges else torch.ops.turbo_fx.merge_block.default
+    sizes = assign = bias = None
 
-    def call(fn, *args, **kwargs) -> Node:
-        node = graph.call_function(fn, args, kwargs)
+    def call(fn, *args) -> Node:
+        node = graph.call_function(fn, args)
         result.touched.add(node)
         return node
 
     for site, plan in zip(sites, plans):
-        if sizes is not None:
-            _apply_key_bias(graph, site, sizes, config, result, call)
+        if bias is not None and (config.prop_attn or result.padding):
+            _apply_key_bias(graph, site, bias, result, call)
         if plan.r_applied == 0:
             continue
         stream = site.stream_out
@@ -87,24 +87,34 @@ def insert_merges(
             if sizes is None:
                 sizes, assign = _initial_state(site, stream, result.padding, call)
                 result.assign_by_count[plan.tokens_in] = assign
-            metric_source = site.k if config.metric == "keys" else site.q
-            metric_axis = site.k_token_axis if config.metric == "keys" else -2
-            metric = call(ops.head_mean, metric_source, metric_axis)
-            semantic = _semantic_value(site, call) if config.semantic else None
             merged = call(
-                ops.merge_tokens, stream, sizes, metric, semantic, plan.r_applied, protected,
-                config.fusion, config.alpha, config.beta, config.gamma, site.index, result.padding,
+                merge_fn, stream, sizes, assign, *_metric_args(site, config), *_semantic_args(site, config),
+                plan.r_applied, protected, config.fusion, config.alpha, config.beta, config.gamma,
+                site.index, result.padding, config.prop_attn, _logit_dtype(site),
             )
-            new_stream = call(operator.getitem, merged, 0)
-            sizes = call(operator.getitem, merged, 1)
-            dest = call(operator.getitem, merged, 2)
-            assign = call(ops.compose_assign, assign, dest)
+            new_stream, sizes, assign, bias = (call(operator.getitem, merged, i) for i in range(4))
         inserted = set(result.touched)
         stream.replace_all_uses_with(new_stream, delete_user_cb=lambda user: user not in inserted)
         result.touched.update(new_stream.users)
         result.replaced[new_stream] = stream
         result.assign_by_count[plan.tokens_out] = assign
     return result
+
+
+def _metric_args(site: AttentionSite, config: TurboConfig) -> tuple:
+    if config.metric == "keys":
+        return site.k, site.k_token_axis
+    return site.q, -2
+
+
+def _semantic_args(site: AttentionSite, config: TurboConfig) -> tuple:
+    """(q, k, mask, probs, scale) for the semantic value: the CLS row recomputed for
+    SDPA, the materialised probabilities for explicit attention, nothing when off."""
+    if not config.semantic:
+        return None, None, None, None, None
+    if site.kind == "explicit":
+        return None, None, None, site.softmax, None
+    return site.q, site.k, gu.sdpa_arg(site.attn, "attn_mask"), None, site.scale
 
 
 def _initial_state(site: AttentionSite, stream: Node, padding: bool, call):
@@ -119,32 +129,21 @@ def _initial_state(site: AttentionSite, stream: Node, padding: bool, call):
     return sizes, call(ops.initial_assign, stream)
 
 
-def _semantic_value(site: AttentionSite, call) -> Node:
-    if site.kind == "explicit":
-        return call(ops.cls_attention_from_probs, site.softmax)
-    mask = gu.sdpa_arg(site.attn, "attn_mask")
-    return call(ops.cls_attention, site.q, site.k, site.scale, mask)
-
-
-def _apply_key_bias(graph, site: AttentionSite, sizes: Node, config: TurboConfig, result: MergeInsertion, call) -> None:
+def _apply_key_bias(graph, site: AttentionSite, bias: Node, result: MergeInsertion, call) -> None:
     """Give a site after the first merge the size-derived key bias in place of its mask."""
-    if not config.prop_attn and not result.padding:
-        return
-    dtype = _logit_dtype(site)
-    with graph.inserting_before(site.attn if site.kind == "sdpa" else site.softmax):
-        bias = call(ops.key_bias, sizes, dtype, config.prop_attn)
-        if site.kind == "sdpa":
-            gu.set_sdpa_arg(site.attn, "attn_mask", bias)
-            result.touched.add(site.attn)
-        elif site.mask_add is not None:
-            args = list(site.mask_add.args)
-            args[args.index(site.mask)] = bias
-            site.mask_add.args = tuple(args)
-            result.touched.add(site.mask_add)
-        else:
+    if site.kind == "sdpa":
+        gu.set_sdpa_arg(site.attn, "attn_mask", bias)
+        result.touched.add(site.attn)
+    elif site.mask_add is not None:
+        args = list(site.mask_add.args)
+        args[args.index(site.mask)] = bias
+        site.mask_add.args = tuple(args)
+        result.touched.add(site.mask_add)
+    else:
+        with graph.inserting_before(site.softmax):
             biased = call(ops.add_bias, site.logits, bias)
-            site.softmax.replace_input_with(site.logits, biased)
-            result.touched.add(site.softmax)
+        site.softmax.replace_input_with(site.logits, biased)
+        result.touched.add(site.softmax)
 
 
 def _logit_dtype(site: AttentionSite) -> torch.dtype:

@@ -85,6 +85,10 @@ class TurboConfig:
     restore_outputs: graph outputs that carry the token axis get the original token
         count back (each original token takes its merged token's value).
     inner_backend: what compiles the rewritten graph: "inductor", "aot_eager", "eager".
+    fuse_merges: False (default): each block's merge is one opaque op running ATen
+        kernels, so compile time barely grows. True: Inductor traces the merge ops
+        and generates fused kernels for them; every block has its own token count,
+        so nothing is shared and compile time grows with the number of merging blocks.
 
     The semantic value I is the CLS query's attention over the current tokens
     multiplied by the number of tokens that can be attended (1.0 = uniform
@@ -104,6 +108,7 @@ class TurboConfig:
     protected: Union[str, int] = "auto"
     restore_outputs: bool = True
     inner_backend: str = "inductor"
+    fuse_merges: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "r", _validate_r(self.r))
@@ -124,7 +129,7 @@ class TurboConfig:
         object.__setattr__(self, "fusion", fusion)
         _check_choice("metric", self.metric, METRICS)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
-        for name in ("semantic", "prop_attn", "restore_outputs"):
+        for name in ("semantic", "prop_attn", "restore_outputs", "fuse_merges"):
             if not isinstance(getattr(self, name), bool):
                 raise TurboConfigError(f"option '{name}' must be True or False, got {getattr(self, name)!r}")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:

@@ -15,6 +15,7 @@ attention bias ``log(size)`` masks them, so one tensor carries both facts.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -210,3 +211,90 @@ def restore_tokens(y: Tensor, assign: Tensor, axis: int) -> Tensor:
         (assign.shape[0], assign.shape[1]) + tuple(moved.shape[2:])
     )
     return moved.gather(1, index).movedim(1, axis)
+
+
+def merge_block(
+    x: Tensor,
+    size: Tensor,
+    assign: Tensor,
+    metric_source: Tensor,
+    metric_token_axis: int,
+    semantic_q: Tensor | None,
+    semantic_k: Tensor | None,
+    semantic_mask: Tensor | None,
+    semantic_probs: Tensor | None,
+    scale: float | None,
+    r: int,
+    protected: int,
+    fusion: str,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    block: int,
+    padding: bool,
+    prop_attn: bool,
+    bias_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Everything one attention block's merge needs, in one call: the metric (per-head
+    features averaged over heads), the semantic value (from the CLS query row, or from
+    materialised probabilities; none when both are None), the merge itself, the new
+    assign map and the key bias the next attention blocks use.
+
+    Returns (merged x, merged size, new assign, key bias [B, 1, 1, N-r])."""
+    metric = head_mean(metric_source, metric_token_axis)
+    if semantic_probs is not None:
+        semantic = cls_attention_from_probs(semantic_probs)
+    elif semantic_q is not None:
+        semantic = cls_attention(semantic_q, semantic_k, scale, semantic_mask)
+    else:
+        semantic = None
+    merged, new_size, dest = merge_tokens(
+        x, size, metric, semantic, r, protected, fusion, alpha, beta, gamma, block, padding
+    )
+    return merged, new_size, compose_assign(assign, dest), key_bias(new_size, bias_dtype, prop_attn)
+
+
+@torch.library.custom_op("turbo_fx::merge_block", mutates_args=())
+def merge_block_op(
+    x: Tensor,
+    size: Tensor,
+    assign: Tensor,
+    metric_source: Tensor,
+    metric_token_axis: int,
+    semantic_q: Optional[Tensor],
+    semantic_k: Optional[Tensor],
+    semantic_mask: Optional[Tensor],
+    semantic_probs: Optional[Tensor],
+    scale: Optional[float],
+    r: int,
+    protected: int,
+    fusion: str,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    block: int,
+    padding: bool,
+    prop_attn: bool,
+    bias_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``merge_block`` as one opaque op: Inductor calls it instead of generating kernels
+    for it, so a model's compile time barely grows with the number of merging blocks
+    (each block has its own token count, so generated kernels could not be shared)."""
+    return merge_block(
+        x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k, semantic_mask,
+        semantic_probs, scale, r, protected, fusion, alpha, beta, gamma, block, padding, prop_attn, bias_dtype,
+    )
+
+
+@merge_block_op.register_fake
+def _merge_block_fake(x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k,
+                      semantic_mask, semantic_probs, scale, r, protected, fusion, alpha, beta, gamma,
+                      block, padding, prop_attn, bias_dtype):
+    batch, n_tokens, channels = x.shape
+    kept = n_tokens - r
+    return (
+        x.new_empty(batch, kept, channels),
+        x.new_empty(batch, kept, dtype=torch.float32),
+        assign.new_empty(assign.shape),
+        x.new_empty(batch, 1, 1, kept, dtype=bias_dtype),
+    )
