@@ -5,8 +5,6 @@ import math
 
 import pytest
 import torch
-from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import VisionTransformer
 
 from turbo_fx.config import LinearSchedule, TurboConfig
 from turbo_fx.reference import (
@@ -20,42 +18,14 @@ from turbo_fx.reference import (
     semantic_value,
 )
 
-# 32x32 images in 8x8 patches: a 4x4 grid of 16 patch tokens (row-major), plus prefix tokens.
-GRID = 4
-N_PATCHES = GRID * GRID
-
-
-def tiny_model(kind: str = "vit", seed: int = 0) -> torch.nn.Module:
-    """A tiny random ViT whose attention is far from uniform (so semantic values differ)."""
-    torch.manual_seed(seed)
-    common = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10)
-    if kind == "vit":
-        model = VisionTransformer(**common)
-    elif kind == "vit_avg":
-        model = VisionTransformer(global_pool="avg", qk_norm=True, **common)
-    elif kind == "vit_reg":  # CLS + 2 registers, no qkv bias, layer scale
-        model = VisionTransformer(reg_tokens=2, qkv_bias=False, init_values=0.3, **common)
-    elif kind == "deit_distilled":  # CLS + distillation token
-        model = VisionTransformerDistilled(**common)
-    else:
-        raise ValueError(kind)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2 or "token" in name:
-                param.normal_(0.0, 0.3 if "qkv" in name else 0.15)
-    return model.eval()
-
-
-def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
+from model_builders import GRID, N_PATCHES, NUM_PREFIX, images
+from model_builders import small_vit as tiny_model
 
 def restore(tokens: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     """Each original token takes the value of the merged token it ended in: [B, N0, C]."""
     return tokens.gather(1, assign[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
-NUM_PREFIX = {"vit": 1, "vit_avg": 1, "vit_reg": 3, "deit_distilled": 2}
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""Shared fixtures: a clean Dynamo state per test and a turbo compile helper that records reports."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import turbo_fx
+from turbo_fx.report import recording
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    turbo_fx.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+class Compiled:
+    """A turbo-compiled model plus the reports of the graphs it compiled."""
+
+    def __init__(self, model: torch.nn.Module, options: dict) -> None:
+        self.fn = torch.compile(model, backend="turbo", options=options)
+        self.graphs: list[turbo_fx.GraphReport] = []
+
+    def __call__(self, *args, **kwargs):
+        with recording() as rec, torch.no_grad():
+            out = self.fn(*args, **kwargs)
+        self.graphs.extend(rec.graphs)
+        return out
+
+    @property
+    def report(self) -> turbo_fx.GraphReport:
+        assert self.graphs, "no graph was compiled"
+        return self.graphs[-1]
+
+
+@pytest.fixture
+def turbo():
+    """turbo(model, **options) -> Compiled; runs the rewritten graph eagerly unless inner_backend is given."""
+
+    def make(model: torch.nn.Module, **options) -> Compiled:
+        options.setdefault("inner_backend", "eager")
+        return Compiled(model, options)
+
+    return make

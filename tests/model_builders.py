@@ -1,0 +1,67 @@
+"""Small random-weight models shared by the tests (no network, no pretrained weights)."""
+from __future__ import annotations
+
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+# 32x32 images in 8x8 patches: a 4x4 grid of 16 patch tokens (row-major), plus prefix tokens.
+GRID = 4
+N_PATCHES = GRID * GRID
+NUM_PREFIX = {"vit": 1, "vit_avg": 1, "vit_reg": 3, "deit_distilled": 2}
+
+
+def small_vit(kind: str = "vit", seed: int = 0, patch_size: int = 8, depth: int = 4) -> torch.nn.Module:
+    """A small random timm ViT whose attention is far from uniform (so semantic values differ)."""
+    torch.manual_seed(seed)
+    common = dict(img_size=32, patch_size=patch_size, embed_dim=48, depth=depth, num_heads=3, num_classes=10)
+    if kind == "vit":
+        model = VisionTransformer(**common)
+    elif kind == "vit_avg":
+        model = VisionTransformer(global_pool="avg", qk_norm=True, **common)
+    elif kind == "vit_reg":  # CLS + 2 registers, no qkv bias, layer scale
+        model = VisionTransformer(reg_tokens=2, qkv_bias=False, init_values=0.3, **common)
+    elif kind == "deit_distilled":  # CLS + distillation token
+        model = VisionTransformerDistilled(**common)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 or "token" in name:
+                param.normal_(0.0, 0.3 if "qkv" in name else 0.15)
+    return model.eval()
+
+
+def images(batch: int = 2, seed: int = 1, size: int = 32) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def small_hf(kind: str, attn: str = "sdpa", layers: int = 3) -> torch.nn.Module:
+    """A small random transformers model: vit, deit, dinov2 (images 32x32, patch 4) or bert."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    vision = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=layers, num_attention_heads=3)
+    if kind == "vit":
+        model = tf.ViTModel(tf.ViTConfig(intermediate_size=96, **vision))
+    elif kind == "deit":
+        model = tf.DeiTModel(tf.DeiTConfig(intermediate_size=96, **vision))
+    elif kind == "dinov2":
+        model = tf.Dinov2Model(tf.Dinov2Config(mlp_ratio=2, **vision))
+    elif kind == "bert":
+        model = tf.BertModel(tf.BertConfig(hidden_size=48, num_hidden_layers=layers, num_attention_heads=3,
+                                           intermediate_size=96, vocab_size=100))
+    else:
+        raise ValueError(kind)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def padded_batch(lengths: list[int], n_tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and an attention mask with real tokens first and padding after."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (len(lengths), n_tokens), generator=gen)
+    mask = torch.zeros(len(lengths), n_tokens, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return ids, mask
