@@ -14,7 +14,7 @@ from torch.fx import GraphModule
 
 from turbo_fx.config import TurboConfig, TurboConfigError, resolve_config
 from turbo_fx.passes.propagate_shapes import CannotRewrite
-from turbo_fx.report import GraphReport, counters, publish, wants_flops
+from turbo_fx.report import GraphReport, counters, publish, wants_flops, wants_graphs
 from turbo_fx.rewrite import NothingToMerge, rewrite_graph
 
 log = logging.getLogger("turbo_fx")
@@ -41,6 +41,8 @@ def turbo_backend(
     if wants_flops():
         report.flops_before = count_flops(gm, example_inputs)
         report.flops_after = count_flops(rewritten, example_inputs) if rewritten is not gm else report.flops_before
+    if wants_graphs():
+        report.graph_module = rewritten
     publish(report)
 
     start = time.perf_counter()

@@ -42,6 +42,7 @@ class GraphReport:
     flops_after: Optional[int] = None
     rewrite_seconds: float = 0.0
     compile_seconds: float = 0.0
+    graph_module: Optional[object] = field(default=None, repr=False)  # kept with recording(keep_graphs=True)
 
     @property
     def rewritten(self) -> bool:
@@ -121,8 +122,9 @@ class TurboReport:
 
 
 class _Recorder:
-    def __init__(self, count_flops: bool) -> None:
+    def __init__(self, count_flops: bool, keep_graphs: bool) -> None:
         self.count_flops = count_flops
+        self.keep_graphs = keep_graphs
         self.graphs: list[GraphReport] = []
 
 
@@ -130,9 +132,11 @@ _recorders: list[_Recorder] = []
 
 
 @contextlib.contextmanager
-def recording(count_flops: bool = False) -> Iterator[_Recorder]:
-    """Collect the GraphReport of every graph compiled inside the block."""
-    recorder = _Recorder(count_flops)
+def recording(count_flops: bool = False, keep_graphs: bool = False) -> Iterator[_Recorder]:
+    """Collect the GraphReport of every graph compiled inside the block; ``count_flops``
+    runs each graph once before and after rewriting under a FLOP counter, and
+    ``keep_graphs`` keeps the rewritten GraphModule in ``GraphReport.graph_module``."""
+    recorder = _Recorder(count_flops, keep_graphs)
     _recorders.append(recorder)
     try:
         yield recorder
@@ -146,6 +150,10 @@ def active_recorders() -> list[_Recorder]:
 
 def wants_flops() -> bool:
     return any(r.count_flops for r in _recorders)
+
+
+def wants_graphs() -> bool:
+    return any(r.keep_graphs for r in _recorders)
 
 
 def publish(report: GraphReport) -> None:
