@@ -13,6 +13,7 @@ import torch
 from torch.fx import GraphModule
 
 from turbo_fx.config import TurboConfig, TurboConfigError, resolve_config
+from turbo_fx.flops import count_flops
 from turbo_fx.passes.propagate_shapes import CannotRewrite
 from turbo_fx.report import GraphReport, counters, publish, wants_flops, wants_graphs
 from turbo_fx.rewrite import NothingToMerge, rewrite_graph
@@ -110,11 +111,3 @@ def inner_compiler(name: str, mode: Optional[str] = None) -> Callable:
 
     return lookup_backend(name)
 
-
-def count_flops(gm: GraphModule, example_inputs: list) -> int:
-    """FLOPs of one run of ``gm`` on the example inputs (torch.utils.flop_counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        gm(*example_inputs)
-    return counter.get_total_flops()

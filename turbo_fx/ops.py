@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 # A pair of padding tokens is the best merge there is (nothing is lost); a pair
 # across padding and real tokens is the worst. Finite, so no inf - inf NaNs.
@@ -300,22 +299,3 @@ def _merge_block_fake(x, size, assign, metric_source, metric_token_axis, semanti
         x.new_empty(batch, 1, 1, kept, dtype=bias_dtype),
     )
 
-
-def merge_block_flops(x_shape, metric_shape, metric_token_axis: int, semantic_q_shape, r: int, protected: int) -> int:
-    """Multiply-add FLOPs (x2) of one merge: the A x B similarity matrix and, when the
-    semantic value is recomputed for SDPA, the CLS query row q_0 k^T."""
-    batch, n_tokens = x_shape[0], x_shape[1]
-    dim = metric_shape[-1] if metric_token_axis in (-2, len(metric_shape) - 2) else metric_shape[-2]
-    rest = n_tokens - protected
-    flops = 2 * batch * ((rest + 1) // 2) * (rest // 2) * dim
-    if semantic_q_shape is not None:
-        _, heads, _, head_dim = semantic_q_shape
-        flops += 2 * batch * heads * n_tokens * head_dim
-    return flops
-
-
-@register_flop_formula(torch.ops.turbo_fx.merge_block)
-def _merge_block_flop_formula(x_shape, size_shape, assign_shape, metric_shape, metric_token_axis,
-                              semantic_q_shape, semantic_k_shape, semantic_mask_shape, semantic_probs_shape,
-                              scale, r, protected, *rest, **kwargs) -> int:
-    return merge_block_flops(x_shape, metric_shape, metric_token_axis, semantic_q_shape, r, protected)
