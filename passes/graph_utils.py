@@ -79,35 +79,23 @@ def set_sdpa_arg(node: Node, name: str, value: Any) -> None:
         node.update_kwarg(name, value)
 
 
-def tensor_inputs(node: Node) -> list[Node]:
-    return [n for n in node.all_input_nodes]
+def _reachable(start: Iterable[Node], step: Callable[[Node], Iterable[Node]],
+               stop: Optional[Callable[[Node], bool]] = None) -> set[Node]:
+    seen: set[Node] = set()
+    queue = deque(start)
+    while queue:
+        n = queue.popleft()
+        if n in seen:
+            continue
+        seen.add(n)
+        if stop is None or not stop(n):
+            queue.extend(step(n))
+    return seen
 
 
 def ancestors(node: Node, stop: Optional[Callable[[Node], bool]] = None) -> set[Node]:
-    """Every node ``node`` depends on (not including itself)."""
-    seen: set[Node] = set()
-    queue = deque(node.all_input_nodes)
-    while queue:
-        n = queue.popleft()
-        if n in seen:
-            continue
-        seen.add(n)
-        if stop is not None and stop(n):
-            continue
-        queue.extend(n.all_input_nodes)
-    return seen
-
-
-def descendants(node: Node) -> set[Node]:
-    seen: set[Node] = set()
-    queue = deque(node.users)
-    while queue:
-        n = queue.popleft()
-        if n in seen:
-            continue
-        seen.add(n)
-        queue.extend(n.users)
-    return seen
+    """Every node ``node`` depends on (not including itself); ``stop`` ends a path at a node."""
+    return _reachable(node.all_input_nodes, lambda n: n.all_input_nodes, stop)
 
 
 def example_value(node: Any) -> Any:
@@ -164,10 +152,3 @@ def depends_on_data(node: Node) -> bool:
             if isinstance(value, torch.Tensor):
                 return True
     return False
-
-
-def first_matching(nodes: Iterable[Node], predicate: Callable[[Node], bool]) -> Optional[Node]:
-    for n in nodes:
-        if predicate(n):
-            return n
-    return None
