@@ -43,27 +43,21 @@ def propagate_shapes(
     old_values: dict[Node, Any],
     touched: Iterable[Node],
     protected: int,
+    hints: Optional["ShapeHints"] = None,
 ) -> set[Node]:
     """Re-run the nodes affected by ``touched`` (new or edited nodes) on fake tensors,
     rewriting shape arguments as described in the module docstring. Returns the
-    nodes whose output shape changed."""
-    dirty = set(touched)
-    changed: set[Node] = set()
-    env: dict[Node, Any] = {}
-    for node in list(gm.graph.nodes):
-        if node.op == "output":
-            continue
-        affected = node in dirty or any(i in changed for i in node.all_input_nodes)
-        if not affected:
-            env[node] = _recorded_value(gm, node, fake_mode)
-            continue
-        _rewrite_shape_args(gm, node, env, old_values, changed, protected, fake_mode)
-        value = _run_node(gm, node, env, fake_mode)
-        env[node] = value
-        node.meta["example_value"] = value
-        if node not in old_values or not _same_shapes(old_values[node], value):
-            changed.add(node)
-    return changed
+    nodes whose output shape changed; ``hints`` learns the unbacked token counts."""
+    propagation = _Propagation(gm, fake_mode, old_values, protected, hints or ShapeHints())
+    shape_env = getattr(fake_mode, "shape_env", None)
+    pending = list(shape_env.pending_fresh_unbacked_symbols) if shape_env is not None else []
+    try:
+        return propagation.run(set(touched))
+    finally:
+        if shape_env is not None:
+            # Unbacked token counts made here live only in this graph's metadata; the
+            # inner compiler re-traces and binds its own, so ours must not stay pending.
+            shape_env.pending_fresh_unbacked_symbols[:] = pending
 
 
 def _recorded_value(gm: GraphModule, node: Node, fake_mode) -> Any:
@@ -105,66 +99,45 @@ def _run_node(gm: GraphModule, node: Node, env: dict, fake_mode) -> Any:
     raise CannotRewrite(f"unsupported node kind {node.op}")
 
 
-def _same_shapes(old: Any, new: Any) -> bool:
+def _same_shapes(old: Any, new: Any, hints: ShapeHints) -> bool:
     if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
-        return _hints(old.shape) == _hints(new.shape) and old.dtype == new.dtype
+        return hints.shape(old.shape) == hints.shape(new.shape) and old.dtype == new.dtype
     if isinstance(old, (tuple, list)) and isinstance(new, (tuple, list)):
-        return len(old) == len(new) and all(_same_shapes(a, b) for a, b in zip(old, new))
+        return len(old) == len(new) and all(_same_shapes(a, b, hints) for a, b in zip(old, new))
     if isinstance(old, torch.Tensor) or isinstance(new, torch.Tensor):
         return False
     return True
 
 
-def hint(value: Any) -> int:
-    """A concrete int for a size, using the shape environment's hint for SymInts."""
-    if isinstance(value, torch.SymInt):
-        node = value.node
-        if node.hint is not None:
-            return int(node.hint)
-        return int(node.shape_env.size_hint(node.expr))
-    return int(value)
+class ShapeHints:
+    """Concrete ints for sizes. Backed SymInts use the shape environment's hints; the
+    unbacked token counts that merges create (so Inductor can share kernels between
+    blocks) use the values the pass knows they will have."""
+
+    def __init__(self) -> None:
+        self.known: dict = {}
+
+    def __call__(self, value: Any) -> int:
+        if isinstance(value, torch.SymInt):
+            node = value.node
+            if node.hint is not None:
+                return int(node.hint)
+            values = {**node.shape_env.backed_var_to_val, **self.known}
+            return int(node.expr.xreplace(values))
+        return int(value)
+
+    def shape(self, shape) -> tuple[int, ...]:
+        return tuple(self(d) for d in shape)
+
+    def learn(self, value: Any, known: int) -> None:
+        if isinstance(value, torch.SymInt) and value.node.hint is None:
+            self.known[value.node.expr] = known
 
 
-def _hints(shape) -> tuple[int, ...]:
-    return tuple(hint(d) for d in shape)
-
-
-def _input_shapes(node: Node, src: Any, env: dict, old_values: dict):
-    old = old_values.get(src)
-    new = env.get(src)
-    if not isinstance(old, torch.Tensor) or not isinstance(new, torch.Tensor):
-        return None
-    return old.shape, new.shape
-
-
-def _changed_axes(old_shape, new_shape) -> list[int]:
+def changed_axes(old_shape, new_shape, hints: ShapeHints) -> list[int]:
     if len(old_shape) != len(new_shape):
         raise CannotRewrite(f"rank changed from {tuple(old_shape)} to {tuple(new_shape)}")
-    return [a for a, (o, n) in enumerate(zip(_hints(old_shape), _hints(new_shape))) if o != n]
-
-
-def _rewrite_shape_args(gm, node, env, old_values, changed, protected, fake_mode) -> None:
-    if node.op not in ("call_method", "call_function") or not node.args:
-        return
-    src = node.args[0]
-    if not isinstance(src, Node) or src not in changed:
-        return
-    shapes = _input_shapes(node, src, env, old_values)
-    if shapes is None:
-        return
-    old_in, new_in = shapes
-    axes = _changed_axes(old_in, new_in)
-    if not axes:
-        return
-    is_method = node.op == "call_method"
-    if (is_method and node.target in RESHAPE_METHODS) or (not is_method and node.target in RESHAPE_FUNCTIONS):
-        _rewrite_reshape(gm, node, old_in, new_in, axes, old_values, env, fake_mode)
-    elif is_method and node.target in EXPAND_METHODS:
-        _rewrite_expand(node, old_in, new_in, axes)
-    elif not is_method and node.target is operator.getitem:
-        _check_and_fix_index(node, old_in, axes, protected)
-    else:
-        _check_axis_ops(node, old_in, axes, protected)
+    return [a for a, (o, n) in enumerate(zip(hints.shape(old_shape), hints.shape(new_shape))) if o != n]
 
 
 def _shape_spec(node: Node) -> tuple[list, bool]:
@@ -187,37 +160,11 @@ def _set_shape_spec(node: Node, spec: list, packed: bool) -> None:
         node.args = (node.args[0], *spec)
 
 
-def _prefix_products(shape: list[int]) -> list[int]:
+def _prefix_products(shape) -> list[int]:
     out = [1]
     for d in shape:
         out.append(out[-1] * d)
     return out
-
-
-def _rewrite_reshape(gm, node, old_in, new_in, axes, old_values, env, fake_mode) -> None:
-    old_out_value = old_values.get(node)
-    if not isinstance(old_out_value, torch.Tensor):
-        raise CannotRewrite(f"{node.name}: no recorded output shape")
-    old_out = _hints(old_out_value.shape)
-    old_in_h, new_in_h = _hints(old_in), _hints(new_in)
-    in_pre, out_pre = _prefix_products(list(old_in_h)), _prefix_products(list(old_out))
-    factors: dict[int, list[int]] = {}
-    for a in axes:
-        lo, hi = in_pre[a], in_pre[a + 1]
-        j = _covering_axis(out_pre, lo, hi)
-        if j is None:
-            raise CannotRewrite(
-                f"{node.format_node()} splits the token axis {a} of {tuple(old_in_h)} into {tuple(old_out)} "
-                "(e.g. back into an image grid); merged tokens have no grid position"
-            )
-        old_f, new_f = factors.setdefault(j, [1, 1])
-        factors[j] = [old_f * old_in_h[a], new_f * new_in_h[a]]
-    spec, packed = _shape_spec(node)
-    if len(spec) != len(old_out):
-        raise CannotRewrite(f"{node.name}: shape spec {spec} does not match output rank {len(old_out)}")
-    for j, (old_f, new_f) in factors.items():
-        spec[j] = _scaled_entry(gm, node, spec[j], old_f, new_f, env, fake_mode)
-    _set_shape_spec(node, spec, packed)
 
 
 def _covering_axis(out_pre: list[int], lo: int, hi: int) -> Optional[int]:
@@ -227,48 +174,145 @@ def _covering_axis(out_pre: list[int], lo: int, hi: int) -> Optional[int]:
     return None
 
 
-def _scaled_entry(gm, node, entry, old_f: int, new_f: int, env, fake_mode):
-    if isinstance(entry, int) and not isinstance(entry, bool):
-        if entry == -1:
+def _is_merge(node: Node) -> bool:
+    return node.op == "call_function" and "turbo_fx.merge_block" in str(node.target)
+
+
+class _Propagation:
+    """One re-propagation over a graph: the fake values so far and what changed."""
+
+    def __init__(self, gm: GraphModule, fake_mode, old_values: dict, protected: int, hints: ShapeHints) -> None:
+        self.gm, self.fake_mode, self.old_values = gm, fake_mode, old_values
+        self.protected, self.hints = protected, hints
+        self.env: dict[Node, Any] = {}
+        self.changed: set[Node] = set()
+
+    def run(self, dirty: set[Node]) -> set[Node]:
+        for node in list(self.gm.graph.nodes):
+            if node.op == "output":
+                continue
+            if not (node in dirty or any(i in self.changed for i in node.all_input_nodes)):
+                self.env[node] = _recorded_value(self.gm, node, self.fake_mode)
+                continue
+            self.rewrite_shape_args(node)
+            value = self.evaluate(node)
+            if _is_merge(node):
+                self.learn_merged_count(node, value)
+            if node not in self.old_values or not _same_shapes(self.old_values[node], value, self.hints):
+                self.changed.add(node)
+        return self.changed
+
+    def evaluate(self, node: Node) -> Any:
+        value = _run_node(self.gm, node, self.env, self.fake_mode)
+        self.env[node] = value
+        node.meta["example_value"] = value
+        return value
+
+    def learn_merged_count(self, node: Node, value: Any) -> None:
+        tokens_in = self.hints(self.env[node.args[0]].shape[1])
+        r = node.args[10]
+        self.hints.learn(value[0].shape[1], tokens_in - r)
+
+    def insert(self, before: Node, target, args: tuple) -> Node:
+        with self.gm.graph.inserting_before(before):
+            new = self.gm.graph.call_function(target, args)
+        self.evaluate(new)
+        return new
+
+    def rewrite_shape_args(self, node: Node) -> None:
+        if node.op not in ("call_method", "call_function") or not node.args:
+            return
+        src = node.args[0]
+        if not isinstance(src, Node) or src not in self.changed:
+            return
+        old, new = self.old_values.get(src), self.env.get(src)
+        if not isinstance(old, torch.Tensor) or not isinstance(new, torch.Tensor):
+            return
+        axes = changed_axes(old.shape, new.shape, self.hints)
+        if not axes:
+            return
+        is_method = node.op == "call_method"
+        if (is_method and node.target in RESHAPE_METHODS) or (not is_method and node.target in RESHAPE_FUNCTIONS):
+            self.rewrite_reshape(node, src, old.shape, new.shape, axes)
+        elif is_method and node.target in EXPAND_METHODS:
+            self.rewrite_expand(node, src, old.shape, new.shape, axes)
+        elif not is_method and node.target is operator.getitem:
+            _check_and_fix_index(node, self.hints.shape(old.shape), axes, self.protected)
+        else:
+            _check_axis_ops(node, old.shape, axes, self.protected)
+
+    def new_size(self, node: Node, src: Node, axis: int, value: Any):
+        """A plain int, or (for an unbacked token count) a sym_size node read from ``src``."""
+        if isinstance(value, torch.SymInt) and value.node.hint is None:
+            return self.insert(node, torch.ops.aten.sym_size.int, (src, axis))
+        return self.hints(value)
+
+    def rewrite_reshape(self, node: Node, src: Node, old_in, new_in, axes: list[int]) -> None:
+        old_out_value = self.old_values.get(node)
+        if not isinstance(old_out_value, torch.Tensor):
+            raise CannotRewrite(f"{node.name}: no recorded output shape")
+        old_out = self.hints.shape(old_out_value.shape)
+        old_in_h = self.hints.shape(old_in)
+        in_pre, out_pre = _prefix_products(old_in_h), _prefix_products(old_out)
+        factors: dict[int, tuple[int, list[int]]] = {}
+        for a in axes:
+            j = _covering_axis(out_pre, in_pre[a], in_pre[a + 1])
+            if j is None:
+                raise CannotRewrite(
+                    f"{node.format_node()} splits the token axis {a} of {old_in_h} into {old_out} "
+                    "(e.g. back into an image grid); merged tokens have no grid position"
+                )
+            old_f, new_axes = factors.get(j, (1, []))
+            factors[j] = (old_f * old_in_h[a], new_axes + [a])
+        spec, packed = _shape_spec(node)
+        if len(spec) != len(old_out):
+            raise CannotRewrite(f"{node.name}: shape spec {spec} does not match output rank {len(old_out)}")
+        for j, (old_f, new_axes) in factors.items():
+            new_sizes = [self.new_size(node, src, a, new_in[a]) for a in new_axes]
+            spec[j] = self.scaled_entry(node, spec[j], old_f, new_sizes)
+        _set_shape_spec(node, spec, packed)
+
+    def scaled_entry(self, node: Node, entry, old_f: int, new_sizes: list):
+        """``entry`` with the old token count ``old_f`` it contains replaced by the new sizes."""
+        if isinstance(entry, int) and not isinstance(entry, bool) and entry == -1:
             return entry
-        if entry % old_f != 0:
-            raise CannotRewrite(f"{node.name}: size {entry} is not a multiple of the token count {old_f}")
-        return entry // old_f * new_f
-    if isinstance(entry, Node):
-        # A symbolic size such as batch * 197: rewrite as entry // 197 * 189 in the graph.
-        with gm.graph.inserting_before(node):
-            div = gm.graph.call_function(operator.floordiv, (entry, old_f))
-            mul = gm.graph.call_function(operator.mul, (div, new_f))
-        for n in (div, mul):
-            value = _run_node(gm, n, env, fake_mode)
-            env[n] = value
-            n.meta["example_value"] = value
-        return mul
-    raise CannotRewrite(f"{node.name}: cannot rewrite size entry {entry!r}")
+        if isinstance(entry, int) and not isinstance(entry, bool):
+            if entry % old_f != 0:
+                raise CannotRewrite(f"{node.name}: size {entry} is not a multiple of the token count {old_f}")
+            result = entry // old_f
+        elif isinstance(entry, Node):
+            # a symbolic size such as batch * 197: entry // 197 * (new count) in the graph
+            result = self.insert(node, operator.floordiv, (entry, old_f))
+        else:
+            raise CannotRewrite(f"{node.name}: cannot rewrite size entry {entry!r}")
+        for size in new_sizes:
+            if isinstance(result, int) and isinstance(size, int):
+                result *= size
+            else:
+                result = self.insert(node, operator.mul, (result, size))
+        return result
+
+    def rewrite_expand(self, node: Node, src: Node, old_in, new_in, axes: list[int]) -> None:
+        spec, packed = _shape_spec(node)
+        offset = len(spec) - len(old_in)
+        old_in_h = self.hints.shape(old_in)
+        for a in axes:
+            j = a + offset
+            entry = spec[j]
+            if isinstance(entry, int) and entry == -1:
+                continue
+            if isinstance(entry, int) and entry == old_in_h[a]:
+                spec[j] = self.new_size(node, src, a, new_in[a])
+                continue
+            raise CannotRewrite(f"{node.format_node()}: cannot map expand size {entry!r} on token axis {a}")
+        _set_shape_spec(node, spec, packed)
 
 
-def _rewrite_expand(node: Node, old_in, new_in, axes) -> None:
-    spec, packed = _shape_spec(node)
-    offset = len(spec) - len(old_in)
-    old_in_h = _hints(old_in)
-    for a in axes:
-        j = a + offset
-        entry = spec[j]
-        if isinstance(entry, int) and entry == -1:
-            continue
-        if isinstance(entry, int) and entry == old_in_h[a]:
-            spec[j] = new_in[a]
-            continue
-        raise CannotRewrite(f"{node.format_node()}: cannot map expand size {entry!r} on token axis {a}")
-    _set_shape_spec(node, spec, packed)
-
-
-def _check_and_fix_index(node: Node, old_in, axes, protected: int) -> None:
+def _check_and_fix_index(node: Node, old_h: tuple, axes, protected: int) -> None:
     index = node.args[1]
     items = list(index) if isinstance(index, tuple) else [index]
     consuming = [i for i in items if i is not None and i is not Ellipsis]
-    rank = len(old_in)
-    old_h = _hints(old_in)
+    rank = len(old_h)
     axis = 0
     new_items = []
     for item in items:

@@ -19,7 +19,7 @@ from torch.fx.node import map_arg
 
 from turbo_fx import ops
 
-from .propagate_shapes import CannotRewrite, _changed_axes, _hints, _run_node
+from .propagate_shapes import CannotRewrite, ShapeHints, _run_node, changed_axes
 
 
 def restore_outputs(
@@ -27,6 +27,7 @@ def restore_outputs(
     fake_mode,
     old_values: dict[Node, Any],
     assign_by_count: dict[int, Node],
+    hints: ShapeHints,
 ) -> int:
     """Insert ``restore_tokens`` for changed outputs; returns how many outputs were restored."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -39,10 +40,10 @@ def restore_outputs(
         old, new = old_values.get(node), node.meta.get("example_value")
         if not isinstance(old, torch.Tensor) or not isinstance(new, torch.Tensor):
             return node
-        axes = _changed_axes(old.shape, new.shape)
+        axes = changed_axes(old.shape, new.shape, hints)
         current = node
         for axis in axes:
-            count = _hints(new.shape)[axis]
+            count = hints.shape(new.shape)[axis]
             assign = assign_by_count.get(count)
             if assign is None or axis == 0:
                 raise CannotRewrite(
@@ -53,7 +54,7 @@ def restore_outputs(
             value = _run_node(gm, current, env, fake_mode)
             env[current] = value
             current.meta["example_value"] = value
-        if tuple(_hints(current.meta["example_value"].shape)) != tuple(_hints(old.shape)):
+        if hints.shape(current.meta["example_value"].shape) != hints.shape(old.shape):
             raise CannotRewrite(f"output {node.name} could not be restored to {tuple(old.shape)}")
         restored[node] = current
         return current
@@ -61,18 +62,3 @@ def restore_outputs(
     output.args = map_arg(output.args, restore)
     return sum(1 for k, v in restored.items() if k is not v)
 
-
-def outputs_changed(gm: GraphModule, old_values: dict[Node, Any]) -> list[str]:
-    """Names of graph outputs whose shape differs from the recorded one."""
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    names: list[str] = []
-
-    def check(node: Node) -> Node:
-        old, new = old_values.get(node), node.meta.get("example_value")
-        if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
-            if _hints(old.shape) != _hints(new.shape):
-                names.append(node.name)
-        return node
-
-    map_arg(output.args, check)
-    return names

@@ -119,10 +119,12 @@ def test_fused_and_opaque_merges_agree(turbo):
     assert (a - b).abs().max().item() < 1e-5
 
 
-def test_inductor_and_a_second_batch_size(turbo):
-    """The default inner compiler (Inductor), then another batch size (Dynamo recompiles with a SymInt batch)."""
+@pytest.mark.parametrize("symbolic_tokens", [True, False])
+def test_inductor_and_a_second_batch_size(turbo, symbolic_tokens):
+    """The default inner compiler (Inductor), with symbolic (unbacked) or static token counts,
+    then another batch size (Dynamo recompiles with a SymInt batch)."""
     model = small_vit("vit", patch_size=8, depth=3)
-    compiled = turbo(model, r=3, inner_backend="inductor")
+    compiled = turbo(model, r=3, inner_backend="inductor", symbolic_tokens=symbolic_tokens)
     for batch in (2, 3):
         x = images(batch, seed=batch)
         out = compiled(x)

@@ -241,10 +241,27 @@ def test_merge_block_op_matches_plain_function_and_fake_shapes():
     torch.manual_seed(5)
     x, k, q = torch.randn(2, 9, 6), torch.randn(2, 3, 9, 4), torch.randn(2, 3, 9, 4)
     size, assign = torch.ones(2, 9), ops.initial_assign(x)
-    args = (x, size, assign, k, -2, q, k, None, None, 0.5, 3, 1, "sub", 0.1, 1.0, 0.0, 0, False, True, torch.float32)
+    args = (x, size, assign, k, -2, q, k, None, None, 0.5, 3, 1, "sub", 0.1, 1.0, 0.0, 0, False, True, torch.float32, False)
     plain = ops.merge_block(*args)
     opaque = torch.ops.turbo_fx.merge_block(*args)
     for a, b in zip(plain, opaque):
         assert torch.equal(a, b)
     assert [tuple(t.shape) for t in plain] == [(2, 6, 6), (2, 6), (2, 9), (2, 1, 1, 6)]
     torch.library.opcheck(torch.ops.turbo_fx.merge_block.default, args)
+
+
+def test_symbolic_token_count_is_unbacked_in_the_shape_function():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    with mode:
+        x, k = torch.empty(2, 9, 6), torch.empty(2, 3, 9, 4)
+        args = (x, torch.empty(2, 9), torch.empty(2, 9, dtype=torch.long), k, -2, None, None, None, None, None,
+                3, 1, "sub", 0.1, 1.0, 0.0, 0, False, True, torch.float32)
+        static = torch.ops.turbo_fx.merge_block(*args, False)
+        symbolic = torch.ops.turbo_fx.merge_block(*args, True)
+    assert static[0].shape[1] == 6
+    tokens = symbolic[0].shape[1]
+    assert isinstance(tokens, torch.SymInt) and tokens.node.hint is None
+    assert symbolic[1].shape[1].node.expr == tokens.node.expr == symbolic[3].shape[-1].node.expr

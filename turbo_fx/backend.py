@@ -5,6 +5,7 @@ Registered through the ``torch_dynamo_backends`` entry point, so
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Callable, Optional, Union
@@ -54,6 +55,8 @@ def turbo_backend(
 
 def _rewrite_or_fallback(gm: GraphModule, example_inputs: list, config: TurboConfig, report: GraphReport) -> GraphModule:
     fake_mode = graph_fake_mode(gm)
+    if fake_mode is not None and config.symbolic_tokens and not config.fuse_merges:
+        allow_unbacked_token_counts(fake_mode)
     try:
         rewritten = rewrite_graph(gm, fake_mode, config, report)
     except NothingToMerge as exc:
@@ -69,6 +72,16 @@ def _rewrite_or_fallback(gm: GraphModule, example_inputs: list, config: TurboCon
     counters["merges_inserted"] += report.merges
     counters["tokens_removed"] += sum(b.r_applied for b in report.blocks)
     return rewritten
+
+
+def allow_unbacked_token_counts(fake_mode) -> None:
+    """Let the merge op report its token count as an unbacked size. Dynamo's shape
+    environment forbids data-dependent output shapes by default; this environment
+    belongs to the one graph being compiled, and it stays permissive so that a later
+    (lazy) compile of the same graph, such as a backward pass, sees the same rules."""
+    shape_env = getattr(fake_mode, "shape_env", None)
+    if shape_env is not None and not shape_env.allow_dynamic_output_shape_ops:
+        shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
 
 
 def graph_fake_mode(gm: GraphModule):

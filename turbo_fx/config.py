@@ -89,6 +89,10 @@ class TurboConfig:
         kernels, so compile time barely grows. True: Inductor traces the merge ops
         and generates fused kernels for them; every block has its own token count,
         so nothing is shared and compile time grows with the number of merging blocks.
+    symbolic_tokens: with opaque merges, report each merged token count to Inductor
+        as a symbolic (unbacked) size, so blocks that differ only in token count share
+        shape-generic kernels and compile once (default True); False compiles kernels
+        specialised to every block's token count.
 
     The semantic value I is the CLS query's attention over the current tokens
     multiplied by the number of tokens that can be attended (1.0 = uniform
@@ -109,6 +113,7 @@ class TurboConfig:
     restore_outputs: bool = True
     inner_backend: str = "inductor"
     fuse_merges: bool = False
+    symbolic_tokens: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "r", _validate_r(self.r))
@@ -129,7 +134,7 @@ class TurboConfig:
         object.__setattr__(self, "fusion", fusion)
         _check_choice("metric", self.metric, METRICS)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
-        for name in ("semantic", "prop_attn", "restore_outputs", "fuse_merges"):
+        for name in ("semantic", "prop_attn", "restore_outputs", "fuse_merges", "symbolic_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise TurboConfigError(f"option '{name}' must be True or False, got {getattr(self, name)!r}")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:

@@ -234,13 +234,15 @@ def merge_block(
     padding: bool,
     prop_attn: bool,
     bias_dtype: torch.dtype,
+    symbolic_tokens: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Everything one attention block's merge needs, in one call: the metric (per-head
     features averaged over heads), the semantic value (from the CLS query row, or from
     materialised probabilities; none when both are None), the merge itself, the new
     assign map and the key bias the next attention blocks use.
 
-    Returns (merged x, merged size, new assign, key bias [B, 1, 1, N-r])."""
+    Returns (merged x, merged size, new assign, key bias [B, 1, 1, N-r]).
+    ``symbolic_tokens`` only matters to the opaque op's shape function."""
     metric = head_mean(metric_source, metric_token_axis)
     if semantic_probs is not None:
         semantic = cls_attention_from_probs(semantic_probs)
@@ -276,10 +278,12 @@ def merge_block_op(
     padding: bool,
     prop_attn: bool,
     bias_dtype: torch.dtype,
+    symbolic_tokens: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``merge_block`` as one opaque op: Inductor calls it instead of generating kernels
-    for it, so a model's compile time barely grows with the number of merging blocks
-    (each block has its own token count, so generated kernels could not be shared)."""
+    for it. With ``symbolic_tokens`` its shape function reports the merged token count
+    as an unbacked size, so the blocks after it, which differ only in token count, get
+    shape-generic kernels that Inductor compiles once instead of once per block."""
     return merge_block(
         x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k, semantic_mask,
         semantic_probs, scale, r, protected, fusion, alpha, beta, gamma, block, padding, prop_attn, bias_dtype,
@@ -289,9 +293,11 @@ def merge_block_op(
 @merge_block_op.register_fake
 def _merge_block_fake(x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k,
                       semantic_mask, semantic_probs, scale, r, protected, fusion, alpha, beta, gamma,
-                      block, padding, prop_attn, bias_dtype):
+                      block, padding, prop_attn, bias_dtype, symbolic_tokens):
     batch, n_tokens, channels = x.shape
     kept = n_tokens - r
+    if symbolic_tokens:
+        kept = torch.library.get_ctx().new_dynamic_size(min=2)
     return (
         x.new_empty(batch, kept, channels),
         x.new_empty(batch, kept, dtype=torch.float32),

@@ -9,7 +9,7 @@ from torch.fx import GraphModule
 from turbo_fx.config import TurboConfig
 from turbo_fx.passes.find_attention import AttentionSite, find_attention_sites
 from turbo_fx.passes.insert_merges import insert_merges, plan_merges
-from turbo_fx.passes.propagate_shapes import CannotRewrite, propagate_shapes
+from turbo_fx.passes.propagate_shapes import CannotRewrite, ShapeHints, propagate_shapes
 from turbo_fx.passes.protected_tokens import count_protected_tokens
 from turbo_fx.passes.restore_outputs import restore_outputs
 from turbo_fx.report import GraphReport
@@ -64,9 +64,10 @@ def rewrite_graph(gm: GraphModule, fake_mode, config: TurboConfig, report: Graph
     insertion = insert_merges(work, sites, report.blocks, config, protected)
     for merged, original in insertion.replaced.items():
         old_values[merged] = old_values[original]
-    propagate_shapes(work, fake_mode, old_values, insertion.touched, protected)
+    hints = ShapeHints()
+    propagate_shapes(work, fake_mode, old_values, insertion.touched, protected, hints)
     if config.restore_outputs:
-        report.outputs_restored = restore_outputs(work, fake_mode, old_values, insertion.assign_by_count)
+        report.outputs_restored = restore_outputs(work, fake_mode, old_values, insertion.assign_by_count, hints)
     work.graph.lint()
     work.recompile()
     return work
