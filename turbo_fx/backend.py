@@ -58,7 +58,7 @@ def _rewrite_or_fallback(gm: GraphModule, example_inputs: list, config: TurboCon
     if fake_mode is not None and config.symbolic_tokens and not config.fuse_merges:
         allow_unbacked_token_counts(fake_mode)
     try:
-        rewritten = rewrite_graph(gm, fake_mode, config, report)
+        rewritten = rewrite_graph(gm, fake_mode, config, report, example_inputs)
     except NothingToMerge as exc:
         log.info("turbo: graph %d compiled unchanged: %s", report.graph_index, exc)
         counters["graphs_unchanged"] += 1

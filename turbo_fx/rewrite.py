@@ -1,18 +1,22 @@
-"""The pass pipeline: find sites, insert merges, re-propagate shapes, restore outputs, validate."""
+"""The pass pipeline: find sites, check masks, insert merges, re-propagate shapes, restore outputs."""
 from __future__ import annotations
 
 import copy
+import logging
+from typing import Any, Optional, Sequence
 
-import torch
 from torch.fx import GraphModule
 
 from turbo_fx.config import TurboConfig
+from turbo_fx.passes.check_masks import query_dependent_masks
 from turbo_fx.passes.find_attention import AttentionSite, find_attention_sites
 from turbo_fx.passes.insert_merges import insert_merges, plan_merges
 from turbo_fx.passes.propagate_shapes import CannotRewrite, ShapeHints, propagate_shapes
 from turbo_fx.passes.protected_tokens import count_protected_tokens
 from turbo_fx.passes.restore_outputs import restore_outputs
 from turbo_fx.report import GraphReport
+
+log = logging.getLogger("turbo_fx")
 
 
 class NothingToMerge(Exception):
@@ -32,21 +36,33 @@ def describe_problems(sites: list[AttentionSite]) -> str:
     return "; ".join(parts)
 
 
-def rewrite_graph(gm: GraphModule, fake_mode, config: TurboConfig, report: GraphReport) -> GraphModule:
+def rewrite_graph(
+    gm: GraphModule,
+    fake_mode,
+    config: TurboConfig,
+    report: GraphReport,
+    example_inputs: Optional[Sequence[Any]] = None,
+) -> GraphModule:
     """Return a rewritten copy of ``gm`` that merges tokens as ``config`` says, filling ``report``.
+
+    The merges are first built with concrete token counts: fake propagation then catches
+    every shape that no longer fits. Only when that succeeds is the graph built again
+    with symbolic (unbacked) counts, where a mismatch could only surface at run time;
+    if that second build fails, the concrete one is kept.
 
     Raises ``CannotRewrite`` (the caller compiles ``gm`` unchanged and says why) or
     ``NothingToMerge``.
     """
-    work = copy_graph_module(gm)
-    sites = find_attention_sites(work)
+    sites = find_attention_sites(gm)
     if not sites:
         raise CannotRewrite("no attention site found in the graph")
     problems = describe_problems(sites)
+    if not problems and example_inputs is not None:
+        problems = "; ".join(query_dependent_masks(gm, example_inputs, sites))
     if problems:
         raise CannotRewrite(problems)
     if config.protected == "auto":
-        protected, note = count_protected_tokens(work, sites[0].residual)
+        protected, note = count_protected_tokens(gm, sites[0].residual)
     else:
         protected, note = config.protected, "set by the 'protected' option"
     report.protected, report.protected_note = protected, note
@@ -60,6 +76,19 @@ def rewrite_graph(gm: GraphModule, fake_mode, config: TurboConfig, report: Graph
     if fake_mode is None:
         raise CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")
 
+    rewritten = _build(gm, fake_mode, config.replace(symbolic_tokens=False), protected, report)
+    if config.symbolic_tokens and not config.fuse_merges:
+        try:
+            rewritten = _build(gm, fake_mode, config, protected, report)
+        except CannotRewrite as exc:
+            log.info("turbo: kept concrete token counts; symbolic ones failed: %s", exc)
+    return rewritten
+
+
+def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: int, report: GraphReport) -> GraphModule:
+    """One rewrite of a fresh copy of ``gm``: insert merges, re-propagate, restore outputs."""
+    work = copy_graph_module(gm)
+    sites = find_attention_sites(work)
     old_values = {n: n.meta.get("example_value") for n in work.graph.nodes}
     insertion = insert_merges(work, sites, report.blocks, config, protected)
     for merged, original in insertion.replaced.items():

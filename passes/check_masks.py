@@ -1,0 +1,68 @@
+"""Pass: evaluate attention masks on the example inputs and refuse those that vary by query.
+
+Merging rebuilds masks as per-key padding masks, which is right only when every query
+row of the original mask is the same. Causal or banded masks often arrive as plain
+tensors (``is_causal=False`` with an explicit mask), so the check looks at values: it
+runs the part of the graph that builds each mask (usually a few ops on the input's
+attention mask, before the first layer) on the real example inputs.
+
+Guarantees: the graph is not modified; returns one problem per site whose mask rows
+differ. A mask that cannot be evaluated is left to the run-time check in
+``turbo_fx.ops.check_key_padding_mask``.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from . import graph_utils as gu
+from .find_attention import AttentionSite
+
+
+def query_dependent_masks(gm: GraphModule, example_inputs: Sequence[Any], sites: list[AttentionSite]) -> list[str]:
+    masks = {site.mask for site in sites if isinstance(site.mask, Node)}
+    if not masks:
+        return []
+    try:
+        values = _evaluate(gm, example_inputs, masks)
+    except Exception:  # left to the run-time check
+        return []
+    problems = []
+    for site in sites:
+        mask = values.get(site.mask)
+        if isinstance(mask, torch.Tensor) and _varies_by_query(mask):
+            problems.append(f"site {site.index} ({site.module or site.kind}): attention mask varies by query "
+                            "(causal or banded); merging needs a key-padding mask")
+    return problems
+
+
+def _varies_by_query(mask: torch.Tensor) -> bool:
+    return mask.dim() >= 2 and mask.size(-2) > 1 and not bool((mask == mask[..., :1, :]).all())
+
+
+def _evaluate(gm: GraphModule, example_inputs: Sequence[Any], targets: set[Node]) -> dict[Node, Any]:
+    """Run only the nodes the targets depend on, on real inputs."""
+    needed = set(targets)
+    for node in targets:
+        needed |= gu.ancestors(node)
+    env: dict[Node, Any] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    env.update(zip(placeholders, example_inputs))
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node not in needed or node.op == "placeholder":
+                continue
+            args = map_arg(node.args, env.__getitem__)
+            kwargs = map_arg(node.kwargs, env.__getitem__)
+            if node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "get_attr":
+                env[node] = gm.get_parameter(node.target) if "." in node.target else getattr(gm, node.target)
+            else:
+                env[node] = gm.get_submodule(node.target)(*args, **kwargs)
+    return {node: env[node] for node in targets}

@@ -1,0 +1,101 @@
+"""Many architectures, no per-model code: each is either rewritten (right token counts and
+output shapes) or compiled unchanged with a stated reason, and never raises."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_builders import images
+
+SMALL_VIT = dict(embed_dim=48, num_heads=3, depth=2, num_classes=10)
+
+# name -> (timm kwargs, image size, expected outcome, protected tokens or reason fragment)
+TIMM_CASES = {
+    "vit_small_patch16_224": (dict(img_size=64, **SMALL_VIT), 64, "rewrite", 1),
+    "deit_small_distilled_patch16_224": (dict(img_size=64, **SMALL_VIT), 64, "rewrite", 2),
+    "vit_small_patch14_reg4_dinov2": (dict(img_size=56, **SMALL_VIT), 56, "rewrite", 5),
+    "vit_base_patch16_clip_224": (dict(img_size=64, **SMALL_VIT), 64, "rewrite", 1),
+    "vit_medium_patch16_gap_256": (dict(img_size=64, **SMALL_VIT), 64, "rewrite", 1),
+    "beit_base_patch16_224": (dict(img_size=64, **SMALL_VIT), 64, "fallback", "does not come from the input"),
+    "eva02_tiny_patch14_224": (dict(img_size=56, depth=2, num_classes=10), 56, "fallback", "fails after merging"),
+    "swin_tiny_patch4_window7_224": (dict(img_size=56, depths=(1, 1), num_heads=(2, 4), embed_dim=32, num_classes=10), 56, "fallback", ""),
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM_CASES))
+def test_timm_architectures(turbo, name):
+    import timm
+
+    kwargs, size, outcome, expected = TIMM_CASES[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    x = images(2, size=size)
+    compiled = turbo(model, r=4)
+    out = compiled(x)
+    with torch.no_grad():
+        plain = model(x)
+    assert out.shape == plain.shape
+    graphs = compiled.graphs
+    if outcome == "rewrite":
+        assert all(g.fallback_reason is None for g in graphs), [g.fallback_reason for g in graphs]
+        report = next(g for g in graphs if g.blocks)
+        assert report.merges == len(report.blocks)
+        assert report.protected == expected
+        assert torch.isfinite(out).all()
+    else:
+        reasons = [g.fallback_reason for g in graphs if g.fallback_reason]
+        assert reasons and any(expected in r for r in reasons), reasons
+        assert torch.allclose(out, plain, atol=1e-5)
+
+
+def hf_model(kind: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)
+    if kind == "clip_vision":
+        return tf.CLIPVisionModel(tf.CLIPVisionConfig(image_size=32, patch_size=4, **common))
+    if kind == "clip_text":
+        return tf.CLIPTextModel(tf.CLIPTextConfig(vocab_size=100, max_position_embeddings=32, **common))
+    if kind == "blip_vision":
+        return tf.BlipVisionModel(tf.BlipVisionConfig(image_size=32, patch_size=4, **common))
+    if kind == "roberta":
+        return tf.RobertaModel(tf.RobertaConfig(vocab_size=100, **common))
+    if kind == "distilbert":
+        return tf.DistilBertModel(tf.DistilBertConfig(vocab_size=100, dim=48, n_layers=2, n_heads=3, hidden_dim=96))
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind, outcome, expected",
+    [
+        ("clip_vision", "rewrite", 1),
+        ("blip_vision", "rewrite", 1),
+        ("clip_text", "fallback", "varies by query"),
+        ("roberta", "rewrite", 1),
+        ("distilbert", "rewrite", 1),
+    ],
+)
+def test_transformers_architectures(turbo, kind, outcome, expected):
+    model = hf_model(kind).eval()
+    if kind in ("clip_vision", "blip_vision"):
+        inputs = dict(pixel_values=images(2))
+    else:
+        ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, 8:] = 0
+        inputs = dict(input_ids=ids, attention_mask=mask)
+    compiled = turbo(model, r=2)
+    out = compiled(**inputs).last_hidden_state
+    with torch.no_grad():
+        plain = model(**inputs).last_hidden_state
+    assert out.shape == plain.shape
+    graphs = compiled.graphs
+    if outcome == "rewrite":
+        assert all(g.fallback_reason is None for g in graphs), [g.fallback_reason for g in graphs]
+        report = next(g for g in graphs if g.blocks)
+        assert report.merges == len(report.blocks) and report.protected == expected
+    else:
+        reasons = [g.fallback_reason for g in graphs if g.fallback_reason]
+        assert reasons and any(expected in r for r in reasons), reasons
+        assert torch.allclose(out, plain, atol=1e-5)
