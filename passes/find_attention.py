@@ -226,6 +226,13 @@ def _check_site(site: AttentionSite) -> None:
     if q_shape[1] != k_shape[1]:
         site.problems.append("grouped-query attention (q and k head counts differ)")
     n_keys = k_shape[site.k_token_axis]
+    if len(stream_shape) == 3 and isinstance(stream_shape[1], torch.SymInt):
+        site.problems.append(
+            f"the token count is dynamic ({stream_shape[1]}): Dynamo made the sequence length symbolic after "
+            "calls with different lengths, and a merge plan needs a fixed count; compile with "
+            "torch.compile(..., dynamic=False) (one graph per length) or pad inputs to fixed lengths"
+        )
+        return
     if len(stream_shape) != 3 or not isinstance(stream_shape[1], int) or stream_shape[1] != n_keys:
         site.problems.append(
             f"residual stream {stream_shape} is not [batch, tokens, channels] with {n_keys} tokens"

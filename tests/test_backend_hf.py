@@ -88,3 +88,25 @@ def test_bert_padding_with_inductor(turbo):
     torch._dynamo.reset()
     eager = turbo(model, r=3)(input_ids=ids, attention_mask=mask).last_hidden_state
     assert (out - eager).abs().max().item() < 1e-4
+
+
+def test_bert_varying_lengths_fall_back_with_advice_or_merge_with_dynamic_false(turbo):
+    """A second sequence length makes Dynamo's token count symbolic: that graph falls back with
+    a reason that says what to do; with dynamic=False every length gets its own merged graph."""
+    model = small_hf("bert")
+    compiled = turbo(model, r=2)
+    for n in (16, 20):
+        ids, mask = padded_batch([n, n - 3], n)
+        out = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert out.shape == (2, n, 48)
+    assert compiled.graphs[0].merges == 3
+    assert "dynamic=False" in compiled.graphs[1].fallback_reason
+    torch._dynamo.reset()
+    static = torch.compile(model, backend="turbo", options={"r": 2, "inner_backend": "eager"}, dynamic=False)
+    from turbo_fx.report import recording
+
+    with recording() as rec, torch.no_grad():
+        for n in (16, 20):
+            ids, mask = padded_batch([n, n - 3], n)
+            static(input_ids=ids, attention_mask=mask)
+    assert [g.tokens_per_block for g in rec.graphs] == [[16, 14, 12], [20, 18, 16]]
