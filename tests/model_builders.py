@@ -65,3 +65,21 @@ def padded_batch(lengths: list[int], n_tokens: int, seed: int = 0) -> tuple[torc
     for row, length in enumerate(lengths):
         mask[row, :length] = 1
     return ids, mask
+
+
+def duplicated_pairs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Make patch tokens come in identical adjacent pairs (tokens p+2k and p+2k+1).
+
+    Patch columns 1 and 3 of the image copy columns 0 and 2, and the position
+    embeddings of those patches copy their left neighbours', so the embedded
+    sequence is [prefix..., t0, t0, t1, t1, ...] (row-major 4x4 grid).
+    Returns the modified images; the model's pos_embed is modified in place.
+    """
+    x = x.clone()
+    x[..., 8:16] = x[..., 0:8]
+    x[..., 24:32] = x[..., 16:24]
+    p = model.num_prefix_tokens
+    with torch.no_grad():
+        pos = model.pos_embed[0, p:]  # [16, C], prefix entries come first in these models
+        pos[1::2] = pos[0::2]
+    return x

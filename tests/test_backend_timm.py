@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_builders import NUM_PREFIX, images, small_vit
+from model_builders import NUM_PREFIX, duplicated_pairs, images, small_vit
 from turbo_fx import ops
 from turbo_fx.config import LinearSchedule, TurboConfig
 from turbo_fx.reference import reference_forward
@@ -134,3 +134,18 @@ def test_inductor_and_a_second_batch_size(turbo, symbolic_tokens):
         assert (out - expected).abs().max().item() < 1e-4
     assert len(compiled.graphs) == 2
     assert all(g.fallback_reason is None and g.merges == 3 for g in compiled.graphs)
+
+
+@pytest.mark.parametrize("kind", ["vit", "vit_avg"])
+def test_exact_duplicates_give_the_unmerged_logits(turbo, kind):
+    """Tokens in identical pairs, 8 twin pairs merged in block 0: with proportional attention and
+    size-weighted pooling the merged model computes exactly what the unmerged one does."""
+    model = small_vit(kind)
+    x = duplicated_pairs(model, images(2))
+    compiled = turbo(model, r=[8, 0, 0, 0])
+    out = compiled(x)
+    with torch.no_grad():
+        plain = model(x)
+    assert compiled.report.merges == 1
+    assert compiled.report.reductions_weighted == (1 if kind == "vit_avg" else 0)
+    assert (out - plain).abs().max().item() < 1e-5

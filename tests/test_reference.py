@@ -15,10 +15,11 @@ from turbo_fx.reference import (
     merge_tokens,
     reference_forward,
     reference_forward_tokens,
+    remove_reference,
     semantic_value,
 )
 
-from model_builders import GRID, N_PATCHES, NUM_PREFIX, images
+from model_builders import GRID, N_PATCHES, NUM_PREFIX, duplicated_pairs, images
 from model_builders import small_vit as tiny_model
 
 def restore(tokens: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ def test_patch_is_in_place_and_removable():
         merged = model(x)
         assert (merged - reference_forward(model, x, TurboConfig(r=4))).abs().max().item() == 0.0
         assert (merged - before).abs().max().item() > 1e-3  # merging does change the output
-        del model.forward_features
+        remove_reference(model)
         assert torch.equal(model(x), before)
 
 
@@ -128,13 +129,14 @@ def test_sizes_and_assign_are_consistent(kind):
     assert not torch.equal(assign[0], assign[1])
 
 
-def test_avg_pool_is_an_unweighted_mean_of_the_remaining_tokens():
+def test_avg_pool_is_a_size_weighted_mean_of_the_remaining_tokens():
     model = tiny_model("vit_avg")
     x = images(2)
     config = TurboConfig(r=3)
     with torch.no_grad():
-        tokens, _, _ = reference_forward_tokens(model, x, config)
-        expected = model.head(model.fc_norm(tokens[:, 1:].mean(dim=1)))
+        tokens, sizes, _ = reference_forward_tokens(model, x, config)
+        weight = sizes[:, 1:, None]
+        expected = model.head(model.fc_norm((tokens[:, 1:] * weight).sum(1) / weight.sum(1)))
         got = apply_reference(model, config)(x)
     assert (got - expected).abs().max().item() <= 1e-6
 
@@ -142,24 +144,6 @@ def test_avg_pool_is_an_unweighted_mean_of_the_remaining_tokens():
 # ----------------------------------------------------------------------------------------
 # Exact duplicates merge losslessly
 # ----------------------------------------------------------------------------------------
-
-
-def duplicated_pairs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Make patch tokens come in identical adjacent pairs (tokens p+2k and p+2k+1).
-
-    Patch columns 1 and 3 of the image copy columns 0 and 2, and the position
-    embeddings of those patches copy their left neighbours', so the embedded
-    sequence is [prefix..., t0, t0, t1, t1, ...] (row-major 4x4 grid).
-    Returns the modified images; the model's pos_embed is modified in place.
-    """
-    x = x.clone()
-    x[..., 8:16] = x[..., 0:8]
-    x[..., 24:32] = x[..., 16:24]
-    p = model.num_prefix_tokens
-    with torch.no_grad():
-        pos = model.pos_embed[0, p:]  # [16, C], prefix entries come first in these models
-        pos[1::2] = pos[0::2]
-    return x
 
 
 # Why this is exact: a token duplicated d times in the unmerged sequence contributes

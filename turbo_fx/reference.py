@@ -25,8 +25,9 @@ leading tokens (``protected="auto"``: the model's prefix tokens, at least one):
    sources disappear.
 8. Survivors keep their relative order; then ``x = x + ls2(mlp(norm2(x)))``.
 
-After the last block: ``model.norm`` and the model's own head (for "avg"
-pooling an unweighted mean over the remaining non-prefix tokens).
+After the last block: ``model.norm`` and the model's own head; "avg" pooling is a
+size-weighted mean over the remaining non-prefix tokens (each merged token counts
+as the tokens it stands for, so the mean is the unmerged model's mean for duplicates).
 
 Tie-breaking (only matters for exactly equal scores): a token of A matches the
 first (lowest-index) most similar token of B; among equal information degrees
@@ -126,17 +127,23 @@ def reference_forward_tokens(
 
 def reference_forward(model: nn.Module, images: Tensor, config: TurboConfig) -> Tensor:
     """Images -> the model's output (logits) with Turbo merging, via the model's own head."""
-    tokens, _, _ = reference_forward_tokens(model, images, config)
+    tokens, sizes, _ = reference_forward_tokens(model, images, config)
+    if getattr(model, "global_pool", None) == "avg":
+        p = model.num_prefix_tokens
+        weight = sizes[:, p:, None].to(tokens.dtype)
+        pooled = (tokens[:, p:] * weight).sum(dim=1) / weight.sum(dim=1)
+        return model.head(model.head_drop(model.fc_norm(pooled)))
     return model.forward_head(tokens)
 
 
 def apply_reference(model: nn.Module, config: TurboConfig) -> nn.Module:
     """Patch ``model`` IN PLACE so that ``model(images)`` runs the reference; returns the same object.
 
-    Only ``forward_features`` is replaced (as an instance attribute); the model's
-    weights, head and pooling are untouched. ``del model.forward_features``
-    undoes the patch. Only eval-mode timm ``Block``/``Attention`` stacks are
-    supported; anything else raises ``NotImplementedError`` when run.
+    ``forward_features`` (merged tokens) and ``forward`` (logits, with size-weighted
+    average pooling) are replaced as instance attributes; the weights are untouched.
+    ``remove_reference(model)`` undoes the patch. Only eval-mode timm
+    ``Block``/``Attention`` stacks are supported; anything else raises
+    ``NotImplementedError`` when run.
     """
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
@@ -145,8 +152,19 @@ def apply_reference(model: nn.Module, config: TurboConfig) -> nn.Module:
         tokens, _, _ = reference_forward_tokens(self, x, config)
         return tokens
 
+    def forward(self, x: Tensor) -> Tensor:
+        return reference_forward(self, x, config)
+
     model.forward_features = types.MethodType(forward_features, model)
+    model.forward = types.MethodType(forward, model)
     model.turbo_reference_config = config
+    return model
+
+
+def remove_reference(model: nn.Module) -> nn.Module:
+    """Undo ``apply_reference``."""
+    for name in ("forward_features", "forward", "turbo_reference_config"):
+        model.__dict__.pop(name, None)
     return model
 
 

@@ -37,6 +37,8 @@ class GraphReport:
     protected_note: str = ""
     padding: bool = False
     outputs_restored: int = 0
+    reductions_weighted: int = 0  # token-axis means/sums made size-weighted
+    reductions_unweighted: int = 0  # token-axis means/sums over merged tokens left unweighted
     fallback_reason: Optional[str] = None
     flops_before: Optional[int] = None
     flops_after: Optional[int] = None
@@ -78,6 +80,11 @@ class GraphReport:
             lines.append(f"  protected tokens: {self.protected} ({self.protected_note})")
         if self.padding:
             lines.append("  padding mask: followed through merges (padding never merges into real tokens)")
+        if self.reductions_weighted or self.reductions_unweighted:
+            lines.append(
+                f"  token-axis means/sums: {self.reductions_weighted} size-weighted, "
+                f"{self.reductions_unweighted} left unweighted (their tokens could not be traced to a merge)"
+            )
         if self.outputs_restored:
             lines.append(f"  outputs restored to the original token count: {self.outputs_restored}")
         if self.flops_before is not None and self.flops_after is not None:

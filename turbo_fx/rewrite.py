@@ -14,6 +14,7 @@ from turbo_fx.passes.insert_merges import insert_merges, plan_merges
 from turbo_fx.passes.propagate_shapes import CannotRewrite, ShapeHints, propagate_shapes
 from turbo_fx.passes.protected_tokens import count_protected_tokens
 from turbo_fx.passes.restore_outputs import restore_outputs
+from turbo_fx.passes.weight_token_means import weight_token_means
 from turbo_fx.report import GraphReport
 
 log = logging.getLogger("turbo_fx")
@@ -95,6 +96,7 @@ def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: int, repo
         old_values[merged] = old_values[original]
     hints = ShapeHints()
     propagate_shapes(work, fake_mode, old_values, insertion.touched, protected, hints)
+    report.reductions_weighted, report.reductions_unweighted = weight_token_means(work, fake_mode, old_values, hints)
     if config.restore_outputs:
         report.outputs_restored = restore_outputs(work, fake_mode, old_values, insertion.assign_by_count, hints)
     work.graph.lint()
