@@ -271,44 +271,17 @@ def merge_block(
     return merged, new_size, compose_assign(assign, dest), key_bias(new_size, bias_dtype, prop_attn)
 
 
-@torch.library.custom_op("turbo_fx::merge_block", mutates_args=())
-def merge_block_op(
-    x: Tensor,
-    size: Tensor,
-    assign: Tensor,
-    metric_source: Tensor,
-    metric_token_axis: int,
-    semantic_q: Optional[Tensor],
-    semantic_k: Optional[Tensor],
-    semantic_mask: Optional[Tensor],
-    semantic_probs: Optional[Tensor],
-    scale: Optional[float],
-    r: int,
-    protected: int,
-    fusion: str,
-    alpha: float,
-    beta: float,
-    gamma: float,
-    block: int,
-    padding: bool,
-    prop_attn: bool,
-    bias_dtype: torch.dtype,
-    symbolic_tokens: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``merge_block`` as one opaque op: Inductor calls it instead of generating kernels
-    for it. With ``symbolic_tokens`` its shape function reports the merged token count
-    as an unbacked size, so the blocks after it, which differ only in token count, get
-    shape-generic kernels that Inductor compiles once instead of once per block."""
-    return merge_block(
-        x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k, semantic_mask,
-        semantic_probs, scale, r, protected, fusion, alpha, beta, gamma, block, padding, prop_attn, bias_dtype,
-    )
+# ``merge_block`` as one opaque op: Inductor calls it instead of generating kernels for
+# it. With ``symbolic_tokens`` its shape function reports the merged token count as an
+# unbacked size, so the blocks after it, which differ only in token count, get
+# shape-generic kernels that Inductor compiles once instead of once per block.
+merge_block_op = torch.library.custom_op("turbo_fx::merge_block", merge_block, mutates_args=())
 
 
 @merge_block_op.register_fake
 def _merge_block_fake(x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k,
                       semantic_mask, semantic_probs, scale, r, protected, fusion, alpha, beta, gamma,
-                      block, padding, prop_attn, bias_dtype, symbolic_tokens):
+                      block, padding, prop_attn, bias_dtype, symbolic_tokens=False):
     batch, n_tokens, channels = x.shape
     kept = n_tokens - r
     if symbolic_tokens:
