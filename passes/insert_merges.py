@@ -6,10 +6,12 @@ For each attention site, in graph order, with ``r`` clamped by ``merge_count``:
     replacing the original padding mask, which no longer matches the token count;
   * when the site merges, right after the stream that leaves the attention
     sub-block (the closing residual add, or the LayerNorm after it in post-norm
-    blocks) it inserts: the metric (keys or queries averaged over heads), the
-    semantic value (the CLS row of the attention, computed as one extra row for
-    SDPA, read from the probabilities for explicit attention), ``merge_tokens`` and
-    the updated ``assign`` map; every later use of the stream takes the merged one.
+    blocks) it inserts one ``merge_block`` call (the opaque op, or the plain
+    function with ``fuse_merges``). That call computes the metric (keys or queries
+    averaged over heads), the semantic value (the CLS row of the attention,
+    recomputed as one extra row for SDPA, read from the probabilities for explicit
+    attention), the merge, the updated ``assign`` map and the next key bias. Every
+    later use of the stream takes the merged one.
 
 Guarantees: only inserts calls into ``turbo_fx.ops`` and edits the mask argument
 of attention calls; the returned ``MergeInsertion`` lists every node it added or
@@ -41,10 +43,6 @@ class MergeInsertion:
     assign_by_count: dict[int, Node] = field(default_factory=dict)
     replaced: dict[Node, Node] = field(default_factory=dict)  # merged stream -> stream it replaced
     padding: bool = False
-
-    @property
-    def merges(self) -> int:
-        return sum(1 for b in self.blocks if b.r_applied > 0)
 
 
 def plan_merges(sites: list[AttentionSite], config: TurboConfig, protected: int) -> list[BlockReport]:

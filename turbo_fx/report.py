@@ -151,10 +151,6 @@ def recording(count_flops: bool = False, keep_graphs: bool = False) -> Iterator[
         _recorders.remove(recorder)
 
 
-def active_recorders() -> list[_Recorder]:
-    return list(_recorders)
-
-
 def wants_flops() -> bool:
     return any(r.count_flops for r in _recorders)
 
