@@ -29,6 +29,13 @@ PASSTHROUGH_FUNCTIONS = {
 PASSTHROUGH_METHODS = {"mul", "div", "to", "float", "type", "type_as", "contiguous", "__mul__", "__truediv__"}
 
 
+def is_merge(node: Node) -> bool:
+    """A merge inserted by turbo: the opaque op or, with ``fuse_merges``, the plain function."""
+    from turbo_fx import ops
+
+    return node.op == "call_function" and node.target in (ops.merge_block, torch.ops.turbo_fx.merge_block.default)
+
+
 def is_call(node: Node, functions: set, methods: set = frozenset()) -> bool:
     if node.op == "call_function":
         return node.target in functions

@@ -25,6 +25,8 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from .graph_utils import is_merge
+
 RESHAPE_METHODS = {"view", "reshape"}
 RESHAPE_FUNCTIONS = {torch.reshape}
 EXPAND_METHODS = {"expand"}
@@ -174,10 +176,6 @@ def _covering_axis(out_pre: list[int], lo: int, hi: int) -> Optional[int]:
     return None
 
 
-def _is_merge(node: Node) -> bool:
-    return node.op == "call_function" and "turbo_fx.merge_block" in str(node.target)
-
-
 class _Propagation:
     """One re-propagation over a graph: the fake values so far and what changed."""
 
@@ -196,7 +194,7 @@ class _Propagation:
                 continue
             self.rewrite_shape_args(node)
             value = self.evaluate(node)
-            if _is_merge(node):
+            if is_merge(node):
                 self.learn_merged_count(node, value)
             if node not in self.old_values or not _same_shapes(self.old_values[node], value, self.hints):
                 self.changed.add(node)

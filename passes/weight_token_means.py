@@ -21,15 +21,16 @@ from torch.fx import GraphModule, Node
 
 from turbo_fx import ops
 
+from .graph_utils import is_merge
 from .propagate_shapes import ShapeHints, _run_node, changed_axes
 
-MERGE_TARGETS = (ops.merge_block, torch.ops.turbo_fx.merge_block.default)
 REDUCTIONS = {"mean": ops.weighted_token_mean, "sum": ops.weighted_token_sum}
 
 
 def weight_token_means(gm: GraphModule, fake_mode, old_values: dict[Node, Any], hints: ShapeHints) -> tuple[int, int]:
     """Returns (reductions weighted, reductions left unweighted)."""
     weighted = unweighted = 0
+    env = {n: n.meta.get("example_value") for n in gm.graph.nodes if n.op != "output"}
     for node in list(gm.graph.nodes):
         kind = _token_reduction(node, old_values, hints)
         if kind is None:
@@ -42,15 +43,11 @@ def weight_token_means(gm: GraphModule, fake_mode, old_values: dict[Node, Any], 
         keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
         with gm.graph.inserting_before(node):
             replacement = gm.graph.call_function(REDUCTIONS[kind], (node.args[0], sizes, offset, keepdim))
-        replacement.meta["example_value"] = _run_node(gm, replacement, _env(gm), fake_mode)
+        env[replacement] = replacement.meta["example_value"] = _run_node(gm, replacement, env, fake_mode)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
         weighted += 1
     return weighted, unweighted
-
-
-def _env(gm: GraphModule) -> dict:
-    return {n: n.meta.get("example_value") for n in gm.graph.nodes if n.op != "output"}
 
 
 def _token_reduction(node: Node, old_values: dict, hints: ShapeHints) -> Optional[str]:
@@ -79,7 +76,7 @@ def _sizes_for(node: Node, hints: ShapeHints, depth: int = 64) -> Optional[tuple
         depth -= 1
         if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], Node):
             source, index = node.args
-            if source.op == "call_function" and source.target in MERGE_TARGETS and index == 0:
+            if is_merge(source) and index == 0:
                 sizes = next((u for u in source.users if u.target is operator.getitem and u.args[1] == 1), None)
                 return (sizes, offset) if sizes is not None else None
             leading = _leading_slice(index)

@@ -156,14 +156,6 @@ class TurboConfig:
             )
         return list(self.r)
 
-    @property
-    def merges_anything(self) -> bool:
-        if isinstance(self.r, int):
-            return self.r > 0
-        if isinstance(self.r, LinearSchedule):
-            return self.r.first > 0
-        return any(v > 0 for v in self.r)
-
     def replace(self, **changes: Any) -> "TurboConfig":
         return dataclasses.replace(self, **changes)
 
