@@ -14,8 +14,10 @@ attention bias ``log(size)`` masks them, so one tensor carries both facts.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -268,7 +270,47 @@ def merge_block(
     merged, new_size, dest = merge_tokens(
         x, size, metric, semantic, r, protected, fusion, alpha, beta, gamma, block, padding
     )
-    return merged, new_size, compose_assign(assign, dest), key_bias(new_size, bias_dtype, prop_attn)
+    new_assign = compose_assign(assign, dest)
+    if _MERGE_RECORDERS and not _is_fake(new_assign):
+        _MERGE_RECORDERS[-1].append(
+            MergeRecord(block, x.shape[1], merged.shape[1], new_assign.detach().cpu(), new_size.detach().cpu())
+        )
+    return merged, new_size, new_assign, key_bias(new_size, bias_dtype, prop_attn)
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    """One executed merge, as ``record_merges`` collects it: the attention block that
+    merged, tokens before and after, where every original token went ([B, N0]) and
+    the merged tokens' sizes ([B, N])."""
+
+    block: int
+    tokens_in: int
+    tokens_out: int
+    assign: Tensor
+    size: Tensor
+
+
+_MERGE_RECORDERS: list[list[MergeRecord]] = []
+
+
+@contextlib.contextmanager
+def record_merges() -> Iterator[list[MergeRecord]]:
+    """Collect a ``MergeRecord`` for every merge that runs inside the block, eager or
+    compiled (the opaque merge op runs this Python code under Inductor too; with
+    ``fuse_merges=True`` Inductor generates the merge itself and nothing is recorded)."""
+    records: list[MergeRecord] = []
+    _MERGE_RECORDERS.append(records)
+    try:
+        yield records
+    finally:
+        _MERGE_RECORDERS.remove(records)
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
 
 
 # ``merge_block`` as one opaque op: Inductor calls it instead of generating kernels for
