@@ -90,6 +90,7 @@ def insert_merges(
                 plan.r_applied, protected, config.fusion, config.alpha, config.beta, config.gamma,
                 site.index, result.padding, config.prop_attn, _logit_dtype(site),
                 config.symbolic_tokens and not config.fuse_merges and plan.tokens_out >= 2,
+                config.redundancy,
             )
             new_stream, sizes, assign, bias = (call(operator.getitem, merged, i) for i in range(4))
         inserted = set(result.touched)

@@ -315,6 +315,7 @@ def handmade_sequence():
         (dict(fusion="sub", alpha=1.0), 0, 3, 4),  # max R - I: X (0.35 > 0.30)
         (dict(fusion="mul", alpha=1.0), 0, 5, 6),  # max R(1 - I): Y (0.42 > 0.38)
         (dict(fusion="div"), 0, 7, 8),  # max R / I: Z (3.0)
+        (dict(redundancy=False, alpha=0.0), 0, 7, 8),  # semantic only, max -I: Z (0.1); alpha irrelevant
         # layer: weight beta**|gamma - block|: 0.1**3 at block 0 (~ semantic off), 1 at block 3 (= sub)
         (dict(fusion="layer", alpha=1.0, beta=0.1, gamma=3.0), 0, 1, 2),
         (dict(fusion="layer", alpha=1.0, beta=0.1, gamma=3.0), 3, 3, 4),

@@ -76,6 +76,10 @@ class TurboConfig:
         "keys" (default) or "queries", averaged over heads.
     semantic: include the semantic value; False gives redundancy-only merging
         (what ToMe does).
+    redundancy: include the mutual redundancy in the ranking (default True). False
+        with ``semantic`` ranks by semantic value alone (E = -I; the ablation
+        "semantic only"): the least attended tokens merge, each into its most
+        similar partner. ``fusion`` and ``alpha`` then have no effect.
     prop_attn: add log(size) to the attention logits of later blocks so a merged
         token is attended as often as the tokens it stands for.
     min_tokens: never merge a sequence below this many tokens (the paper's threshold).
@@ -107,6 +111,7 @@ class TurboConfig:
     fusion: str = "sub"
     metric: str = "keys"
     semantic: bool = True
+    redundancy: bool = True
     prop_attn: bool = True
     min_tokens: int = 0
     protected: Union[str, int] = "auto"
@@ -134,9 +139,13 @@ class TurboConfig:
         object.__setattr__(self, "fusion", fusion)
         _check_choice("metric", self.metric, METRICS)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
-        for name in ("semantic", "prop_attn", "restore_outputs", "fuse_merges", "symbolic_tokens"):
+        for name in ("semantic", "redundancy", "prop_attn", "restore_outputs", "fuse_merges", "symbolic_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise TurboConfigError(f"option '{name}' must be True or False, got {getattr(self, name)!r}")
+        if not (self.semantic or self.redundancy):
+            raise TurboConfigError(
+                "options 'semantic' and 'redundancy' are both False: nothing left to rank tokens by"
+            )
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise TurboConfigError(f"option 'min_tokens' must be an int >= 0, got {self.min_tokens!r}")
         if self.protected != "auto" and (not _is_int(self.protected) or self.protected < 0):

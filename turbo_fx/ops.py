@@ -151,6 +151,7 @@ def merge_tokens(
     gamma: float = 0.0,
     block: int = 0,
     padding: bool = False,
+    use_redundancy: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Merge ``r`` tokens of x [B, N, C] by informativity-driven bipartite matching.
 
@@ -159,6 +160,8 @@ def merge_tokens(
     cosine similarity to a B token; the r A tokens with the highest information
     degree E merge into their best B partner by size-weighted average. Tokens keep
     their original relative order. ``r`` must already be clamped (``merge_count``).
+    Without ``use_redundancy`` (semantic-only ranking) E = -I: the A tokens the CLS
+    token attends to least merge, still into their most similar B partner.
 
     Returns (merged x [B, N-r, C], merged size [B, N-r], dest [B, N]).
     """
@@ -183,7 +186,12 @@ def merge_tokens(
         else:
             n_valid = float(n_tokens)
         normalised = (semantic.float() * n_valid)[:, protected::2]
-    degree = information_degree(redundancy, normalised, fusion, alpha, beta, gamma, block)
+    if use_redundancy:
+        degree = information_degree(redundancy, normalised, fusion, alpha, beta, gamma, block)
+    elif normalised is None:
+        raise ValueError("merge_tokens: semantic-only ranking needs the semantic value")
+    else:
+        degree = -normalised
 
     chosen = degree.topk(r, dim=-1).indices
     src_tok = protected + 2 * chosen
@@ -252,6 +260,7 @@ def merge_block(
     prop_attn: bool,
     bias_dtype: torch.dtype,
     symbolic_tokens: bool = False,
+    use_redundancy: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Everything one attention block's merge needs, in one call: the metric (per-head
     features averaged over heads), the semantic value (from the CLS query row, or from
@@ -268,7 +277,7 @@ def merge_block(
     else:
         semantic = None
     merged, new_size, dest = merge_tokens(
-        x, size, metric, semantic, r, protected, fusion, alpha, beta, gamma, block, padding
+        x, size, metric, semantic, r, protected, fusion, alpha, beta, gamma, block, padding, use_redundancy
     )
     new_assign = compose_assign(assign, dest)
     if _MERGE_RECORDERS and not _is_fake(new_assign):
@@ -323,7 +332,7 @@ merge_block_op = torch.library.custom_op("turbo_fx::merge_block", merge_block, m
 @merge_block_op.register_fake
 def _merge_block_fake(x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k,
                       semantic_mask, semantic_probs, scale, r, protected, fusion, alpha, beta, gamma,
-                      block, padding, prop_attn, bias_dtype, symbolic_tokens=False):
+                      block, padding, prop_attn, bias_dtype, symbolic_tokens=False, use_redundancy=True):
     batch, n_tokens, channels = x.shape
     kept = n_tokens - r
     if symbolic_tokens:

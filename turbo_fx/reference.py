@@ -301,6 +301,8 @@ def information_degree(
     R, I = redundancy, semantic
     if not config.semantic:
         return R
+    if not config.redundancy:
+        return -I
     alpha = config.alpha
     if config.fusion == "sub":
         return R - alpha * I
