@@ -287,6 +287,7 @@ def _save_atomically(state_dict: dict[str, torch.Tensor], file: Path) -> None:
     os.close(fd)
     try:
         save_file(state_dict, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a cache is meant to be read by others
         os.replace(tmp, file)
     finally:
         if os.path.exists(tmp):
