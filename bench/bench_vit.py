@@ -6,7 +6,7 @@
 For each model, in one process:
 1. FLOPs: ``turbo_fx.explain`` at every r (FlopCounterMode on the Dynamo graph before and after
    the rewrite), and FlopCounterMode on the eager model as a cross-check of the baseline.
-2. Compile seconds (see bench/common.py for the definition): one untimed Inductor compile of the
+2. Compile seconds (see turbo_fx/timing.py for the definition): one untimed Inductor compile of the
    model, then every configuration compiled after ``torch._dynamo.reset()`` with an empty Inductor
    cache directory and the FX graph / AOT autograd caches off; ``--compile-repeats`` passes, in a
    rotating order, median.
@@ -31,8 +31,7 @@ import time
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (bench/common.py)
+from turbo_fx import timing as common  # noqa: E402
 
 import turbo_fx  # noqa: E402
 

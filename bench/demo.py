@@ -16,8 +16,7 @@ import time
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (bench/common.py)
+from turbo_fx import timing as common  # noqa: E402
 
 import turbo_fx  # noqa: E402
 

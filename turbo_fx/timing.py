@@ -1,4 +1,4 @@
-"""Helpers shared by bench/demo.py and bench/bench_vit.py.
+"""Timing helpers shared by the benchmarks (bench/) and the `turbo-fx` command line.
 
 - ``machine()``: what the figures were measured on (CPU, cores, threads, versions, date, command).
 - ``no_compile_caches()`` / ``fresh_cache()``: make every compile pay full price, with nothing

@@ -1,0 +1,91 @@
+"""Plots of evaluation results (matplotlib, no display needed: figures are drawn off-screen).
+
+* ``plot_tradeoff``: a metric against FLOPs per sample and against measured time, one line
+  per method (the paper's Figure 4 on our data), the baseline as a star.
+* ``plot_alpha``: a metric against the balancing coefficient alpha at one r (Figure 5),
+  with redundancy-only merging at the same r as a reference line.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+METHOD_STYLE = {
+    "baseline": dict(color="black", marker="*", markersize=12),
+    "redundancy-only": dict(color="tab:blue", marker="o"),
+    "semantic-only": dict(color="tab:orange", marker="s"),
+    "turbo": dict(color="tab:red", marker="D"),
+    "turbo + min_tokens": dict(color="tab:purple", marker="^"),
+}
+METRIC_LABEL = {
+    "probe_top1": "linear-probe top-1",
+    "knn_top1": "k-NN top-1",
+    "cosine": "cosine to unmerged features",
+    "lee_spearman": "Lee: Spearman vs human similarity",
+    "polarity_probe": "polarity probe accuracy",
+}
+
+
+def _figure(ncols: int, width: float = 5.5, height: float = 4.2):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), dpi=110)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _by_method(rows: Sequence[dict], groups: Sequence[str]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["group"] in groups or row["method"] == "baseline":
+            out.setdefault(row["method"], []).append(row)
+    return out
+
+
+def plot_tradeoff(results, metric: str, path: str, groups: Sequence[str] = ("components", "threshold"),
+                  title: Optional[str] = None) -> str:
+    """``metric`` against GFLOPs per sample (left) and ms per sample (right), per method."""
+    fig, (ax_flops, ax_time) = _figure(2)
+    for method, rows in _by_method(results.rows, groups).items():
+        style = dict(METHOD_STYLE.get(method, dict(marker="x")))
+        rows = sorted(rows, key=lambda r: r["gflops_per_sample"])
+        y = [r["metrics"][metric] for r in rows]
+        for ax, key in ((ax_flops, "gflops_per_sample"), (ax_time, "ms_per_sample")):
+            x = [r[key] for r in rows]
+            if None in x:
+                continue
+            ax.plot(x, y, label=method, linestyle="-" if len(rows) > 1 else "none", **style)
+    for ax, xlabel in ((ax_flops, "GFLOPs per sample"), (ax_time, "ms per sample (measured)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(METRIC_LABEL.get(metric, metric))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or f"{results.model}: {METRIC_LABEL.get(metric, metric)} vs cost")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_alpha(results, metric: str, path: str, title: Optional[str] = None) -> Optional[str]:
+    """``metric`` against alpha (the "alpha" rows), redundancy-only at the same r as a line."""
+    rows = sorted((r for r in results.rows if r["group"] == "alpha"), key=lambda r: r["options"]["alpha"])
+    if not rows:
+        return None
+    r_value = rows[0]["options"]["r"]
+    fig, (ax,) = _figure(1, width=6.0)
+    positive = [r for r in rows if r["options"]["alpha"] > 0]
+    ax.plot([r["options"]["alpha"] for r in positive], [r["metrics"][metric] for r in positive],
+            label=f"turbo r={r_value}", **METHOD_STYLE["turbo"])
+    ax.set_xscale("log")
+    for row in results.rows:
+        if row["method"] == "redundancy-only" and row["options"].get("r") == r_value:
+            ax.axhline(row["metrics"][metric], color="tab:blue", linestyle="--", label=f"redundancy-only r={r_value}")
+        if row["method"] == "baseline":
+            ax.axhline(row["metrics"][metric], color="black", linestyle=":", label="baseline (no merging)")
+    ax.set_xlabel("alpha (weight of the semantic value I, I scaled so 1 = uniform attention)")
+    ax.set_ylabel(METRIC_LABEL.get(metric, metric))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(title or f"{results.model}: balancing coefficient alpha")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
