@@ -59,7 +59,7 @@ def markdown(results, machine: str, command: str, extra: Sequence[str] = ()) -> 
         out += [f"## {title}", "", rows_table(baseline + rows, results.metric_names), ""]
     out += ["Columns: FLOPs saved = 1 - FLOPs / unmerged FLOPs on the same inputs (turbo_fx.recording "
             "with FLOP counting: matmuls, SDPA, the merge op); ms/sample = measured on this machine "
-            "(images: median over batches; texts: total of a second, timed call per length group); "
+            "(images: median over batches; texts: total of a second, timed call per length bucket); "
             "speed-up = baseline ms / row ms; drop = baseline metric - row metric (positive = worse); "
             "tokens per block = tokens entering the first block → tokens entering the last.", ""]
     for note in results.notes:

@@ -78,7 +78,9 @@ def rewrite_graph(
         raise CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")
 
     rewritten = _build(gm, fake_mode, config.replace(symbolic_tokens=False), protected, report)
-    if config.symbolic_tokens and not config.fuse_merges:
+    # Symbolic token counts only serve a compiler that generates kernels; "eager" runs the
+    # graph as it is, so the second build would be wasted work.
+    if config.symbolic_tokens and not config.fuse_merges and config.inner_backend != "eager":
         try:
             rewritten = _build(gm, fake_mode, config, protected, report)
         except CannotRewrite as exc:

@@ -161,18 +161,20 @@ def interleaved(fns: dict, x: torch.Tensor, rounds: int, warmup: int = 2,
 
     ``warmup`` untimed calls each, then ``rounds`` rounds; round i runs every function once,
     starting at the i-th (a rotating order, so none is always first or last after a pause).
+    ``x`` is one tensor, or a tuple of positional inputs.
     Returns name -> list of ``rounds`` timings, in round order."""
+    args = x if isinstance(x, tuple) else (x,)
     names = list(fns)
     times: dict = {name: [] for name in names}
     with torch.no_grad():
         for _ in range(warmup):
             for name in names:
-                fns[name](x)
+                fns[name](*args)
         for i in range(rounds):
             k = i % len(names)
             for name in names[k:] + names[:k]:
                 start = time.perf_counter()
-                fns[name](x)
+                fns[name](*args)
                 times[name].append(time.perf_counter() - start)
             if progress:
                 progress(f"round {i + 1}/{rounds}: "

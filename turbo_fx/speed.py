@@ -1,0 +1,119 @@
+"""``turbo-fx bench``: eager vs Inductor vs turbo at each r, for any model_zoo model.
+
+In one process: FLOPs per configuration (``turbo_fx.explain``), compile seconds (first call
+after ``torch._dynamo.reset()`` with an empty Inductor cache and the FX graph / AOT caches
+off, minus the steady-state median), then steady-state latency from interleaved rounds
+(every configuration once per round, rotating order), median / min / IQR. Definitions as in
+``turbo_fx/timing.py``; bench/bench_vit.py is the longer benchmark behind the README table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+from tabulate import tabulate
+
+import turbo_fx
+from turbo_fx import timing
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _call(fn, inputs):
+    return fn(*inputs)
+
+
+def run(args, command: str) -> int:
+    from turbo_fx.model_zoo.registry import build_model, list_models
+
+    if args.list_models:
+        print("\n".join(list_models()))
+        return 0
+    zoo = build_model(args.model)
+    inputs = zoo.example_inputs(args.batch)
+    weights = "real weights" if zoo.real_weights else "RANDOM weights"
+    _log(f"machine: {timing.machine_line()}")
+    _log(f"{args.model}: {zoo.description} ({weights}), batch {args.batch}, r {args.r}, options {args.options}")
+    model = zoo.model
+    r_values = sorted(set(args.r))
+
+    flops = {}
+    for r in r_values:
+        report = turbo_fx.explain(model, *inputs, **{**args.options, "r": r})
+        flops[f"turbo r={r}"] = (report.flops_before, report.flops_after, report.fallbacks,
+                                 report.graphs[-1].tokens_per_block if report.graphs else None)
+    baseline_flops = flops[f"turbo r={r_values[0]}"][0]
+
+    timing.no_compile_caches()
+    _log(f"warming up the compilers (untimed): {timing.warm_up_compilers():.1f} s")
+    names = ["inductor"] + [f"turbo r={r}" for r in r_values]
+
+    def compiled(name):
+        if name == "inductor":
+            return torch.compile(model)
+        return torch.compile(model, backend="turbo", options={**args.options, "r": int(name.split("=")[1])})
+
+    first = {}
+    for name in names:
+        torch._dynamo.reset()
+        with timing.fresh_cache():
+            first[name] = timing.time_first_call(compiled(name), *inputs)
+        _log(f"compile {name}: first call {first[name]:.1f} s")
+    torch._dynamo.reset()
+    fns = {"eager": model}
+    with timing.fresh_cache():
+        for name in names:
+            fns[name] = compiled(name)
+            with torch.no_grad():
+                fns[name](*inputs)
+        times = timing.interleaved(fns, inputs, args.rounds, args.warmup, progress=_log)
+    torch._dynamo.reset()
+
+    rows, payload = [], {}
+    ind = timing.stats(times["inductor"])["median"]
+    for name in ["eager"] + names:
+        st = timing.stats(times[name])
+        before, after, fallbacks, tokens = flops.get(name, (baseline_flops, baseline_flops, [], None))
+        compile_s = first[name] - st["median"] if name in first else None
+        payload[name] = {"latency": st, "latency_s": times[name], "flops": after, "compile_s": compile_s,
+                         "fallbacks": fallbacks, "tokens_per_block": tokens}
+        rows.append([name, f"{compile_s:.1f}" if compile_s is not None else "-", f"{st['median'] * 1e3:.1f}",
+                     f"{st['iqr'] * 1e3:.1f}", f"{ind / st['median']:.2f}x", f"{after / 1e9:.2f}",
+                     f"{after / baseline_flops:.3f}", f"{tokens[0]}→{tokens[-1]}" if tokens else "-"])
+    table = tabulate(rows, headers=["config", "compile s", "median ms", "IQR ms", "speed-up vs Inductor",
+                                    "GFLOPs", "FLOP ratio", "tokens per block"], tablefmt="github")
+    text = "\n".join([f"# turbo-fx bench: {args.model} ({weights}), batch {args.batch}", "",
+                      f"Machine: {timing.machine_line()}.", f"Command: `{command}`", "", table, "",
+                      f"{args.rounds} interleaved rounds after {args.warmup} warm-up calls; compile s = first call "
+                      "after a reset with an empty Inductor cache minus the median call.", ""])
+    print("\n" + text)
+    stem = f"bench_{args.model.replace(':', '_').replace('/', '_')}"
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump({"command": command, "machine": timing.machine(), "model": args.model,
+                   "real_weights": zoo.real_weights, "batch": args.batch, "configs": payload}, f, indent=1)
+    _plot(payload, baseline_flops, os.path.join(args.out, stem + ".png"), args.model)
+    _log(f"wrote {stem}.md, .json and .png in {args.out}")
+    return 0
+
+
+def _plot(payload: dict, baseline_flops: float, path: str, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.2), dpi=110)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, c in payload.items():
+        ax.scatter(c["flops"] / 1e9, c["latency"]["median"] * 1e3, label=name,
+                   marker="D" if name.startswith("turbo") else "o")
+    ax.set_xlabel("GFLOPs per call")
+    ax.set_ylabel("median ms per call")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
