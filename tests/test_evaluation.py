@@ -96,13 +96,13 @@ def test_text_task_counts_real_tokens_and_scores_against_eager():
     out = ev.evaluate(task, ev.component_variants([2], {}, ("turbo",)), "small bert", progress=False, log=lambda _: None)
     base, tur = out.rows
     with torch.no_grad():
-        eager = []
-        flops = 0
+        eager, flops_by_text = [], []
         for ids in task.ids:
             with FlopCounterMode(display=False) as counter:
                 hidden = task.model(input_ids=torch.tensor([ids])).last_hidden_state
-            flops += counter.get_total_flops()
+            flops_by_text.append(counter.get_total_flops())
             eager.append(hidden.mean(dim=1)[0])
+    flops = sum(flops_by_text)
     eager = torch.stack(eager)
     assert base["gflops_per_sample"] * 1e9 == pytest.approx(flops / len(task.ids), rel=1e-9)
     assert task.unmerged_flops_per_sample() == pytest.approx(flops / len(task.ids), rel=1e-9)
@@ -111,10 +111,15 @@ def test_text_task_counts_real_tokens_and_scores_against_eager():
     assert base["metrics"]["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert 0 < tur["flop_reduction"] < 0.6
     assert tur["ms_per_sample"] > 0
+    # Per corpus: Lee's documents alone (10 and 12 tokens) against their own unpadded cost.
+    assert base["extra"]["lee_flop_reduction"] == pytest.approx(0.0, abs=1e-12)
+    assert base["extra"]["lee_gflops_per_text"] * 1e9 == pytest.approx(
+        sum(flops_by_text[:4]) / 4, rel=1e-9)
+    assert 0 < tur["extra"]["lee_flop_reduction"] < 0.6
 
     # Padded buckets: one graph, the same unmerged embeddings, and the padding is charged as cost.
     padded = text_task(bucket=16)
-    assert padded.describe()["graphs_per_row"] == 1
+    assert padded.describe()["graphs_per_row"] == 2  # Lee and polarity are batched apart
     out16 = ev.evaluate(padded, ev.component_variants([2], {}, ("turbo",)), "small bert", progress=False,
                         log=lambda _: None)
     base16 = out16.rows[0]

@@ -298,12 +298,18 @@ class TextSimilarityTask:
         self.texts = list(data.lee_documents) + list(data.polarity_sentences)
         self.n_lee = len(data.lee_documents)
         self.ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in self.texts]
-        self.groups: dict[int, list[int]] = {}
+        # Lee documents and polarity sentences never share a batch, so each corpus's FLOPs
+        # are known on their own (the Lee target is stated in Lee's FLOPs).
+        self.groups: dict[tuple[str, int], list[int]] = {}
         for i, ids in enumerate(self.ids):
-            padded = -(-len(ids) // bucket) * bucket
-            self.groups.setdefault(min(padded, max_length), []).append(i)
+            padded = min(-(-len(ids) // bucket) * bucket, max_length)
+            self.groups.setdefault((self.corpus(i), padded), []).append(i)
         self.reference = None
-        self._unpadded_flops: Optional[float] = None
+        self._unpadded_flops: Optional[dict[str, float]] = None
+        self.corpus_flops: dict[str, float] = {}
+
+    def corpus(self, i: int) -> str:
+        return "lee" if i < self.n_lee else "polarity"
 
     def metric_names(self) -> list[str]:
         return ["lee_spearman", "polarity_probe", "cosine"]
@@ -311,7 +317,7 @@ class TextSimilarityTask:
     def describe(self) -> dict:
         lee_lengths = [len(self.ids[i]) for i in range(self.n_lee)]
         real = sum(len(i) for i in self.ids)
-        padded = sum(length * len(members) for length, members in self.groups.items())
+        padded = sum(length * len(members) for (_, length), members in self.groups.items())
         return {"task": "text similarity", "lee_documents": self.n_lee,
                 "polarity_sentences": len(self.texts) - self.n_lee, "max_length": self.max_length,
                 "lee_tokens_mean": float(np.mean(lee_lengths)), "lee_tokens_max": int(max(lee_lengths)),
@@ -329,28 +335,51 @@ class TextSimilarityTask:
     def run(self, meter: Meter, progress: bool, desc: str) -> torch.Tensor:
         meter.retime = True
         out = torch.zeros(len(self.texts), self.model.config.hidden_size)
-        for length, members in progress_bar(sorted(self.groups.items()), len(self.groups), desc, progress):
+        flops = {"lee": 0.0, "polarity": 0.0}
+        for (corpus, length), members in progress_bar(sorted(self.groups.items()), len(self.groups), desc, progress):
             ids, mask = self.batch(length, members)
             kwargs = {"input_ids": ids} if bool(mask.all()) else {"input_ids": ids, "attention_mask": mask}
+            before = meter.flops_after
             hidden = meter(tuple(ids.shape), len(members), len(members), **kwargs).last_hidden_state.float()
+            flops[corpus] += meter.flops_after - before
             weight = mask[:, :, None].float()
             out[members] = (hidden * weight).sum(dim=1) / weight.sum(dim=1)
+        counts = {"lee": self.n_lee, "polarity": len(self.texts) - self.n_lee}
+        self.corpus_flops = {c: flops[c] / max(counts[c], 1) for c in flops}
         return out
+
+    def row_extras(self) -> dict:
+        """Per corpus: GFLOPs per text and FLOPs saved against that corpus's unpadded unmerged model."""
+        reference = self._unmerged_by_corpus()
+        extras = {}
+        for corpus, value in self.corpus_flops.items():
+            extras[f"{corpus}_gflops_per_text"] = value / 1e9
+            extras[f"{corpus}_flop_reduction"] = 1.0 - value / reference[corpus] if reference[corpus] else None
+        return extras
 
     def unmerged_flops_per_sample(self) -> float:
         """FLOPs of the unmerged model with every text at its own length, no padding (eager)."""
+        by_corpus = self._unmerged_by_corpus()
+        n_pol = len(self.texts) - self.n_lee
+        return (by_corpus["lee"] * self.n_lee + by_corpus["polarity"] * n_pol) / len(self.texts)
+
+    def _unmerged_by_corpus(self) -> dict[str, float]:
         if self._unpadded_flops is None:
             from torch.utils.flop_counter import FlopCounterMode
 
             import turbo_fx.flops  # noqa: F401  (registers the CPU SDPA formula)
 
             by_length: dict[int, int] = {}
-            for ids in self.ids:
+            totals = {"lee": 0.0, "polarity": 0.0}
+            for i, ids in enumerate(self.ids):
                 if len(ids) not in by_length:
                     with torch.no_grad(), FlopCounterMode(display=False) as counter:
                         self.model(input_ids=torch.tensor([ids]))
                     by_length[len(ids)] = counter.get_total_flops()
-            self._unpadded_flops = sum(by_length[len(i)] for i in self.ids) / len(self.ids)
+                totals[self.corpus(i)] += by_length[len(ids)]
+            n_pol = len(self.texts) - self.n_lee
+            self._unpadded_flops = {"lee": totals["lee"] / max(self.n_lee, 1),
+                                    "polarity": totals["polarity"] / max(n_pol, 1)}
         return self._unpadded_flops
 
     def prepare(self, baseline: Meter, progress: bool, cache_dir: Optional[str] = None) -> None:
@@ -458,6 +487,8 @@ def _row(variant: Variant, meter: Meter, metrics: dict, base: Optional[dict], ta
         "fallbacks": meter.fallbacks,
         "metrics": metrics,
     }
+    if hasattr(task, "row_extras"):
+        row["extra"] = task.row_extras()
     if base is not None:
         row["drop"] = {k: base["metrics"][k] - v for k, v in metrics.items()}
         if row["ms_per_sample"] and base["ms_per_sample"]:

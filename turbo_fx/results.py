@@ -22,6 +22,8 @@ def rows_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: str = "gi
     head = ["configuration", "GFLOPs/sample", "FLOPs saved", "ms/sample", "speed-up"]
     for m in metric_names:
         head += [m, "drop"]
+    extras = sorted(k for k in rows[0].get("extra", {}) if k.endswith("flop_reduction")) if rows else []
+    head += [k.replace("_flop_reduction", " FLOPs saved") for k in extras]
     head += ["tokens per block"]
     body = []
     for r in rows:
@@ -34,6 +36,9 @@ def rows_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: str = "gi
         ]
         for m in metric_names:
             line += [f"{r['metrics'][m]:.4f}", f"{r['drop'][m]:+.4f}" if r["method"] != "baseline" else "-"]
+        for k in extras:
+            value = r.get("extra", {}).get(k)
+            line.append(f"{value * 100:.1f}%" if value is not None else "-")
         tokens = r.get("tokens_per_block")
         line.append(_tokens(tokens) if tokens else ("FALLBACK" if r["fallbacks"] else "-"))
         body.append(line)
