@@ -55,11 +55,19 @@ def plot_tradeoff(results, metric: str, path: str, groups: Sequence[str] = ("com
                 continue
             ax.plot(x, y, label=method, linestyle="-" if len(rows) > 1 else "none", **style)
     for ax, xlabel in ((ax_flops, "GFLOPs per sample"), (ax_time, "ms per sample (measured)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(METRIC_LABEL.get(metric, metric))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title or f"{results.model}: {METRIC_LABEL.get(metric, metric)} vs cost")
+        _label_axes(ax, xlabel, metric)
+    return _save(fig, title or f"{results.model}: {METRIC_LABEL.get(metric, metric)} vs cost", path)
+
+
+def _label_axes(ax, xlabel: str, metric: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(METRIC_LABEL.get(metric, metric))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, title: str, path: str) -> str:
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -81,11 +89,5 @@ def plot_alpha(results, metric: str, path: str, title: Optional[str] = None) -> 
             ax.axhline(row["metrics"][metric], color="tab:blue", linestyle="--", label=f"redundancy-only r={r_value}")
         if row["method"] == "baseline":
             ax.axhline(row["metrics"][metric], color="black", linestyle=":", label="baseline (no merging)")
-    ax.set_xlabel("alpha (weight of the semantic value I, I scaled so 1 = uniform attention)")
-    ax.set_ylabel(METRIC_LABEL.get(metric, metric))
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.suptitle(title or f"{results.model}: balancing coefficient alpha")
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
+    _label_axes(ax, "alpha (weight of the semantic value I, I scaled so 1 = uniform attention)", metric)
+    return _save(fig, title or f"{results.model}: balancing coefficient alpha", path)
