@@ -180,10 +180,15 @@ def run_eval(args, command: str) -> int:
     variants = suites.variants_for(args.suite, defaults, args.options, args.r, args.alphas or suites.ALPHAS)
     _log(f"{model}: {len(variants)} configurations + the baseline; {task.describe()}")
     cache = args.cache or os.environ.get("TURBO_FX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "turbo_fx")
-    out = ev.evaluate(task, variants, model, inner_backend=args.inner_backend, progress=not args.no_progress,
-                      cache_dir=cache, log=_log)
     stem = args.name or f"eval_{args.task.replace('-', '_')}_{args.suite}"
-    paths = results.write_results(out, args.out, stem, timing.machine(), timing.machine_line(), command, plot_metrics)
+
+    def write(partial):
+        return results.write_results(partial, args.out, stem, timing.machine(), timing.machine_line(), command,
+                                     plot_metrics)
+
+    out = ev.evaluate(task, variants, model, inner_backend=args.inner_backend, progress=not args.no_progress,
+                      cache_dir=cache, log=_log, on_row=write)
+    paths = write(out)
     print(results.markdown(out, timing.machine_line(), command))
     _log("wrote " + ", ".join(sorted(paths.values())))
     return 0

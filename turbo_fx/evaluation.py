@@ -426,19 +426,20 @@ class EvalResults:
 
 def evaluate(task, variants: Sequence[Variant], model_name: str, inner_backend: str = "eager",
              progress: bool = True, cache_dir: Optional[str] = None,
-             log: Callable[[str], None] = print) -> EvalResults:
+             log: Callable[[str], None] = print,
+             on_row: Optional[Callable[[EvalResults], None]] = None) -> EvalResults:
     """Run the baseline, then every variant, on ``task``; one row per variant plus the baseline.
 
     Texts compile one graph per distinct length, more than Dynamo's default recompile limit
     (8, after which it would silently run the model unmerged), so the limit is lifted here."""
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=RECOMPILE_LIMIT):
-        return _evaluate(task, variants, model_name, inner_backend, progress, cache_dir, log)
+        return _evaluate(task, variants, model_name, inner_backend, progress, cache_dir, log, on_row)
 
 
 RECOMPILE_LIMIT = 4096
 
 
-def _evaluate(task, variants, model_name, inner_backend, progress, cache_dir, log) -> EvalResults:
+def _evaluate(task, variants, model_name, inner_backend, progress, cache_dir, log, on_row) -> EvalResults:
     started = time.perf_counter()
     variants = [v for v in variants if not v.is_baseline]
     baseline = Meter(compile_variant(task.model, {"r": 0}, inner_backend))
@@ -453,6 +454,11 @@ def _evaluate(task, variants, model_name, inner_backend, progress, cache_dir, lo
     log(_row_line(base_row, task.metric_names()))
     rows = [base_row]
     done: dict[tuple, dict] = {}
+
+    def partial() -> EvalResults:
+        return EvalResults(model_name, task.describe(), list(rows), task.metric_names(), inner_backend,
+                           time.perf_counter() - started)
+
     for variant in variants:
         key = options_key(variant.options)
         if key in done:  # the same computation in another table: reuse it
@@ -463,8 +469,9 @@ def _evaluate(task, variants, model_name, inner_backend, progress, cache_dir, lo
             row = done[key] = _row(variant, meter, task.score(features), base_row, task)
         rows.append(row)
         log(_row_line(row, task.metric_names()))
-    return EvalResults(model_name, task.describe(), rows, task.metric_names(), inner_backend,
-                       time.perf_counter() - started)
+        if on_row is not None:  # results so far, so a long run that is cut short still leaves them
+            on_row(partial())
+    return partial()
 
 
 def options_key(options: dict) -> tuple:
