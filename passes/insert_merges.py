@@ -51,7 +51,7 @@ def plan_merges(sites: list[AttentionSite], config: TurboConfig, protected: int)
     plans: list[BlockReport] = []
     n_tokens = gu.tensor_shape(sites[0].stream_out)[1]
     for site, r in zip(sites, requested):
-        applied = ops.merge_count(n_tokens, protected, r, config.min_tokens)
+        applied = ops.merge_count(n_tokens, protected, r, config.min_tokens, config.keep_salient)
         plans.append(BlockReport(site.index, site.module, site.kind, n_tokens, r, applied))
         n_tokens -= applied
     return plans
@@ -90,7 +90,7 @@ def insert_merges(
                 plan.r_applied, protected, config.fusion, config.alpha, config.beta, config.gamma,
                 site.index, result.padding, config.prop_attn, _logit_dtype(site),
                 config.symbolic_tokens and not config.fuse_merges and plan.tokens_out >= 2,
-                config.redundancy,
+                config.redundancy, config.keep_salient,
             )
             new_stream, sizes, assign, bias = (call(operator.getitem, merged, i) for i in range(4))
         inserted = set(result.touched)

@@ -16,6 +16,7 @@ OPTION_SETS = [
     dict(r=3, fusion="layer", alpha=0.5, beta=0.8, gamma=2.0),
     dict(r=[2, 5, 1, 4], semantic=False),
     dict(r=5, redundancy=False),
+    dict(r=5, keep_salient=2, alpha=0.5),
     dict(r=LinearSchedule(first=6, last=1), metric="queries"),
     dict(r=6, prop_attn=False),
     dict(r=6, min_tokens=12),

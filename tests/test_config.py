@@ -26,6 +26,8 @@ from turbo_fx.config import resolve_config
         ({"metric": "values"}, "option 'metric' must be one of ('keys', 'queries')"),
         ({"semantic": "yes"}, "option 'semantic' must be True or False"),
         ({"semantic": False, "redundancy": False}, "nothing left to rank tokens by"),
+        ({"keep_salient": 1, "semantic": False}, "it needs semantic=True"),
+        ({"keep_salient": -1}, "option 'keep_salient' must be an int >= 0"),
         ({"min_tokens": -3}, "option 'min_tokens' must be an int >= 0"),
         ({"protected": "cls"}, "option 'protected' must be 'auto' or an int >= 0"),
         ({"inner_backend": "tvm"}, "option 'inner_backend' must be one of"),

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from turbo_fx import ops
 from turbo_fx.config import LinearSchedule, TurboConfig
 from turbo_fx.reference import (
     apply_reference,
@@ -375,3 +376,35 @@ def test_merge_keeps_dtype_and_untouched_tokens_exactly():
     assert torch.equal(merged[[0, 1, 2, 4, 5]], x[[0, 1, 2, 5, 6]])
     expected = (2 * x[3].float() + 5 * x[4].float()) / 7  # float32 average, rounded once
     assert torch.equal(merged[3], expected.to(torch.bfloat16))
+
+
+def test_keep_salient_token_is_neither_source_nor_destination():
+    # p = 1; A = {1, 3}, B = {2, 4}. Tokens 1 and 2 are identical (R = 1), 3 and 4 at
+    # cosine 0.5, every other pair orthogonal. Token 2 has the highest semantic value.
+    metric = torch.zeros(5, 3, dtype=torch.float64)
+    metric[0] = torch.tensor([0.0, 0.0, 1.0])
+    metric[1] = metric[2] = torch.tensor([1.0, 0.0, 0.0])
+    metric[3] = torch.tensor([0.0, 1.0, 0.0])
+    metric[4] = torch.tensor([0.0, 0.5, 0.75**0.5])
+    semantic = torch.tensor([3.0, 0.5, 2.0, 0.5, 0.5], dtype=torch.float64)
+    plain = TurboConfig(alpha=0.0)
+    src, dst = choose_merges(metric, semantic, p=1, r=1, config=plain, block_index=0)
+    assert (src.tolist(), dst.tolist()) == ([1], [2])
+    kept = TurboConfig(alpha=0.0, keep_salient=1)
+    src, dst = choose_merges(metric, semantic, p=1, r=1, config=kept, block_index=0)
+    assert (src.tolist(), dst.tolist()) == ([3], [4])  # token 2 may not absorb token 1 any more
+
+    # The graph's op decides the same (batch of one, semantic given as raw attention I / N).
+    x = metric[None].float()
+    size = torch.ones(1, 5)
+    for k, expected_dest in ((0, [0, 1, 1, 2, 3]), (1, [0, 1, 2, 3, 3])):
+        _, _, dest = ops.merge_tokens(x, size, x, (semantic / 5)[None].float(), r=1, protected=1, alpha=0.0,
+                                      keep_salient=k)
+        assert dest[0].tolist() == expected_dest
+
+
+def test_keep_salient_reserves_room_in_merge_count():
+    # 9 unprotected tokens: 4 merges at most, 3 when one salient token may not take part.
+    assert merge_count(10, 8, 1, 0) == 4
+    assert merge_count(10, 8, 1, 0, salient=1) == 3
+    assert ops.merge_count(10, 1, 8, 0, reserved=1) == 3

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--suite", default="demo", help="demo, components, alpha, fusion, threshold or full")
     e.add_argument("--r", nargs="+", type=_positive, default=None, help="r values for the component rows")
     e.add_argument("--alphas", nargs="+", type=float, default=None, help="alpha values for the alpha rows")
+    e.add_argument("--methods", nargs="+", choices=("redundancy-only", "semantic-only", "turbo"), default=None,
+                   help="rankings for the component rows (default: demo two, components all three)")
     e.add_argument("--train", type=_positive, default=2000, help="training images for the probe (default 2000)")
     e.add_argument("--test", type=_positive, default=1000, help="test images (default 1000)")
     e.add_argument("--texts", type=_positive, default=None,
@@ -177,7 +179,8 @@ def run_eval(args, command: str) -> int:
     else:
         task = suites.text_task(limit=args.texts, bucket=args.bucket)
         defaults, plot_metrics, model = suites.TEXT_DEFAULTS, ["lee_spearman", "polarity_probe"], "MiniLM-L6 (real weights)"
-    variants = suites.variants_for(args.suite, defaults, args.options, args.r, args.alphas or suites.ALPHAS)
+    variants = suites.variants_for(args.suite, defaults, args.options, args.r, args.alphas or suites.ALPHAS,
+                                   args.methods)
     _log(f"{model}: {len(variants)} configurations + the baseline; {task.describe()}")
     cache = args.cache or os.environ.get("TURBO_FX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "turbo_fx")
     stem = args.name or f"eval_{args.task.replace('-', '_')}_{args.suite}"

@@ -80,6 +80,11 @@ class TurboConfig:
         with ``semantic`` ranks by semantic value alone (E = -I; the ablation
         "semantic only"): the least attended tokens merge, each into its most
         similar partner. ``fusion`` and ``alpha`` then have no effect.
+    keep_salient: in every block, the k unprotected tokens with the highest semantic
+        value neither merge nor receive merges (default 0, the paper's rule). Attention
+        sinks, such as BERT's [SEP], draw most of the CLS attention and have keys similar
+        to punctuation: without this they absorb other tokens and lose their role. Needs
+        ``semantic``.
     prop_attn: add log(size) to the attention logits of later blocks so a merged
         token is attended as often as the tokens it stands for.
     min_tokens: never merge a sequence below this many tokens (the paper's threshold).
@@ -112,6 +117,7 @@ class TurboConfig:
     metric: str = "keys"
     semantic: bool = True
     redundancy: bool = True
+    keep_salient: int = 0
     prop_attn: bool = True
     min_tokens: int = 0
     protected: Union[str, int] = "auto"
@@ -146,6 +152,10 @@ class TurboConfig:
             raise TurboConfigError(
                 "options 'semantic' and 'redundancy' are both False: nothing left to rank tokens by"
             )
+        if not _is_int(self.keep_salient) or self.keep_salient < 0:
+            raise TurboConfigError(f"option 'keep_salient' must be an int >= 0, got {self.keep_salient!r}")
+        if self.keep_salient and not self.semantic:
+            raise TurboConfigError("option 'keep_salient' ranks tokens by semantic value; it needs semantic=True")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise TurboConfigError(f"option 'min_tokens' must be an int >= 0, got {self.min_tokens!r}")
         if self.protected != "auto" and (not _is_int(self.protected) or self.protected < 0):

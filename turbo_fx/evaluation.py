@@ -63,8 +63,9 @@ def component_variants(r_values: Sequence[int], turbo_options: dict,
     for r in r_values:
         for method in methods:
             options = {**turbo_options, **METHOD_OPTIONS[method], "r": r}
-            if method != "turbo":
-                options = {k: v for k, v in options.items() if k not in ("fusion", "beta", "gamma")}
+            if method != "turbo":  # fusion settings mean nothing without both terms; ToMe-style keeps no sinks
+                dropped = ("fusion", "beta", "gamma") + (("keep_salient",) if method == "redundancy-only" else ())
+                options = {k: v for k, v in options.items() if k not in dropped}
             rows.append(Variant(f"{method} r={r}", method, "components", options))
     return rows
 

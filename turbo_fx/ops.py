@@ -27,12 +27,17 @@ from torch import Tensor
 PAD_PAIR_SCORE = 1.0e4
 # An additive mask value at or below this excludes a key: exp(-1000) is 0 in any float dtype.
 MASKED_BELOW = -1000.0
+# A salient token (keep_salient) as a destination scores below any real or padding pair, and
+# as a source ranks below every other token; finite, for the same reason as above.
+SALIENT_PAIR_SCORE = -2.0e4
+SALIENT_DEGREE = -1.0e9
 
 
-def merge_count(n_tokens: int, protected: int, r: int, min_tokens: int) -> int:
+def merge_count(n_tokens: int, protected: int, r: int, min_tokens: int, reserved: int = 0) -> int:
     """How many tokens one block can actually merge: r clamped to the bipartite
-    limit (half the unprotected tokens) and to the ``min_tokens`` floor."""
-    mergeable = max(0, (n_tokens - protected) // 2)
+    limit (half the unprotected tokens, less ``reserved`` salient tokens that may not
+    merge) and to the ``min_tokens`` floor."""
+    mergeable = max(0, (n_tokens - protected) // 2 - reserved)
     floor_room = max(0, n_tokens - min_tokens)
     return max(0, min(r, mergeable, floor_room))
 
@@ -152,6 +157,7 @@ def merge_tokens(
     block: int = 0,
     padding: bool = False,
     use_redundancy: bool = True,
+    keep_salient: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Merge ``r`` tokens of x [B, N, C] by informativity-driven bipartite matching.
 
@@ -162,6 +168,8 @@ def merge_tokens(
     their original relative order. ``r`` must already be clamped (``merge_count``).
     Without ``use_redundancy`` (semantic-only ranking) E = -I: the A tokens the CLS
     token attends to least merge, still into their most similar B partner.
+    ``keep_salient``: the k unprotected tokens with the highest semantic value neither
+    merge nor receive merges (attention sinks such as BERT's [SEP] keep their identity).
 
     Returns (merged x [B, N-r, C], merged size [B, N-r], dest [B, N]).
     """
@@ -177,6 +185,10 @@ def merge_tokens(
         both_pad = (~valid_a)[:, :, None] & (~valid_b)[:, None, :]
         crossing = valid_a[:, :, None] ^ valid_b[:, None, :]
         scores = torch.where(both_pad, PAD_PAIR_SCORE, torch.where(crossing, -PAD_PAIR_SCORE, scores))
+    salient = None
+    if keep_salient > 0 and semantic is not None:
+        salient = _most_salient(semantic, protected, keep_salient)
+        scores = scores.masked_fill(salient[:, None, protected + 1 :: 2], SALIENT_PAIR_SCORE)
     redundancy, match = scores.max(dim=-1)
 
     normalised = None
@@ -192,6 +204,8 @@ def merge_tokens(
         raise ValueError("merge_tokens: semantic-only ranking needs the semantic value")
     else:
         degree = -normalised
+    if salient is not None:
+        degree = degree.masked_fill(salient[:, protected::2], SALIENT_DEGREE)
 
     chosen = degree.topk(r, dim=-1).indices
     src_tok = protected + 2 * chosen
@@ -213,6 +227,14 @@ def merge_tokens(
     delta = (x[sample, src_tok].float() - x[sample, dst_tok].float()) * coef[:, :, None]
     merged = x[sample, kept_index].index_put((sample.expand_as(dst_new), dst_new), delta.to(x.dtype), accumulate=True)
     return merged, new_size, dest
+
+
+def _most_salient(semantic: Tensor, protected: int, k: int) -> Tensor:
+    """[B, N] bool: the k unprotected tokens with the highest semantic value."""
+    value = semantic.float().clone()
+    value[:, :protected] = float("-inf")
+    top = value.topk(min(k, value.shape[1] - protected), dim=-1).indices
+    return torch.zeros_like(value, dtype=torch.bool).scatter(1, top, True)
 
 
 def _kept_index(kept: Tensor, position: Tensor, n_kept: int) -> Tensor:
@@ -261,6 +283,7 @@ def merge_block(
     bias_dtype: torch.dtype,
     symbolic_tokens: bool = False,
     use_redundancy: bool = True,
+    keep_salient: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Everything one attention block's merge needs, in one call: the metric (per-head
     features averaged over heads), the semantic value (from the CLS query row, or from
@@ -277,7 +300,8 @@ def merge_block(
     else:
         semantic = None
     merged, new_size, dest = merge_tokens(
-        x, size, metric, semantic, r, protected, fusion, alpha, beta, gamma, block, padding, use_redundancy
+        x, size, metric, semantic, r, protected, fusion, alpha, beta, gamma, block, padding, use_redundancy,
+        keep_salient,
     )
     new_assign = compose_assign(assign, dest)
     if _MERGE_RECORDERS and not _is_fake(new_assign):
@@ -332,7 +356,8 @@ merge_block_op = torch.library.custom_op("turbo_fx::merge_block", merge_block, m
 @merge_block_op.register_fake
 def _merge_block_fake(x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k,
                       semantic_mask, semantic_probs, scale, r, protected, fusion, alpha, beta, gamma,
-                      block, padding, prop_attn, bias_dtype, symbolic_tokens=False, use_redundancy=True):
+                      block, padding, prop_attn, bias_dtype, symbolic_tokens=False, use_redundancy=True,
+                      keep_salient=0):
     batch, n_tokens, channels = x.shape
     kept = n_tokens - r
     if symbolic_tokens:

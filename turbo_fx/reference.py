@@ -202,7 +202,7 @@ def block_forward(
     x = x + block.ls1(_attention_output(attn, probs, v))
 
     n = x.shape[0]
-    r_eff = merge_count(n, r, p, config.min_tokens)
+    r_eff = merge_count(n, r, p, config.min_tokens, config.keep_salient)
     if r_eff > 0:
         metric = token_metric(q, k, config.metric)
         semantic = semantic_value(probs)
@@ -273,9 +273,10 @@ def semantic_value(probs: Tensor) -> Tensor:
     return probs[:, 0, :].mean(dim=0) * n
 
 
-def merge_count(n: int, r: int, p: int, min_tokens: int) -> int:
-    """Tokens actually removed from a sequence of n: r clamped to half the mergeable tokens and min_tokens."""
-    return max(0, min(r, (n - p) // 2, n - min_tokens))
+def merge_count(n: int, r: int, p: int, min_tokens: int, salient: int = 0) -> int:
+    """Tokens actually removed from a sequence of n: r clamped to half the mergeable tokens
+    (less the salient tokens kept out of merging) and to min_tokens."""
+    return max(0, min(r, (n - p) // 2 - salient, n - min_tokens))
 
 
 def bipartite_redundancy(metric: Tensor, p: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -324,10 +325,38 @@ def choose_merges(
     ``metric`` [N, D] are the similarity features, ``semantic`` [N] the normalised
     semantic values I; ``r`` must already be clamped (see ``merge_count``).
     """
+    if config.keep_salient:
+        return _choose_merges_keeping_salient(metric, semantic, p, r, config, block_index)
     a_idx, redundancy, match = bipartite_redundancy(metric, p)
     degree = information_degree(redundancy, semantic[a_idx], config, block_index)
     order = torch.sort(degree, descending=True, stable=True).indices[:r]
     return a_idx[order], match[order]
+
+
+def _choose_merges_keeping_salient(
+    metric: Tensor, semantic: Tensor, p: int, r: int, config: TurboConfig, block_index: int
+) -> Tuple[Tensor, Tensor]:
+    """``choose_merges`` when the ``keep_salient`` tokens of highest I (after the p protected
+    ones) may be neither a source nor a destination; written as loops over plain lists."""
+    n = metric.shape[0]
+    order_by_i = sorted(range(p, n), key=lambda t: (-float(semantic[t]), t))
+    salient = set(order_by_i[: config.keep_salient])
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a_tokens = list(range(p, n, 2))
+    b_tokens = [t for t in range(p + 1, n, 2) if t not in salient]
+    candidates = []
+    for a in a_tokens:
+        if a in salient or not b_tokens:
+            continue
+        sims = [float(unit[a] @ unit[b]) for b in b_tokens]
+        best = max(range(len(b_tokens)), key=lambda j: (sims[j], -j))
+        degree = information_degree(torch.tensor([sims[best]], dtype=metric.dtype),
+                                    semantic[a : a + 1], config, block_index)
+        candidates.append((float(degree[0]), a, b_tokens[best]))
+    candidates.sort(key=lambda c: -c[0])  # stable: equal degrees keep A order
+    chosen = candidates[:r]
+    return (torch.tensor([c[1] for c in chosen], dtype=torch.long),
+            torch.tensor([c[2] for c in chosen], dtype=torch.long))
 
 
 def merge_tokens(x: Tensor, sizes: Tensor, src: Tensor, dst: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

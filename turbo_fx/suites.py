@@ -32,16 +32,18 @@ FUSION_GRID = {
 
 
 def variants_for(suite: str, defaults: dict, turbo_options: dict, r_values: Optional[Sequence[int]] = None,
-                 alphas: Sequence[float] = ALPHAS) -> list[ev.Variant]:
+                 alphas: Sequence[float] = ALPHAS, methods: Optional[Sequence[str]] = None) -> list[ev.Variant]:
     """The rows of ``suite`` (see the module docstring); ``turbo_options`` apply to every Turbo row."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose from {SUITES}")
     r_ref = defaults["r_ref"]
     rows: list[ev.Variant] = []
     if suite == "demo":
-        rows += ev.component_variants(r_values or defaults["demo_r"], turbo_options, ("redundancy-only", "turbo"))
+        rows += ev.component_variants(r_values or defaults["demo_r"], turbo_options,
+                                      methods or ("redundancy-only", "turbo"))
     if suite in ("components", "full"):
-        rows += ev.component_variants(r_values or defaults["r"], turbo_options)
+        rows += ev.component_variants(r_values or defaults["r"], turbo_options,
+                                      methods or ("redundancy-only", "semantic-only", "turbo"))
     if suite in ("alpha", "full"):
         base = {k: v for k, v in turbo_options.items() if k != "alpha"}
         rows += [ev.Variant(v.label, v.method, v.group, {**base, **v.options}) for v in ev.alpha_variants(r_ref, alphas)]
