@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--suite", default="demo", help="demo, components, alpha, fusion, threshold or full")
     e.add_argument("--r", nargs="+", type=_positive, default=None, help="r values for the component rows")
     e.add_argument("--alphas", nargs="+", type=float, default=None, help="alpha values for the alpha rows")
-    e.add_argument("--methods", nargs="+", choices=("redundancy-only", "semantic-only", "turbo"), default=None,
+    e.add_argument("--methods", nargs="+", default=None,
+                   choices=("redundancy-only", "semantic-only", "turbo", "turbo + keep_salient"),
                    help="rankings for the component rows (default: demo two, components all three)")
     e.add_argument("--train", type=_positive, default=2000, help="training images for the probe (default 2000)")
     e.add_argument("--test", type=_positive, default=1000, help="test images (default 1000)")

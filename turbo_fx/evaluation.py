@@ -34,6 +34,7 @@ METHOD_OPTIONS = {
     "redundancy-only": {"semantic": False},
     "semantic-only": {"redundancy": False},
     "turbo": {},
+    "turbo + keep_salient": {"keep_salient": 1},
 }
 
 
@@ -63,7 +64,7 @@ def component_variants(r_values: Sequence[int], turbo_options: dict,
     for r in r_values:
         for method in methods:
             options = {**turbo_options, **METHOD_OPTIONS[method], "r": r}
-            if method != "turbo":  # fusion settings mean nothing without both terms; ToMe-style keeps no sinks
+            if not method.startswith("turbo"):  # fusion settings mean nothing without both terms; ToMe-style keeps no sinks
                 dropped = ("fusion", "beta", "gamma") + (("keep_salient",) if method == "redundancy-only" else ())
                 options = {k: v for k, v in options.items() if k not in dropped}
             rows.append(Variant(f"{method} r={r}", method, "components", options))

@@ -15,6 +15,7 @@ METHOD_STYLE = {
     "semantic-only": dict(color="tab:orange", marker="s"),
     "turbo": dict(color="tab:red", marker="D"),
     "turbo + min_tokens": dict(color="tab:purple", marker="^"),
+    "turbo + keep_salient": dict(color="tab:green", marker="v"),
 }
 METRIC_LABEL = {
     "probe_top1": "linear-probe top-1",

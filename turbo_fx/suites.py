@@ -23,7 +23,7 @@ VISION_DEFAULTS = {"r": [8, 12, 16, 20], "demo_r": [8, 12, 16], "r_ref": 16, "th
                    "min_tokens": 64}
 TEXT_DEFAULTS = {"r": [4, 8, 12, 16], "demo_r": [4, 8, 16], "r_ref": 8, "threshold_r": [16, 24],
                  "min_tokens": 32}
-ALPHAS = (0.01, 0.05, 0.1, 0.3, 1.0)
+ALPHAS = (0.01, 0.05, 0.3, 1.0)
 FUSION_GRID = {
     "mul": [{"alpha": 0.3}],
     "div": [{}],
