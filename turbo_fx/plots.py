@@ -48,16 +48,34 @@ def plot_tradeoff(results, metric: str, path: str, groups: Sequence[str] = ("com
     fig, (ax_flops, ax_time) = _figure(2)
     for method, rows in _by_method(results.rows, groups).items():
         style = dict(METHOD_STYLE.get(method, dict(marker="x")))
-        rows = sorted(rows, key=lambda r: r["gflops_per_sample"])
+        flops_of = _flops_for(metric, rows)
+        rows = sorted(rows, key=flops_of)
         y = [r["metrics"][metric] for r in rows]
-        for ax, key in ((ax_flops, "gflops_per_sample"), (ax_time, "ms_per_sample")):
-            x = [r[key] for r in rows]
+        for ax, key in ((ax_flops, "gflops"), (ax_time, "ms_per_sample")):
+            x = [flops_of(r) if key == "gflops" else r[key] for r in rows]
             if None in x:
                 continue
             ax.plot(x, y, label=method, linestyle="-" if len(rows) > 1 else "none", **style)
-    for ax, xlabel in ((ax_flops, "GFLOPs per sample"), (ax_time, "ms per sample (measured)")):
+    corpus = _corpus(metric, results.rows)
+    flops_label = f"GFLOPs per {corpus} text" if corpus else "GFLOPs per sample"
+    for ax, xlabel in ((ax_flops, flops_label), (ax_time, "ms per sample (measured, all samples)")):
         _label_axes(ax, xlabel, metric)
     return _save(fig, title or f"{results.model}: {METRIC_LABEL.get(metric, metric)} vs cost", path)
+
+
+def _corpus(metric: str, rows: Sequence[dict]) -> Optional[str]:
+    """The corpus a metric is measured on, when rows carry that corpus's own FLOPs (texts)."""
+    prefix = metric.split("_")[0]
+    if rows and f"{prefix}_gflops_per_text" in rows[0].get("extra", {}):
+        return prefix
+    return None
+
+
+def _flops_for(metric: str, rows: Sequence[dict]):
+    corpus = _corpus(metric, rows)
+    if corpus:
+        return lambda row: row["extra"][f"{corpus}_gflops_per_text"]
+    return lambda row: row["gflops_per_sample"]
 
 
 def _label_axes(ax, xlabel: str, metric: str) -> None:

@@ -92,3 +92,13 @@ def write_results(results, out_dir: str, stem: str, machine: dict, machine_line:
     with open(paths["json"], "w") as f:
         json.dump({"machine": machine, "command": command, **results.to_dict()}, f, indent=1)
     return paths
+
+
+def load_results(json_path: str):
+    """``(EvalResults, machine dict, command)`` from a JSON file ``write_results`` wrote."""
+    from turbo_fx.evaluation import EvalResults
+
+    with open(json_path) as f:
+        payload = json.load(f)
+    machine, command = payload.pop("machine"), payload.pop("command")
+    return EvalResults(**payload), machine, command
