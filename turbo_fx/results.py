@@ -66,7 +66,8 @@ def markdown(results, machine: str, command: str, extra: Sequence[str] = ()) -> 
             "with FLOP counting: matmuls, SDPA, the merge op); ms/sample = measured on this machine "
             "(images: median over batches; texts: total of a second, timed call per length bucket); "
             "speed-up = baseline ms / row ms; drop = baseline metric - row metric (positive = worse); "
-            "tokens per block = tokens entering the first block → tokens entering the last.", ""]
+            "tokens per block = tokens entering the first block → tokens entering the last (texts: in the first "
+            "graph compiled, the shortest bucket of Lee documents).", ""]
     for note in results.notes:
         out.append(f"- {note}")
     return "\n".join(out) + "\n"
