@@ -63,12 +63,13 @@ def test_same_options_in_two_tables_run_once(monkeypatch):
     real = ev.compile_variant
     monkeypatch.setattr(ev, "compile_variant", lambda model, options, inner: calls.append(dict(options)) or real(model, options, inner))
     task = vision_task(n_train=8, n_test=4)
-    variants = ev.component_variants([2], {}, ("turbo",)) + ev.threshold_variants([2], 12, {})
+    variants = (ev.component_variants([2], {}, ("turbo",)) + ev.threshold_variants([2], 12, {})
+                + ev.alpha_variants(2, [0.05]))  # the default alpha spelled out: the same model
     partial_sizes = []
     out = ev.evaluate(task, variants, "small vit", progress=False, log=lambda _: None,
                       on_row=lambda partial: partial_sizes.append(len(partial.rows)))
     assert calls == [{"r": 0}, {"r": 2}, {"r": 2, "min_tokens": 12}]
-    assert partial_sizes == [2, 3, 4]  # baseline + each finished row, reported as it finishes
+    assert partial_sizes == [2, 3, 4, 5]  # baseline + each finished row, reported as it finishes
     rows = {(r["group"], r["label"]): r for r in out.rows}
     assert rows[("threshold", "turbo r=2")]["metrics"] == rows[("components", "turbo r=2")]["metrics"]
     assert rows[("threshold", "turbo r=2 min_tokens=12")]["tokens_per_block"] == [17, 15, 13, 12]

@@ -476,8 +476,11 @@ def _evaluate(task, variants, model_name, inner_backend, progress, cache_dir, lo
     return partial()
 
 
-def options_key(options: dict) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in options.items()))
+def options_key(options: dict) -> str:
+    """Options that compile to the same model get the same key (explicit defaults included)."""
+    from turbo_fx.config import resolve_config
+
+    return repr(resolve_config(options))
 
 
 def _row(variant: Variant, meter: Meter, metrics: dict, base: Optional[dict], task) -> dict:
