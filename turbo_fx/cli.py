@@ -213,7 +213,7 @@ def run_analyze(args, command: str) -> int:
         print(f"\n## {name} ({'real' if zoo.real_weights else 'RANDOM'} weights)\n")
         print(reports[name].table())
     png = analysis.plot_redundancy(reports, os.path.join(args.out, "redundancy.png"))
-    md = [f"# Token redundancy S and attention concentration C per block", "",
+    md = ["# Token redundancy S and attention concentration C per block", "",
           f"Machine: {timing.machine_line()}.", f"Command: `{command}`", ""]
     for name, report in reports.items():
         md += [f"## {name}", "", report.table(), ""]

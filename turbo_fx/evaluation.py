@@ -17,7 +17,6 @@ compiles the unmerged graph. Each row records
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import statistics
 import time
