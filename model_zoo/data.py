@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .registry import MissingDependency, require
+from .registry import package_path, require
 
 FASHION_MNIST_ENV = "TURBO_FX_FASHION_MNIST"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -178,13 +177,9 @@ def sample_photos(names: list[str] | tuple[str, ...] | None = None) -> dict[str,
 
 def gensim_test_data_dir() -> Path:
     """gensim's ``test/test_data`` folder, found without importing gensim (which is slow to import)."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingDependency("gensim")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / "test" / "test_data"
-        if path.is_dir():
-            return path
+    path = package_path("gensim", "test/test_data")
+    if path is not None and path.is_dir():
+        return path
     raise DatasetUnavailable("gensim is installed without its test/test_data folder; reinstall it with: pip install gensim")
 
 

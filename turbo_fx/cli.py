@@ -15,8 +15,9 @@ import ast
 import os
 import shlex
 import sys
-import time
 from typing import Optional, Sequence
+
+from turbo_fx import timing
 
 DEFAULT_OUT = "turbo-fx-results"
 
@@ -164,15 +165,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def run_eval(args, command: str) -> int:
     from turbo_fx import evaluation as ev
-    from turbo_fx import results, suites, timing
+    from turbo_fx import results, suites
 
-    _log(f"machine: {timing.machine_line()}")
+    timing.log(f"machine: {timing.machine_line()}")
     if args.task == "fashion-mnist":
         task = suites.fashion_mnist_task(args.train, args.test, args.batch, args.resolution)
         defaults, plot_metrics, model = suites.VISION_DEFAULTS, ["probe_top1", "knn_top1"], "DINOv2 ViT-S/14"
@@ -182,8 +179,10 @@ def run_eval(args, command: str) -> int:
         defaults, plot_metrics, model = suites.TEXT_DEFAULTS, ["lee_spearman", "polarity_probe"], "MiniLM-L6 (real weights)"
     variants = suites.variants_for(args.suite, defaults, args.options, args.r, args.alphas or suites.ALPHAS,
                                    args.methods)
-    _log(f"{model}: {len(variants)} configurations + the baseline; {task.describe()}")
-    cache = args.cache or os.environ.get("TURBO_FX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "turbo_fx")
+    timing.log(f"{model}: {len(variants)} configurations + the baseline; {task.describe()}")
+    from turbo_fx.model_zoo.dinov2 import default_cache_dir
+
+    cache = str(default_cache_dir(args.cache))
     stem = args.name or f"eval_{args.task.replace('-', '_')}_{args.suite}"
 
     def write(partial):
@@ -191,23 +190,23 @@ def run_eval(args, command: str) -> int:
                                      plot_metrics)
 
     out = ev.evaluate(task, variants, model, inner_backend=args.inner_backend, progress=not args.no_progress,
-                      cache_dir=cache, log=_log, on_row=write)
+                      cache_dir=cache, log=timing.log, on_row=write)
     paths = write(out)
     print(results.markdown(out, timing.machine_line(), command))
-    _log("wrote " + ", ".join(sorted(paths.values())))
+    timing.log("wrote " + ", ".join(sorted(paths.values())))
     return 0
 
 
 def run_analyze(args, command: str) -> int:
     import json
 
-    from turbo_fx import analysis, timing
+    from turbo_fx import analysis
     from turbo_fx.model_zoo.registry import build_model
 
     reports = {}
     for name in args.model:
         zoo = build_model(name)
-        _log(f"analyzing {name}: {zoo.description}")
+        timing.log(f"analyzing {name}: {zoo.description}")
         inputs = zoo.example_inputs(args.batch)
         reports[name] = analysis.analyze_redundancy(zoo.model, *inputs, label=name)
         print(f"\n## {name} ({'real' if zoo.real_weights else 'RANDOM'} weights)\n")
@@ -225,7 +224,7 @@ def run_analyze(args, command: str) -> int:
     with open(os.path.join(args.out, "redundancy.json"), "w") as f:
         json.dump({"command": command, "machine": timing.machine(),
                    "reports": {k: r.to_dict() for k, r in reports.items()}}, f, indent=1)
-    _log(f"wrote {png}, redundancy.md and redundancy.json in {args.out}")
+    timing.log(f"wrote {png}, redundancy.md and redundancy.json in {args.out}")
     return 0
 
 
@@ -263,7 +262,7 @@ def run_visualize(args, command: str) -> int:
         path = os.path.join(args.out, f"merges_{args.model.replace(':', '_')}_{name}_r{args.r}.png")
         result = visualize.visualize_merges(zoo.model, pixels, options={**args.options, "r": args.r},
                                             blocks=args.blocks, display_image=picture, path=path)
-        _log(f"{spec}: blocks {result.blocks}, tokens {result.tokens}; wrote {path}")
+        timing.log(f"{spec}: blocks {result.blocks}, tokens {result.tokens}; wrote {path}")
     return 0
 
 

@@ -199,6 +199,7 @@ class VisionProbeTask:
     """
 
     kind = "vision"
+    retime_compiling_calls = False
 
     def __init__(self, model: torch.nn.Module, data: VisionData, preprocess: Callable, features: Callable,
                  batch_size: int = 32, knn_k: int = 20, input_name: Optional[str] = None,
@@ -241,7 +242,6 @@ class VisionProbeTask:
             _save_cached(cache_dir, self._cache_name(), {"train": self.train_features})
             log_line = None
         self.probe = fidelity.fit_linear_probe(self.train_features, self.data.train_labels)
-        self.baseline_meter = baseline
         self.cache_note = log_line
 
     def run(self, meter: Meter, progress: bool, desc: str) -> torch.Tensor:
@@ -291,6 +291,8 @@ class TextSimilarityTask:
     """
 
     kind = "text"
+    # Every length bucket compiles on its first call, so each call is repeated to be timed.
+    retime_compiling_calls = True
 
     def __init__(self, model: torch.nn.Module, tokenizer, data: TextData, max_length: int = 256,
                  bucket: int = 16) -> None:
@@ -334,7 +336,6 @@ class TextSimilarityTask:
         return ids, mask
 
     def run(self, meter: Meter, progress: bool, desc: str) -> torch.Tensor:
-        meter.retime = True
         out = torch.zeros(len(self.texts), self.model.config.hidden_size)
         flops = {"lee": 0.0, "polarity": 0.0}
         for (corpus, length), members in progress_bar(sorted(self.groups.items()), len(self.groups), desc, progress):
@@ -443,11 +444,11 @@ RECOMPILE_LIMIT = 4096
 def _evaluate(task, variants, model_name, inner_backend, progress, cache_dir, log, on_row) -> EvalResults:
     started = time.perf_counter()
     variants = [v for v in variants if not v.is_baseline]
-    baseline = Meter(compile_variant(task.model, {"r": 0}, inner_backend))
+    baseline = Meter(compile_variant(task.model, {"r": 0}, inner_backend), task.retime_compiling_calls)
     task.prepare(baseline, progress, cache_dir)
     if task.cache_note:
         log(f"  {task.cache_note}")
-    base_meter = Meter(baseline.fn)
+    base_meter = Meter(baseline.fn, task.retime_compiling_calls)
     base_meter.flops_by_shape = dict(baseline.flops_by_shape)
     reference = task.run(base_meter, progress, "baseline (no merging)")
     task.set_reference(reference)
@@ -465,7 +466,7 @@ def _evaluate(task, variants, model_name, inner_backend, progress, cache_dir, lo
         if key in done:  # the same computation in another table: reuse it
             row = {**done[key], "label": variant.label, "method": variant.method, "group": variant.group}
         else:
-            meter = Meter(compile_variant(task.model, variant.options, inner_backend))
+            meter = Meter(compile_variant(task.model, variant.options, inner_backend), task.retime_compiling_calls)
             features = task.run(meter, progress, variant.label)
             row = done[key] = _row(variant, meter, task.score(features), base_row, task)
         rows.append(row)

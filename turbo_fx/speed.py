@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import torch
 from tabulate import tabulate
 
 import turbo_fx
 from turbo_fx import timing
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def _call(fn, inputs):
-    return fn(*inputs)
 
 
 def run(args, command: str) -> int:
@@ -36,8 +27,8 @@ def run(args, command: str) -> int:
     zoo = build_model(args.model)
     inputs = zoo.example_inputs(args.batch)
     weights = "real weights" if zoo.real_weights else "RANDOM weights"
-    _log(f"machine: {timing.machine_line()}")
-    _log(f"{args.model}: {zoo.description} ({weights}), batch {args.batch}, r {args.r}, options {args.options}")
+    timing.log(f"machine: {timing.machine_line()}")
+    timing.log(f"{args.model}: {zoo.description} ({weights}), batch {args.batch}, r {args.r}, options {args.options}")
     model = zoo.model
     r_values = sorted(set(args.r))
 
@@ -49,7 +40,7 @@ def run(args, command: str) -> int:
     baseline_flops = flops[f"turbo r={r_values[0]}"][0]
 
     timing.no_compile_caches()
-    _log(f"warming up the compilers (untimed): {timing.warm_up_compilers():.1f} s")
+    timing.log(f"warming up the compilers (untimed): {timing.warm_up_compilers():.1f} s")
     names = ["inductor"] + [f"turbo r={r}" for r in r_values]
 
     def compiled(name):
@@ -62,7 +53,7 @@ def run(args, command: str) -> int:
         torch._dynamo.reset()
         with timing.fresh_cache():
             first[name] = timing.time_first_call(compiled(name), *inputs)
-        _log(f"compile {name}: first call {first[name]:.1f} s")
+        timing.log(f"compile {name}: first call {first[name]:.1f} s")
     torch._dynamo.reset()
     fns = {"eager": model}
     with timing.fresh_cache():
@@ -70,7 +61,7 @@ def run(args, command: str) -> int:
             fns[name] = compiled(name)
             with torch.no_grad():
                 fns[name](*inputs)
-        times = timing.interleaved(fns, inputs, args.rounds, args.warmup, progress=_log)
+        times = timing.interleaved(fns, inputs, args.rounds, args.warmup, progress=timing.log)
     torch._dynamo.reset()
 
     rows, payload = [], {}
@@ -98,7 +89,7 @@ def run(args, command: str) -> int:
         json.dump({"command": command, "machine": timing.machine(), "model": args.model,
                    "real_weights": zoo.real_weights, "batch": args.batch, "configs": payload}, f, indent=1)
     _plot(payload, baseline_flops, os.path.join(args.out, stem + ".png"), args.model)
-    _log(f"wrote {stem}.md, .json and .png in {args.out}")
+    timing.log(f"wrote {stem}.md, .json and .png in {args.out}")
     return 0
 
 
