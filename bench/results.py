@@ -1,0 +1,112 @@
+"""Writing evaluation results: markdown tables (tabulate), the raw JSON, and the plots."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from tabulate import tabulate
+
+from turbo_fx.bench import plots
+
+GROUP_TITLES = {
+    "components": "Ranking components at matched FLOPs (paper Table 7 / Figure 4): redundancy only "
+                  "(`semantic=False`, ToMe-style), semantic only (`redundancy=False`), Turbo (both)",
+    "fusion": "Fusion of R and I (paper Table 8)",
+    "alpha": "Balancing coefficient alpha (paper Figure 5)",
+    "threshold": "Floor on the token count, `min_tokens` (paper Table 9)",
+}
+
+
+def rows_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: str = "github") -> str:
+    head = ["configuration", "GFLOPs/sample", "FLOPs saved", "ms/sample", "speed-up"]
+    for m in metric_names:
+        head += [m, "drop"]
+    extras = sorted(k for k in rows[0].get("extra", {}) if k.endswith("flop_reduction")) if rows else []
+    head += [k.replace("_flop_reduction", " FLOPs saved") for k in extras]
+    head += ["tokens per block"]
+    body = []
+    for r in rows:
+        line = [
+            r["label"],
+            f"{r['gflops_per_sample']:.3f}",
+            f"{r['flop_reduction'] * 100:.1f}%" if r["flop_reduction"] is not None else "-",
+            f"{r['ms_per_sample']:.1f}" if r["ms_per_sample"] else "-",
+            f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
+        ]
+        for m in metric_names:
+            line += [f"{r['metrics'][m]:.4f}", f"{r['drop'][m]:+.4f}" if r["method"] != "baseline" else "-"]
+        for k in extras:
+            value = r.get("extra", {}).get(k)
+            line.append(f"{value * 100:.1f}%" if value is not None else "-")
+        tokens = r.get("tokens_per_block")
+        line.append(_tokens(tokens) if tokens else ("FALLBACK" if r["fallbacks"] else "-"))
+        body.append(line)
+    return tabulate(body, headers=head, tablefmt=fmt)
+
+
+def _tokens(tokens: Sequence[int]) -> str:
+    return f"{tokens[0]}→{tokens[-1]}" if len(tokens) > 1 else str(tokens[0])
+
+
+def markdown(results, machine: str, command: str, extra: Sequence[str] = ()) -> str:
+    out = [f"# Fidelity of turbo merging: {results.model}", "",
+           f"Machine: {machine}.", f"Command: `{command}`", ""]
+    task = ", ".join(f"{k}={v}" for k, v in results.task.items())
+    out += [f"Task: {task}. Rewritten graphs run by `{results.inner_backend}`; "
+            f"total {results.seconds_total / 60:.1f} min.", ""]
+    out += list(extra)
+    baseline = [r for r in results.rows if r["method"] == "baseline"]
+    for group, title in GROUP_TITLES.items():
+        rows = [r for r in results.rows if r["group"] == group and r["method"] != "baseline"]
+        if not rows:
+            continue
+        out += [f"## {title}", "", rows_table(baseline + rows, results.metric_names), ""]
+    out += ["Columns: FLOPs saved = 1 - FLOPs / unmerged FLOPs on the same inputs (turbo_fx.recording "
+            "with FLOP counting: matmuls, SDPA, the merge op); ms/sample = measured on this machine "
+            "(images: median over batches; texts: total of a second, timed call per length bucket); "
+            "speed-up = baseline ms / row ms; drop = baseline metric - row metric (positive = worse); "
+            "tokens per block = tokens entering the first block → tokens entering the last (texts: in the first "
+            "graph compiled, the shortest bucket of Lee documents).", ""]
+    for note in results.notes:
+        out.append(f"- {note}")
+    return "\n".join(out) + "\n"
+
+
+def write_results(results, out_dir: str, stem: str, machine: dict, machine_line: str, command: str,
+                  plot_metrics: Sequence[str], extra_markdown: Sequence[str] = ()) -> dict[str, str]:
+    """Write ``<stem>.md``, ``<stem>.json`` and the plots into ``out_dir``; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for metric in plot_metrics:
+        paths[f"tradeoff_{metric}"] = plots.plot_tradeoff(
+            results, metric, os.path.join(out_dir, f"{stem}_tradeoff_{metric}.png"))
+        alpha = plots.plot_alpha(results, metric, os.path.join(out_dir, f"{stem}_alpha_{metric}.png"))
+        if alpha:
+            paths[f"alpha_{metric}"] = alpha
+    figures = [f"![{name}]({os.path.basename(p)})" for name, p in paths.items()]
+    text = markdown(results, machine_line, command, extra_markdown) + "\n" + "\n\n".join(figures) + "\n"
+    paths["markdown"] = os.path.join(out_dir, f"{stem}.md")
+    with open(paths["markdown"], "w") as f:
+        f.write(text)
+    paths["json"] = os.path.join(out_dir, f"{stem}.json")
+    with open(paths["json"], "w") as f:
+        f.write(results_json({"machine": machine, "command": command, **results.to_dict()}))
+    return paths
+
+
+def results_json(payload: dict) -> str:
+    """``payload`` as indented JSON, except that each per-sample list of a row is written on one
+    line (indented, 2000 test images would take 2000 lines per list)."""
+    stash, rows = {}, []
+    for i, row in enumerate(payload.get("rows", [])):
+        if "samples" in row:
+            key = f"@samples-{i}@"
+            stash[key] = row["samples"]
+            row = {**row, "samples": key}
+        rows.append(row)
+    text = json.dumps({**payload, "rows": rows}, indent=1)
+    for key, samples in stash.items():
+        lines = [f"{json.dumps(name)}: {json.dumps(values, separators=(',', ':'))}" for name, values in samples.items()]
+        text = text.replace(json.dumps(key), "{\n" + ",\n".join(lines) + "\n}", 1)
+    return text
