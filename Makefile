@@ -28,7 +28,7 @@ demo: env
 # cache in /tmp (compile times are measured there).
 bench: env
 	mkdir -p $(BUILD_DIR)/torchinductor
-	TORCHINDUCTOR_CACHE_DIR="$(CURDIR)/$(BUILD_DIR)/torchinductor" $(PY) bench/bench_vit.py
+	TORCHINDUCTOR_CACHE_DIR="$(CURDIR)/$(BUILD_DIR)/torchinductor" $(PY) -m turbo_fx.bench.bench_vit
 
 # The committed fidelity results (bench/results/eval_*): about 1 hour on 2 cores.
 eval-bench: env

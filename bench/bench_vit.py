@@ -1,12 +1,12 @@
 """Benchmark the turbo backend against plain Inductor on timm ViTs (CPU, random weights).
 
-    .venv/bin/python bench/bench_vit.py            # the full run (make bench), roughly 25-30 min on 2 cores
-    .venv/bin/python bench/bench_vit.py --quick    # a smoke test of the script, ~3 minutes on 2 cores
+    .venv/bin/python -m turbo_fx.bench.bench_vit          # the full run (make bench), roughly 25-30 min on 2 cores
+    .venv/bin/python -m turbo_fx.bench.bench_vit --quick  # a smoke test of the script, ~3 minutes on 2 cores
 
 For each model, in one process:
 1. FLOPs: ``turbo_fx.explain`` at every r (FlopCounterMode on the Dynamo graph before and after
    the rewrite), and FlopCounterMode on the eager model as a cross-check of the baseline.
-2. Compile seconds (see turbo_fx/timing.py for the definition): one untimed Inductor compile of the
+2. Compile seconds (see bench/timing.py for the definition): one untimed Inductor compile of the
    model, then every configuration compiled after ``torch._dynamo.reset()`` with an empty Inductor
    cache directory and the FX graph / AOT autograd caches off; ``--compile-repeats`` passes, in a
    rotating order, median.
@@ -31,7 +31,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from turbo_fx import timing as common  # noqa: E402
+from turbo_fx.bench import timing as common  # noqa: E402
 
 import turbo_fx  # noqa: E402
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+import re
 from collections import deque
 from typing import Any, Callable, Iterable, Optional
 
@@ -119,18 +120,41 @@ def tensor_shape(node: Any) -> Optional[tuple]:
 
 
 def module_path(node: Node) -> str:
-    """The dotted path of the module a node came from, as Dynamo recorded it."""
+    """The dotted path of the module a node came from, as a user writes it
+    (``down_blocks.0.attentions.0.transformer_blocks.0.attn2``: a key of ``named_modules()``)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    return _clean_path(path)
+    return readable_module_path(list(stack.values())[-1][0])
 
 
-def _clean_path(path: str) -> str:
-    # Dynamo records "L['self'].blocks[0].attn" or "L__self___blocks_0_attn".
-    path = path.replace("L['self'].", "").replace("L['self']", "")
-    return path
+# One step of a Dynamo source path: a container hop (``__dict__['_modules']``, ``._modules``,
+# ``._parameters``), a subscript (``['norm']``, ``[0]``) or an attribute (``.attn2``, ``.0``).
+_CONTAINER = r"\.?(?:__dict__\[['\"]_(?:modules|parameters|buffers)['\"]\]|_(?:modules|parameters|buffers)\b(?!\w))"
+_PATH_STEP = re.compile(
+    rf"(?P<container>{_CONTAINER})|\[['\"](?P<key>[^'\"]+)['\"]\]|\[(?P<index>-?\d+)\]|\.(?P<attr>\w+)"
+)
+_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]")
+
+
+def readable_module_path(path: str) -> str:
+    """``L['self'].__dict__['_modules']['down_blocks'].0.attn1`` -> ``down_blocks.0.attn1``.
+
+    Dynamo names a module by the source expression it was reached through; the root
+    (``L['self']``) and the containers ``nn.Module`` keeps children in are not part of the
+    name a user writes. A path this does not parse (older flattened names such as
+    ``L__self___blocks_0``) comes back as it was, less the root."""
+    rest = _ROOT.sub("", path, count=1)
+    parts: list[str] = []
+    pos = 0
+    while pos < len(rest):
+        step = _PATH_STEP.match(rest, pos)
+        if step is None:
+            return path.replace("L['self'].", "").replace("L['self']", "")
+        if not step.group("container"):
+            parts.append(step.group("key") or step.group("index") or step.group("attr"))
+        pos = step.end()
+    return ".".join(parts)
 
 
 def placeholder_is_parameter(node: Node) -> bool:

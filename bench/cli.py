@@ -17,7 +17,7 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
-from turbo_fx import timing
+from turbo_fx.bench import timing
 
 DEFAULT_OUT = "turbo-fx-results"
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", parents=[common], help="fidelity of merged models on real weights and data",
                        description="Accuracy kept at each FLOP budget: baseline, redundancy-only, "
-                                   "semantic-only and Turbo rows (see turbo_fx/suites.py).")
+                                   "semantic-only and Turbo rows (see bench/suites.py).")
     e.add_argument("--task", choices=("fashion-mnist", "text"), default="fashion-mnist",
                    help="fashion-mnist: DINOv2-S linear probe / k-NN / cosine; text: MiniLM on Lee "
                         "(Spearman vs human scores) and polarity (probe)")
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=_positive, default=32, help="images per batch (default 32)")
     e.add_argument("--resolution", type=_positive, default=224, help="image side in pixels, a multiple of 14")
     e.add_argument("--inner-backend", choices=("eager", "inductor", "aot_eager"), default="eager",
-                   help="what runs the rewritten graphs (default eager; see turbo_fx/evaluation.py)")
+                   help="what runs the rewritten graphs (default eager; see bench/evaluation.py)")
     e.add_argument("--cache", default=None, help="folder for cached unmerged train features "
                                                   "(default: $TURBO_FX_CACHE or ~/.cache/turbo_fx)")
     e.add_argument("--name", default=None, help="file name stem (default eval_<task>_<suite>)")
@@ -133,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, "resolution", 14) % 14:
             raise UsageError(f"--resolution must be a multiple of 14 (DINOv2's patch), got {args.resolution}")
         if args.command == "eval":
-            from turbo_fx.suites import SUITES
+            from turbo_fx.bench.suites import SUITES
 
             if args.suite not in SUITES:
                 raise UsageError(f"--suite must be one of {', '.join(SUITES)}, got {args.suite!r}")
@@ -149,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         if args.command == "bench":
-            from turbo_fx import speed
+            from turbo_fx.bench import speed
 
             return speed.run(args, command)
         if args.command == "eval":
@@ -166,8 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run_eval(args, command: str) -> int:
-    from turbo_fx import evaluation as ev
-    from turbo_fx import results, suites
+    from turbo_fx.bench import evaluation as ev
+    from turbo_fx.bench import results, suites
 
     timing.log(f"machine: {timing.machine_line()}")
     if args.task == "fashion-mnist":
@@ -200,7 +200,7 @@ def run_eval(args, command: str) -> int:
 def run_analyze(args, command: str) -> int:
     import json
 
-    from turbo_fx import analysis
+    from turbo_fx.bench import analysis
     from turbo_fx.model_zoo.registry import build_model
 
     reports = {}
@@ -247,7 +247,7 @@ def _load_image(spec: str):
 
 
 def run_visualize(args, command: str) -> int:
-    from turbo_fx import visualize
+    from turbo_fx.bench import visualize
     from turbo_fx.model_zoo import dinov2
     from turbo_fx.model_zoo.registry import build_model
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from turbo_fx import fidelity
+from turbo_fx.bench import fidelity
 
 
 def test_rowwise_cosine_by_hand():

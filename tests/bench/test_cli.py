@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from turbo_fx import cli
+from turbo_fx.bench import cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from turbo_fx import evaluation as ev
+from turbo_fx.bench import evaluation as ev
 
 SUITES = ("demo", "components", "alpha", "fusion", "threshold", "full")
 VISION_DEFAULTS = {"r": [8, 12, 16, 20], "demo_r": [8, 12, 16], "r_ref": 16, "threshold_r": [20, 24],

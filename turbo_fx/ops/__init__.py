@@ -1,0 +1,41 @@
+"""Runtime ops that the rewritten graph calls, one module per concern:
+
+- ``merge``: the bipartite merge and its token bookkeeping (sizes, dest, assign);
+- ``semantic``: the CLS attention row that gives the semantic value;
+- ``attention_bias``: per-key validity, the key-padding check and the ``log(size)`` key bias;
+- ``restore``: original token count back (each original token takes its merged token's value);
+- ``reductions``: size-weighted token-axis sums and means;
+- ``merge_step``: one block's whole merge step as the opaque op ``torch.ops.turbo_fx.merge_block``,
+  and ``record_merges``.
+
+They are ordinary torch code with static Python ints for every count, so the graph stays
+traceable and Inductor can trace through them. Shapes use ``B`` (batch), ``H`` (heads),
+``N`` (tokens), ``C`` (channels). Every name is re-exported here: passes and tests write
+``ops.merge_tokens``.
+"""
+from .attention_bias import MASKED_BELOW, add_bias, check_key_padding_mask, key_bias, key_validity
+from .merge import (
+    PAD_PAIR_SCORE,
+    SALIENT_DEGREE,
+    SALIENT_PAIR_SCORE,
+    compose_assign,
+    head_mean,
+    information_degree,
+    initial_assign,
+    initial_sizes,
+    merge_count,
+    merge_tokens,
+)
+from .merge_step import MergeRecord, _is_fake, merge_block, merge_block_op, record_merges
+from .reductions import weighted_token_mean, weighted_token_sum
+from .restore import restore_tokens
+from .semantic import cls_attention, cls_attention_from_probs
+
+__all__ = [
+    "MASKED_BELOW", "PAD_PAIR_SCORE", "SALIENT_DEGREE", "SALIENT_PAIR_SCORE",
+    "add_bias", "check_key_padding_mask", "key_bias", "key_validity",
+    "compose_assign", "head_mean", "information_degree", "initial_assign", "initial_sizes",
+    "merge_count", "merge_tokens", "MergeRecord", "merge_block", "merge_block_op", "record_merges",
+    "weighted_token_mean", "weighted_token_sum", "restore_tokens", "cls_attention",
+    "cls_attention_from_probs", "_is_fake",
+]

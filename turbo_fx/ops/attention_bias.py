@@ -1,0 +1,47 @@
+"""Attention masks after merging: per-key validity, the runtime check that a mask is a
+key-padding mask, and the additive key bias that carries proportional attention."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+# An additive mask value at or below this excludes a key: exp(-1000) is 0 in any float dtype.
+MASKED_BELOW = -1000.0
+
+
+def key_validity(mask: Tensor, like: Tensor) -> Tensor:
+    """Which keys an attention mask lets the first (CLS) query see, as [B, N] bool
+    (B and N taken from ``like``, the [B, N, C] token sequence)."""
+    m = mask
+    while m.dim() > 2:
+        m = m[:, 0] if m.dim() > 3 else m[:, 0, :]
+    if m.dim() == 1:
+        m = m.unsqueeze(0)
+    valid = m if m.dtype == torch.bool else m > MASKED_BELOW
+    return valid.expand(like.shape[0], like.shape[1])
+
+
+def check_key_padding_mask(mask: Tensor) -> Tensor:
+    """Fail loudly at run time if a mask differs between query rows (causal, banded):
+    merging rewrites masks as per-key padding masks, which would be wrong for those."""
+    if mask.dim() >= 2 and mask.size(-2) > 1:
+        same = (mask == mask[..., :1, :]).all()
+        torch._assert_async(same, "turbo_fx: the attention mask varies by query; token merging needs a key-padding mask")
+    return mask
+
+
+def key_bias(size: Tensor, dtype: torch.dtype, prop_attn: bool) -> Tensor:
+    """Additive attention bias [B, 1, 1, N]: log(size) (proportional attention) or 0,
+    and the dtype's lowest value for size-0 (padding) keys."""
+    if prop_attn:
+        value = size.clamp_min(1.0).log()
+    else:
+        value = torch.zeros_like(size)
+    bias = torch.where(size > 0, value, torch.finfo(dtype).min)
+    return bias.to(dtype)[:, None, None, :]
+
+
+def add_bias(logits: Tensor, bias: Tensor) -> Tensor:
+    """Logits plus a [B, 1, 1, N] bias (explicit attention)."""
+    return logits + bias.to(logits.dtype)
