@@ -4,10 +4,17 @@
   per method (the paper's Figure 4 on our data), the baseline as a star.
 * ``plot_alpha``: a metric against the balancing coefficient alpha at one r (Figure 5),
   with redundancy-only merging at the same r as a reference line.
+
+Each point carries its 95% interval (``intervals.metric_interval``) as an error bar, the
+reference lines as a shaded band, so a gap smaller than the noise does not look like one.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
+
+import numpy as np
+
+from turbo_fx.bench import intervals
 
 METHOD_STYLE = {
     "baseline": dict(color="black", marker="*", markersize=12),
@@ -55,12 +62,28 @@ def plot_tradeoff(results, metric: str, path: str, groups: Sequence[str] = ("com
             x = [flops_of(r) if key == "gflops" else r[key] for r in rows]
             if None in x:
                 continue
-            ax.plot(x, y, label=method, linestyle="-" if len(rows) > 1 else "none", **style)
+            ax.errorbar(x, y, yerr=error_bars(rows, metric, results.task), label=method,
+                        linestyle="-" if len(rows) > 1 else "none", capsize=3, **style)
     corpus = _corpus(metric, results.rows)
     flops_label = f"GFLOPs per {corpus} text" if corpus else "GFLOPs per sample"
     for ax, xlabel in ((ax_flops, flops_label), (ax_time, "ms per sample (measured, all samples)")):
         _label_axes(ax, xlabel, metric)
     return _save(fig, title or f"{results.model}: {METRIC_LABEL.get(metric, metric)} vs cost", path)
+
+
+def error_bars(rows: Sequence[dict], metric: str, task: dict) -> Optional[np.ndarray]:
+    """``[2, len(rows)]`` distances from each row's value down and up to its interval's ends
+    (0 where a row has no interval); None when none has one."""
+    bars = np.zeros((2, len(rows)))
+    found = False
+    for i, row in enumerate(rows):
+        interval = intervals.metric_interval(row, metric, task)
+        if interval is not None:
+            value = row["metrics"][metric]
+            # A bootstrap interval can miss the point estimate by rounding; never a negative bar.
+            bars[:, i] = max(0.0, value - interval[0]), max(0.0, interval[1] - value)
+            found = True
+    return bars if found else None
 
 
 def _corpus(metric: str, rows: Sequence[dict]) -> Optional[str]:
@@ -100,13 +123,21 @@ def plot_alpha(results, metric: str, path: str, title: Optional[str] = None) -> 
     r_value = rows[0]["options"]["r"]
     fig, (ax,) = _figure(1, width=6.0)
     positive = [r for r in rows if r["options"]["alpha"] > 0]
-    ax.plot([r["options"]["alpha"] for r in positive], [r["metrics"][metric] for r in positive],
-            label=f"turbo r={r_value}", **METHOD_STYLE["turbo"])
+    ax.errorbar([r["options"]["alpha"] for r in positive], [r["metrics"][metric] for r in positive],
+                yerr=error_bars(positive, metric, results.task), label=f"turbo r={r_value}", capsize=3,
+                **METHOD_STYLE["turbo"])
     ax.set_xscale("log")
     for row in results.rows:
         if row["method"] == "redundancy-only" and row["options"].get("r") == r_value:
-            ax.axhline(row["metrics"][metric], color="tab:blue", linestyle="--", label=f"redundancy-only r={r_value}")
+            _reference_line(ax, row, metric, results.task, "tab:blue", "--", f"redundancy-only r={r_value}")
         if row["method"] == "baseline":
-            ax.axhline(row["metrics"][metric], color="black", linestyle=":", label="baseline (no merging)")
+            _reference_line(ax, row, metric, results.task, "black", ":", "baseline (no merging)")
     _label_axes(ax, "alpha (weight of the semantic value I, I scaled so 1 = uniform attention)", metric)
     return _save(fig, title or f"{results.model}: balancing coefficient alpha", path)
+
+
+def _reference_line(ax, row: dict, metric: str, task: dict, color: str, linestyle: str, label: str) -> None:
+    ax.axhline(row["metrics"][metric], color=color, linestyle=linestyle, label=label)
+    interval = intervals.metric_interval(row, metric, task)
+    if interval is not None:
+        ax.axhspan(interval[0], interval[1], color=color, alpha=0.08, linewidth=0)

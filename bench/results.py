@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 from tabulate import tabulate
 
-from turbo_fx.bench import plots
+from turbo_fx.bench import intervals, plots
 
 GROUP_TITLES = {
     "components": "Ranking components at matched FLOPs (paper Table 7 / Figure 4): redundancy only "
@@ -18,7 +18,8 @@ GROUP_TITLES = {
 }
 
 
-def rows_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: str = "github") -> str:
+def rows_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: str = "github",
+               task: Optional[dict] = None) -> str:
     head = ["configuration", "GFLOPs/sample", "FLOPs saved", "ms/sample", "speed-up"]
     for m in metric_names:
         head += [m, "drop"]
@@ -35,7 +36,8 @@ def rows_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: str = "gi
             f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
         ]
         for m in metric_names:
-            line += [f"{r['metrics'][m]:.4f}", f"{r['drop'][m]:+.4f}" if r["method"] != "baseline" else "-"]
+            value = format_interval(r["metrics"][m], intervals.metric_interval(r, m, task or {}))
+            line += [value, f"{r['drop'][m]:+.4f}" if r["method"] != "baseline" else "-"]
         for k in extras:
             value = r.get("extra", {}).get(k)
             line.append(f"{value * 100:.1f}%" if value is not None else "-")
@@ -43,6 +45,61 @@ def rows_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: str = "gi
         line.append(_tokens(tokens) if tokens else ("FALLBACK" if r["fallbacks"] else "-"))
         body.append(line)
     return tabulate(body, headers=head, tablefmt=fmt)
+
+
+def format_interval(value: float, interval: Optional[tuple[float, float]]) -> str:
+    """``0.8135 [0.796, 0.830]``; ``[-]`` where the row has no interval."""
+    if interval is None:
+        return f"{value:.4f} [-]"
+    return f"{value:.4f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def format_p(p: float) -> str:
+    # Below 0.001 the exact value says nothing more (and a bootstrap p cannot resolve it).
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def comparison_cell(comparison) -> tuple[str, str]:
+    """``(+0.0020 [-0.0035, +0.0075], 0.523 (14:10))``: difference, interval, p and, for
+    proportions, the discordant counts (right under A only : under B only)."""
+    if comparison is None:
+        return "-", "-"
+    c = comparison
+    difference = f"{c.difference:+.4f} [{c.low:+.4f}, {c.high:+.4f}]"
+    counts = f" ({c.a_only}:{c.b_only})" if c.a_only is not None else ""
+    return difference, format_p(c.p_value) + counts
+
+
+def comparisons_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: str = "github") -> Optional[str]:
+    """One line per pair of ``intervals.comparison_pairs``; None when no row has samples."""
+    pairs = [(a, b) for a, b in intervals.comparison_pairs(rows) if a.get("samples") and b.get("samples")]
+    if not pairs:
+        return None
+    head = ["A", "B"]
+    for m in metric_names:
+        head += [f"{m}: A - B [95%]", "p"]
+    body = []
+    for a, b in pairs:
+        line = [a["label"], b["label"]]
+        for m in metric_names:
+            line += list(comparison_cell(intervals.compare(a, b, m)))
+        body.append(line)
+    # Without disable_numparse tabulate would print a p of "1.000" as "1".
+    return tabulate(body, headers=head, tablefmt=fmt, disable_numparse=True)
+
+
+COMPARISONS_NOTE = (
+    "A - B: the metric of row A minus that of row B, both scored on the same samples (positive: A "
+    "keeps more). Accuracies: interval by Newcombe's method for paired proportions, p from the exact "
+    "McNemar test, (x:y) = samples right under A only : right under B only. Cosine and Spearman: "
+    "paired percentile bootstrap (2000 resamples, seed 0; Spearman resamples Lee's documents, not "
+    "pairs), p = twice the share of resampled differences on the far side of 0.")
+
+INTERVALS_NOTE = (
+    "Intervals: [low, high] is a 95% interval. Accuracies (probe, k-NN, polarity): Wilson score "
+    "interval for k of n test samples. Cosine: percentile bootstrap of the mean over samples. Lee "
+    "Spearman: percentile bootstrap resampling Lee's documents (recomputing Spearman over the pairs "
+    "among the drawn documents). 2000 resamples, seed 0. [-]: the JSON has no per-sample data for it.")
 
 
 def _tokens(tokens: Sequence[int]) -> str:
@@ -61,13 +118,17 @@ def markdown(results, machine: str, command: str, extra: Sequence[str] = ()) -> 
         rows = [r for r in results.rows if r["group"] == group and r["method"] != "baseline"]
         if not rows:
             continue
-        out += [f"## {title}", "", rows_table(baseline + rows, results.metric_names), ""]
+        out += [f"## {title}", "", rows_table(baseline + rows, results.metric_names, task=results.task), ""]
+    paired = comparisons_table(results.rows, results.metric_names)
+    out += ["## Paired comparisons on the same samples", ""]
+    out += [paired, "", COMPARISONS_NOTE, ""] if paired else [
+        "None: these rows were written without per-sample data, which paired tests need.", ""]
     out += ["Columns: FLOPs saved = 1 - FLOPs / unmerged FLOPs on the same inputs (turbo_fx.recording "
             "with FLOP counting: matmuls, SDPA, the merge op); ms/sample = measured on this machine "
             "(images: median over batches; texts: total of a second, timed call per length bucket); "
             "speed-up = baseline ms / row ms; drop = baseline metric - row metric (positive = worse); "
             "tokens per block = tokens entering the first block → tokens entering the last (texts: in the first "
-            "graph compiled, the shortest bucket of Lee documents).", ""]
+            "graph compiled, the shortest bucket of Lee documents).", "", INTERVALS_NOTE, ""]
     for note in results.notes:
         out.append(f"- {note}")
     return "\n".join(out) + "\n"
@@ -110,3 +171,13 @@ def results_json(payload: dict) -> str:
         lines = [f"{json.dumps(name)}: {json.dumps(values, separators=(',', ':'))}" for name, values in samples.items()]
         text = text.replace(json.dumps(key), "{\n" + ",\n".join(lines) + "\n}", 1)
     return text
+
+
+def load_results(json_path: str):
+    """``(EvalResults, machine dict, command)`` from a JSON file ``write_results`` wrote."""
+    from turbo_fx.bench.evaluation import EvalResults
+
+    with open(json_path) as f:
+        payload = json.load(f)
+    machine, command = payload.pop("machine"), payload.pop("command")
+    return EvalResults(**payload), machine, command

@@ -93,7 +93,17 @@ def run(args, command: str) -> int:
     return 0
 
 
-def _plot(payload: dict, baseline_flops: float, path: str, title: str) -> None:
+def flop_ideal_ms(payload: dict, baseline_flops: float) -> dict[str, float]:
+    """Per turbo configuration, the time it would take if time followed FLOPs: Inductor's
+    median ms times the configuration's FLOP ratio. Turbo hands its graphs to Inductor by
+    default, so this is what merging could give if it cost nothing but the FLOPs it leaves."""
+    inductor_ms = payload["inductor"]["latency"]["median"] * 1e3
+    return {name: inductor_ms * c["flops"] / baseline_flops for name, c in payload.items() if name.startswith("turbo")}
+
+
+def speed_figure(payload: dict, baseline_flops: float, title: str):
+    """Measured median ms against GFLOPs per configuration, and the FLOP-ideal times
+    (``flop_ideal_ms``) as a dashed line through the same GFLOPs."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4.2), dpi=110)
@@ -101,10 +111,19 @@ def _plot(payload: dict, baseline_flops: float, path: str, title: str) -> None:
     for name, c in payload.items():
         ax.scatter(c["flops"] / 1e9, c["latency"]["median"] * 1e3, label=name,
                    marker="D" if name.startswith("turbo") else "o")
+    ideal = flop_ideal_ms(payload, baseline_flops)
+    if ideal:
+        names = sorted(ideal, key=lambda n: payload[n]["flops"])
+        ax.plot([payload[n]["flops"] / 1e9 for n in names], [ideal[n] for n in names], color="gray",
+                linestyle="--", marker="D", markerfacecolor="none", label="FLOP-ideal (Inductor ms x FLOP ratio)")
     ax.set_xlabel("GFLOPs per call")
     ax.set_ylabel("median ms per call")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
+
+
+def _plot(payload: dict, baseline_flops: float, path: str, title: str) -> None:
+    speed_figure(payload, baseline_flops, title).savefig(path)
