@@ -5,10 +5,11 @@ Registered through the ``torch_dynamo_backends`` entry point, so
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch.fx import GraphModule
@@ -58,7 +59,8 @@ def _rewrite_or_fallback(gm: GraphModule, example_inputs: list, config: TurboCon
     if fake_mode is not None and config.symbolic_tokens and not config.fuse_merges:
         allow_unbacked_token_counts(fake_mode)
     try:
-        rewritten = rewrite_graph(gm, fake_mode, config, report, example_inputs)
+        with torch_meta_errors_silenced():
+            rewritten = rewrite_graph(gm, fake_mode, config, report, example_inputs)
     except NothingToMerge as exc:
         log.info("turbo: graph %d compiled unchanged: %s", report.graph_index, exc)
         counters["graphs_unchanged"] += 1
@@ -72,6 +74,26 @@ def _rewrite_or_fallback(gm: GraphModule, example_inputs: list, config: TurboCon
     counters["merges_inserted"] += report.merges
     counters["tokens_removed"] += sum(b.r_applied for b in report.blocks)
     return rewritten
+
+
+# torch logs every meta kernel that fails on fake tensors at ERROR level, with a traceback.
+# During a rewrite such a failure is an expected outcome: it is how fake propagation finds
+# a shape that no longer fits, and the graph then falls back with turbo's one warning (or
+# keeps the concrete build). Those records are turbo's to report, not torch's to print.
+_META_ERROR_LOGGERS = ("torch._subclasses.fake_tensor",)
+
+
+@contextlib.contextmanager
+def torch_meta_errors_silenced() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _META_ERROR_LOGGERS]
+    was_disabled = [logger.disabled for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        yield
+    finally:
+        for logger, disabled in zip(loggers, was_disabled):
+            logger.disabled = disabled
 
 
 def allow_unbacked_token_counts(fake_mode) -> None:
