@@ -57,6 +57,10 @@ def merge_block(
         x, size, metric, semantic, r, protected, fusion, alpha, beta, gamma, block, padding, use_redundancy,
         keep_salient,
     )
+    if r <= 0:
+        # merge_tokens hands its inputs back when nothing merges; an op's outputs must not
+        # alias its inputs (functionalization and CUDA-graph memory pools rely on that).
+        merged, new_size = merged.clone(), new_size.clone()
     new_assign = compose_assign(assign, dest)
     if _MERGE_RECORDERS and not _is_fake(new_assign):
         _MERGE_RECORDERS[-1].append(
