@@ -6,8 +6,8 @@ tensors (``is_causal=False`` with an explicit mask), so the check looks at value
 runs the part of the graph that builds each mask (usually a few ops on the input's
 attention mask, before the first layer) on the real example inputs.
 
-Guarantees: the graph is not modified; returns one problem per site whose mask rows
-differ. A mask that cannot be evaluated is left to the run-time check in
+Guarantees: the graph is not modified; every site whose mask rows differ gets a problem
+(``AttentionSite.problems``), so its stream stays unmerged. A mask that cannot be evaluated is left to the run-time check in
 ``turbo_fx.ops.check_key_padding_mask``.
 """
 from __future__ import annotations
@@ -22,21 +22,22 @@ from . import graph_utils as gu
 from .find_attention import AttentionSite
 
 
-def query_dependent_masks(gm: GraphModule, example_inputs: Sequence[Any], sites: list[AttentionSite]) -> list[str]:
+def mark_query_dependent_masks(gm: GraphModule, example_inputs: Sequence[Any], sites: list[AttentionSite]) -> int:
+    """Add a problem to each site of ``sites`` whose mask rows differ; returns how many."""
     masks = {site.mask for site in sites if isinstance(site.mask, Node)}
     if not masks:
-        return []
+        return 0
     try:
         values = _evaluate(gm, example_inputs, masks)
     except Exception:  # left to the run-time check
-        return []
-    problems = []
+        return 0
+    marked = 0
     for site in sites:
         mask = values.get(site.mask)
         if isinstance(mask, torch.Tensor) and _varies_by_query(mask):
-            problems.append(f"site {site.index} ({site.module or site.kind}): attention mask varies by query "
-                            "(causal or banded); merging needs a key-padding mask")
-    return problems
+            site.problems.append("attention mask varies by query (causal or banded); merging needs a key-padding mask")
+            marked += 1
+    return marked
 
 
 def _varies_by_query(mask: torch.Tensor) -> bool:

@@ -214,7 +214,9 @@ def _check_site(site: AttentionSite) -> None:
         site.problems.append("no residual add closes the attention sub-block")
         return
     if site.residual not in gu.ancestors(site.k):
+        # Shape checks below compare against the site's own sequence; they mean nothing here.
         site.problems.append("cross-attention (keys come from another sequence)")
+        return
     q_shape, k_shape = gu.tensor_shape(site.q), gu.tensor_shape(site.k)
     stream_shape = gu.tensor_shape(site.stream_out)
     if q_shape is None or k_shape is None or stream_shape is None:

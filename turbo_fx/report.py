@@ -27,12 +27,27 @@ class BlockReport:
 
 
 @dataclass
+class SiteReport:
+    """What happened at one attention site: ``merges`` (its sequence is the merged one; the
+    block table says how many tokens) or ``untouched`` (its sequence runs exactly as before),
+    with the reason for the latter."""
+
+    index: int
+    module: str
+    kind: str
+    stream: int
+    decision: str
+    reason: str = ""
+
+
+@dataclass
 class GraphReport:
     """One graph Dynamo handed to the backend."""
 
     graph_index: int
     n_nodes: int
     blocks: list[BlockReport] = field(default_factory=list)
+    sites: list[SiteReport] = field(default_factory=list)
     protected: Optional[int] = None
     protected_note: str = ""
     padding: bool = False
@@ -72,10 +87,22 @@ class GraphReport:
         head = ["block", "module", "attention", "tokens in", "r asked", "r applied", "tokens out"]
         return tabulate(rows, headers=head, tablefmt=fmt)
 
+    @property
+    def untouched_sites(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.decision == "untouched"]
+
+    def sites_table(self, fmt: str = "github") -> str:
+        rows = [[s.index, s.module or "-", s.kind, s.stream, s.decision, s.reason or "-"] for s in self.sites]
+        head = ["site", "module", "attention", "sequence", "decision", "reason"]
+        return tabulate(rows, headers=head, tablefmt=fmt)
+
     def summary(self) -> str:
         lines = [f"graph {self.graph_index}: {self.n_nodes} nodes, {len(self.blocks)} attention sites, {self.merges} merges"]
         if self.fallback_reason:
             lines.append(f"  FALLBACK (compiled unchanged): {self.fallback_reason}")
+        elif self.untouched_sites and self.merges:
+            streams = sorted({s.stream for s in self.untouched_sites})
+            lines.append(f"  untouched (exact): {len(self.untouched_sites)} site(s) in sequence(s) {streams}; see the sites table")
         if self.protected is not None:
             lines.append(f"  protected tokens: {self.protected} ({self.protected_note})")
         if self.padding:
@@ -125,6 +152,8 @@ class TurboReport:
             parts.append(g.summary())
             if g.blocks:
                 parts.append(g.table())
+            if g.untouched_sites and g.blocks:
+                parts.append(g.sites_table())
         return "\n\n".join(parts)
 
 

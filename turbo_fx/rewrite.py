@@ -8,14 +8,15 @@ from typing import Any, Optional, Sequence
 from torch.fx import GraphModule
 
 from turbo_fx.config import TurboConfig
-from turbo_fx.passes.check_masks import query_dependent_masks
-from turbo_fx.passes.find_attention import AttentionSite, find_attention_sites
+from turbo_fx.passes.check_masks import mark_query_dependent_masks
+from turbo_fx.passes.find_attention import find_attention_sites
 from turbo_fx.passes.insert_merges import insert_merges, plan_merges
 from turbo_fx.passes.propagate_shapes import CannotRewrite, ShapeHints, propagate_shapes
 from turbo_fx.passes.protected_tokens import count_protected_tokens
 from turbo_fx.passes.restore_outputs import restore_outputs
 from turbo_fx.passes.weight_token_means import weight_token_means
-from turbo_fx.report import GraphReport
+from turbo_fx.passes.streams import StreamPlan, plan_streams
+from turbo_fx.report import GraphReport, SiteReport
 
 log = logging.getLogger("turbo_fx")
 
@@ -30,11 +31,6 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
     new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     new.meta.update(gm.meta)
     return new
-
-
-def describe_problems(sites: list[AttentionSite]) -> str:
-    parts = [f"site {s.index} ({s.module or s.kind}): {'; '.join(s.problems)}" for s in sites if s.problems]
-    return "; ".join(parts)
 
 
 def rewrite_graph(
@@ -57,11 +53,13 @@ def rewrite_graph(
     sites = find_attention_sites(gm)
     if not sites:
         raise CannotRewrite("no attention site found in the graph")
-    problems = describe_problems(sites)
-    if not problems and example_inputs is not None:
-        problems = "; ".join(query_dependent_masks(gm, example_inputs, sites))
-    if problems:
-        raise CannotRewrite(problems)
+    if example_inputs is not None:
+        mark_query_dependent_masks(gm, example_inputs, [s for s in sites if not s.problems])
+    plan = plan_streams(sites)
+    report.sites = site_reports(sites, plan)
+    if plan.chosen is None:
+        raise CannotRewrite(plan.problems())
+    sites = plan.chosen.sites
     if config.protected == "auto":
         protected, note = count_protected_tokens(gm, sites[0].residual)
     else:
@@ -77,21 +75,24 @@ def rewrite_graph(
     if fake_mode is None:
         raise CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")
 
-    rewritten = _build(gm, fake_mode, config.replace(symbolic_tokens=False), protected, report)
+    chosen = {s.index for s in sites}
+    rewritten = _build(gm, fake_mode, config.replace(symbolic_tokens=False), protected, report, chosen)
     # Symbolic token counts only serve a compiler that generates kernels; "eager" runs the
     # graph as it is, so the second build would be wasted work.
     if config.symbolic_tokens and not config.fuse_merges and config.inner_backend != "eager":
         try:
-            rewritten = _build(gm, fake_mode, config, protected, report)
+            rewritten = _build(gm, fake_mode, config, protected, report, chosen)
         except CannotRewrite as exc:
             log.info("turbo: kept concrete token counts; symbolic ones failed: %s", exc)
     return rewritten
 
 
-def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: int, report: GraphReport) -> GraphModule:
-    """One rewrite of a fresh copy of ``gm``: insert merges, re-propagate, restore outputs."""
+def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: int, report: GraphReport,
+           chosen: set[int]) -> GraphModule:
+    """One rewrite of a fresh copy of ``gm``: insert merges at the ``chosen`` sites (one
+    stream), re-propagate, restore outputs."""
     work = copy_graph_module(gm)
-    sites = find_attention_sites(work)
+    sites = [s for s in find_attention_sites(work) if s.index in chosen]
     old_values = {n: n.meta.get("example_value") for n in work.graph.nodes}
     insertion = insert_merges(work, sites, report.blocks, config, protected)
     for merged, original in insertion.replaced.items():
@@ -104,3 +105,12 @@ def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: int, repo
     work.graph.lint()
     work.recompile()
     return work
+
+
+def site_reports(sites, plan: StreamPlan) -> list[SiteReport]:
+    by_index = {s.index: s for s in sites}
+    return [
+        SiteReport(d.site, by_index[d.site].module, by_index[d.site].kind, d.stream,
+                   "merges" if d.merge else "untouched", d.reason)
+        for d in plan.decisions
+    ]

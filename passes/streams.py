@@ -1,0 +1,121 @@
+"""Pass: group attention sites into residual streams and choose the one stream that merges.
+
+A graph can hold several token sequences: the two towers of CLIP, the image encoder and
+text decoder of BLIP. Each is a *stream*: a chain of attention sites whose residual input
+comes from the previous site of the chain. A site joins the stream of the latest earlier
+site whose output its residual input derives from; a site whose residual derives from no
+earlier site starts a new stream.
+
+A stream can merge when every one of its sites is mergeable and no site of another stream
+reads its tokens (cross-attention to merged tokens needs the key-size bias, which is not
+built yet). Of those, the stream with the most sites merges (the first one on a tie); the
+other streams stay exactly as they are, and so do their outputs.
+
+Guarantees: the graph is not modified. Every site gets a decision, ``merge`` or
+``untouched``, with a reason for the latter that names the site's own problems, the site
+that reads its tokens, or the stream that merges instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch.fx import Node
+
+from . import graph_utils as gu
+from .find_attention import AttentionSite
+
+
+@dataclass
+class Stream:
+    index: int
+    sites: list[AttentionSite] = field(default_factory=list)
+    readers: list[AttentionSite] = field(default_factory=list)  # sites of other streams that read its tokens
+
+    @property
+    def problems(self) -> list[str]:
+        own = [f"site {s.index} ({s.module or s.kind}): {'; '.join(s.problems)}" for s in self.sites if s.problems]
+        first = self.sites[0]
+        read = [f"the sequence of site {first.index} ({first.module or first.kind}) is read by site {r.index} "
+                f"({r.module or r.kind}) of another sequence (cross-attention to merged tokens is not supported yet)"
+                for r in self.readers]
+        return own + read
+
+    @property
+    def mergeable(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class SiteDecision:
+    site: int
+    stream: int
+    merge: bool
+    reason: str = ""
+
+
+@dataclass
+class StreamPlan:
+    streams: list[Stream]
+    chosen: Optional[Stream]
+    decisions: list[SiteDecision]
+
+    def problems(self) -> str:
+        """Why nothing merges, site by site (for the fallback message)."""
+        return "; ".join(p for s in self.streams for p in s.problems)
+
+
+def group_streams(sites: list[AttentionSite]) -> list[Stream]:
+    """The streams of ``sites`` (in graph order), each with the foreign sites that read it."""
+    streams: list[Stream] = []
+    stream_of: dict[int, Stream] = {}
+    for site in sites:
+        upstream = gu.ancestors(site.residual) | {site.residual} if isinstance(site.residual, Node) else set()
+        earlier = [s for s in sites[: site.index] if s.stream_out is not None and s.stream_out in upstream]
+        if earlier:
+            stream = stream_of[earlier[-1].index]
+        else:
+            stream = Stream(len(streams))
+            streams.append(stream)
+        stream.sites.append(site)
+        stream_of[site.index] = stream
+    for site in sites:
+        # What the site attends over, not counting what reaches it through its own residual
+        # stream: a decoder's self-attention derives from the image only through its
+        # earlier cross-attention outputs, which carry the text's token axis.
+        own = site.residual
+        inputs = set()
+        for node in (site.q, site.k):
+            if isinstance(node, Node) and node is not own:
+                inputs |= gu.ancestors(node, stop=lambda n: n is own) | {node}
+        for stream in streams:
+            if stream is stream_of[site.index]:
+                continue
+            if any(s.stream_out in inputs for s in stream.sites if s.stream_out is not None):
+                stream.readers.append(site)
+    return streams
+
+
+def plan_streams(sites: list[AttentionSite]) -> StreamPlan:
+    """Group ``sites`` into streams and decide which one merges (see the module docstring)."""
+    streams = group_streams(sites)
+    candidates = [s for s in streams if s.mergeable]
+    chosen = max(candidates, key=lambda s: len(s.sites)) if candidates else None
+    decisions = []
+    for stream in streams:
+        for site in stream.sites:
+            if stream is chosen:
+                decisions.append(SiteDecision(site.index, stream.index, True))
+            else:
+                decisions.append(SiteDecision(site.index, stream.index, False, _untouched_reason(site, stream, chosen)))
+    decisions.sort(key=lambda d: d.site)
+    return StreamPlan(streams, chosen, decisions)
+
+
+def _untouched_reason(site: AttentionSite, stream: Stream, chosen: Optional[Stream]) -> str:
+    if site.problems:
+        return "; ".join(site.problems)
+    if not stream.mergeable:
+        return "another site of its sequence cannot merge: " + "; ".join(stream.problems)
+    assert chosen is not None
+    return f"another sequence merges (stream {chosen.index}, {len(chosen.sites)} sites); one merged sequence per graph"
