@@ -12,7 +12,9 @@ compiles the unmerged graph. Each row records
 * seconds per sample: for batched images the median over batches that did not compile,
   divided by the batch size; for texts (one compile per distinct length) every length group
   is run a second time and timed, and the total is divided by the number of texts;
-* the task's metrics (``VisionProbeTask``, ``TextSimilarityTask``) and their drop from the baseline.
+* the task's metrics (``VisionProbeTask``, ``TextSimilarityTask``) and their drop from the baseline;
+* ``samples``: what the metrics are computed from, per test sample (the tasks' ``score_samples``),
+  so that intervals and paired tests can be had from the JSON alone (``bench/intervals.py``).
 """
 from __future__ import annotations
 

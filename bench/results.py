@@ -1,4 +1,5 @@
-"""Writing evaluation results: markdown tables (tabulate), the raw JSON, and the plots."""
+"""Writing evaluation results: markdown tables (tabulate) with 95% intervals and paired
+comparisons (``intervals``), the raw JSON, and the plots."""
 from __future__ import annotations
 
 import json
@@ -137,6 +138,16 @@ def markdown(results, machine: str, command: str, extra: Sequence[str] = ()) -> 
 def write_results(results, out_dir: str, stem: str, machine: dict, machine_line: str, command: str,
                   plot_metrics: Sequence[str], extra_markdown: Sequence[str] = ()) -> dict[str, str]:
     """Write ``<stem>.md``, ``<stem>.json`` and the plots into ``out_dir``; returns the paths."""
+    paths = write_report(results, out_dir, stem, machine_line, command, plot_metrics, extra_markdown)
+    paths["json"] = os.path.join(out_dir, f"{stem}.json")
+    with open(paths["json"], "w") as f:
+        f.write(results_json({"machine": machine, "command": command, **results.to_dict()}))
+    return paths
+
+
+def write_report(results, out_dir: str, stem: str, machine_line: str, command: str,
+                 plot_metrics: Sequence[str], extra_markdown: Sequence[str] = ()) -> dict[str, str]:
+    """Write ``<stem>.md`` and the plots (not the JSON) into ``out_dir``; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for metric in plot_metrics:
@@ -150,10 +161,22 @@ def write_results(results, out_dir: str, stem: str, machine: dict, machine_line:
     paths["markdown"] = os.path.join(out_dir, f"{stem}.md")
     with open(paths["markdown"], "w") as f:
         f.write(text)
-    paths["json"] = os.path.join(out_dir, f"{stem}.json")
-    with open(paths["json"], "w") as f:
-        f.write(results_json({"machine": machine, "command": command, **results.to_dict()}))
     return paths
+
+
+def rerender(json_path: str) -> dict[str, str]:
+    """Rewrite the markdown and plots next to ``json_path`` from the JSON alone, with today's
+    tables and plots; the JSON is left as it is. The machine line is the one the markdown
+    already shows (the JSON keeps the machine as a dict, not that line); the plotted metrics
+    are those ``turbo-fx eval`` plots (every metric but cosine)."""
+    out_dir, name = os.path.split(json_path)
+    stem = os.path.splitext(name)[0]
+    with open(os.path.join(out_dir, f"{stem}.md")) as f:
+        machine_line = next(line for line in f if line.startswith("Machine: "))
+    machine_line = machine_line.strip()[len("Machine: "):].removesuffix(".")
+    results, _, command = load_results(json_path)
+    return write_report(results, out_dir, stem, machine_line, command,
+                        [m for m in results.metric_names if m != "cosine"])
 
 
 def results_json(payload: dict) -> str:

@@ -154,3 +154,22 @@ def test_speed_plot_draws_the_flop_ideal_line():
     (line,) = [l for l in fig.axes[0].get_lines() if l.get_label().startswith("FLOP-ideal")]
     assert list(line.get_xdata()) == [40.0, 60.0, 100.0]
     assert list(line.get_ydata()) == pytest.approx([40.0, 60.0, 100.0])
+
+
+def test_rerender_rewrites_markdown_and_plots_but_not_the_json(vision_run, tmp_path):
+    _, run, paths = vision_run
+    payload = json.load(open(paths["json"]))
+    for row in payload["rows"]:
+        del row["samples"]
+    json_path = tmp_path / "eval_old.json"
+    json_path.write_text(json.dumps(payload, indent=1))
+    (tmp_path / "eval_old.md").write_text("# Old\n\nMachine: a box, 2 cores; torch 2.\nno tables\n")
+    before = json_path.read_bytes()
+    written = results.rerender(str(json_path))
+    assert json_path.read_bytes() == before
+    assert sorted(written) == ["markdown", "tradeoff_knn_top1", "tradeoff_probe_top1"]
+    text = open(written["markdown"]).read()
+    assert "Machine: a box, 2 cores; torch 2.\n" in text and "no tables" not in text
+    base = payload["rows"][0]["metrics"]["knn_top1"]
+    low, high = wilson_by_hand(round(base * 30), 30)
+    assert f"{base:.4f} [{low:.3f}, {high:.3f}]" in text
