@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from . import graph_utils as gu
-from .find_attention import AttentionSite
+from .find_attention import CONSTANT_BIAS_PROBLEM, AttentionSite
 
 
 def mark_query_dependent_masks(gm: GraphModule, example_inputs: Sequence[Any], sites: list[AttentionSite]) -> int:
@@ -38,6 +38,47 @@ def mark_query_dependent_masks(gm: GraphModule, example_inputs: Sequence[Any], s
             site.problems.append("attention mask varies by query (causal or banded); merging needs a key-padding mask")
             marked += 1
     return marked
+
+
+def clear_all_allowing_constant_masks(gm: GraphModule, example_inputs: Sequence[Any],
+                                      sites: list[AttentionSite]) -> list[int]:
+    """Sites whose only problem is a mask built from shapes alone get it cleared, and their
+    ``mask`` set to None, when that mask lets every query see every key (all True, or all
+    zero): such a mask changes nothing, and merging drops it. Returns the cleared sites'
+    indices (``drop_cleared_masks`` repeats the clearing on a fresh copy of the sites)."""
+    candidates = [s for s in sites if s.constant_mask and s.problems == [CONSTANT_BIAS_PROBLEM]
+                  and _built_from_shapes_alone(s.mask)]
+    if not candidates:
+        return []
+    try:
+        values = _evaluate(gm, example_inputs, {s.mask for s in candidates})
+    except Exception:  # the problem stands
+        return []
+    cleared = [s.index for s in candidates if _allows_everything(values.get(s.mask))]
+    drop_cleared_masks(sites, cleared)
+    return cleared
+
+
+def _built_from_shapes_alone(mask: Node) -> bool:
+    """No graph input at all behind the mask, parameters included: a bias read from
+    parameters that happen to be zero now (BEiT's table at init) would stop being zero
+    when weights load in place, without a recompile."""
+    return not any(n.op in ("placeholder", "get_attr") for n in gu.ancestors(mask))
+
+
+def drop_cleared_masks(sites: list[AttentionSite], cleared: Sequence[int]) -> None:
+    for site in sites:
+        if site.index in cleared:
+            site.problems = [p for p in site.problems if p != CONSTANT_BIAS_PROBLEM]
+            site.dropped_mask, site.mask = site.mask, None
+
+
+def _allows_everything(mask: Any) -> bool:
+    if not isinstance(mask, torch.Tensor):
+        return False
+    if mask.dtype == torch.bool:
+        return bool(mask.all())
+    return bool((mask == 0).all())
 
 
 def _varies_by_query(mask: torch.Tensor) -> bool:

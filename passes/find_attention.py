@@ -2,7 +2,10 @@
 
 Matches
   * fused attention: ``scaled_dot_product_attention(q, k, v, attn_mask=..., scale=...)``;
-  * explicit attention: ``matmul(q, k^T) -> (scale) -> (+ mask) -> softmax -> (dropout, cast) -> matmul(., v)``.
+  * explicit attention: ``matmul(q, k^T) -> (scale) -> (+ mask) -> softmax -> (dropout, cast) -> matmul(., v)``;
+  * packed attention: ``F.multi_head_attention_forward(query, key, value, ...)``, the single
+    call that ``nn.MultiheadAttention`` (and so ``nn.TransformerEncoderLayer``, torchvision's
+    ViT, OpenAI CLIP) leaves in Dynamo's graph; its tokens are [N, B, C].
 For each site it identifies q and k (k with its token axis), the mask, the residual
 stream entering the sub-block and the add that closes it (and, for post-norm blocks,
 the LayerNorm right after that add), plus the module the site came from.
@@ -24,10 +27,13 @@ from torch.fx import GraphModule, Node
 from . import graph_utils as gu
 
 
+CONSTANT_BIAS_PROBLEM = "attention bias does not come from the input (e.g. a relative position bias)"
+
+
 @dataclass
 class AttentionSite:
     index: int
-    kind: str  # "sdpa" or "explicit"
+    kind: str  # "sdpa", "explicit" or "packed" (F.multi_head_attention_forward)
     attn: Node  # the SDPA call, or the probs @ v matmul
     q: Node
     k: Node
@@ -42,6 +48,12 @@ class AttentionSite:
     stream_out: Optional[Node] = None
     module: str = ""
     problems: list[str] = field(default_factory=list)
+    # The mask is built from no input (a relative position bias, or an all-true mask that
+    # transformers >= 5.17 builds from arange); check_masks clears the all-true kind.
+    constant_mask: bool = False
+    dropped_mask: Optional[Node] = None  # such an all-allowing mask, cleared by check_masks
+    # packed sites: the call's in-projection weight and bias and head count
+    in_proj: tuple = ()
 
     @property
     def mergeable(self) -> bool:
@@ -55,6 +67,8 @@ def find_attention_sites(gm: GraphModule) -> list[AttentionSite]:
         site = None
         if gu.is_sdpa(node):
             site = _sdpa_site(node)
+        elif gu.is_packed_attention(node):
+            site = _packed_site(node)
         elif gu.is_softmax(node):
             site = _explicit_site(node)
         if site is not None:
@@ -84,6 +98,34 @@ def _sdpa_site(node: Node) -> AttentionSite:
         site.problems.append("grouped-query attention")
     if scale is not None and not isinstance(scale, (int, float)):
         site.problems.append("attention scale is a tensor")
+    return site
+
+
+def _packed_site(node: Node) -> AttentionSite:
+    """``F.multi_head_attention_forward(query, key, value, ...)`` with [N, B, C] tokens."""
+    args = gu.packed_attention_args(node)
+    site = AttentionSite(
+        index=-1,
+        kind="packed",
+        attn=node,
+        q=args["query"],
+        k=args["key"],
+        k_token_axis=0,
+        mask=args["attn_mask"],
+        in_proj=(args["in_proj_weight"], args["in_proj_bias"], args["num_heads"]),
+    )
+    if args["is_causal"]:
+        site.problems.append("causal attention (merging would let tokens see the future)")
+    if args["use_separate_proj_weight"] or args["in_proj_weight"] is None:
+        site.problems.append("separate q/k/v projection weights (only the packed in-projection is supported)")
+    if args["bias_k"] is not None or args["add_zero_attn"]:
+        site.problems.append("extra key/value bias or zero attention (bias_k, add_zero_attn)")
+    if args["key_padding_mask"] is not None or args["attn_mask"] is not None:
+        site.problems.append("nn.MultiheadAttention with a key_padding_mask or attn_mask is not supported yet")
+    if args["static_k"] is not None or args["static_v"] is not None:
+        site.problems.append("static keys or values")
+    if not isinstance(args["num_heads"], int):
+        site.problems.append("the head count is not a constant")
     return site
 
 
@@ -213,7 +255,7 @@ def _check_site(site: AttentionSite) -> None:
     if site.closing_add is None:
         site.problems.append("no residual add closes the attention sub-block")
         return
-    if site.residual not in gu.ancestors(site.k):
+    if site.residual is not site.k and site.residual not in gu.ancestors(site.k):
         # Shape checks below compare against the site's own sequence; they mean nothing here.
         site.problems.append("cross-attention (keys come from another sequence)")
         return
@@ -222,18 +264,16 @@ def _check_site(site: AttentionSite) -> None:
     if q_shape is None or k_shape is None or stream_shape is None:
         site.problems.append("missing shape information")
         return
+    if site.kind == "packed":
+        _check_packed_shapes(site, q_shape, k_shape, stream_shape)
+        return
     if len(q_shape) != 4 or len(k_shape) != 4:
         site.problems.append(f"attention is not [batch, heads, tokens, dim] (q {q_shape})")
         return
     if q_shape[1] != k_shape[1]:
         site.problems.append("grouped-query attention (q and k head counts differ)")
     n_keys = k_shape[site.k_token_axis]
-    if len(stream_shape) == 3 and isinstance(stream_shape[1], torch.SymInt):
-        site.problems.append(
-            f"the token count is dynamic ({stream_shape[1]}): Dynamo made the sequence length symbolic after "
-            "calls with different lengths, and a merge plan needs a fixed count; compile with "
-            "torch.compile(..., dynamic=False) (one graph per length) or pad inputs to fixed lengths"
-        )
+    if _dynamic_tokens(site, stream_shape):
         return
     if len(stream_shape) != 3 or not isinstance(stream_shape[1], int) or stream_shape[1] != n_keys:
         site.problems.append(
@@ -242,6 +282,35 @@ def _check_site(site: AttentionSite) -> None:
     if q_shape[2] != n_keys:
         site.problems.append("query and key token counts differ")
     if isinstance(site.mask, Node) and not gu.depends_on_data(site.mask):
-        site.problems.append("attention bias does not come from the input (e.g. a relative position bias)")
+        site.constant_mask = True
+        site.problems.append(CONSTANT_BIAS_PROBLEM)
     elif site.mask is not None and not isinstance(site.mask, Node):
         site.problems.append("attention mask is a constant")
+
+
+def _check_packed_shapes(site: AttentionSite, q_shape: tuple, k_shape: tuple, stream_shape: tuple) -> None:
+    """Packed attention sees [N, B, C] tokens; the stream must be [B, N, C] (``batch_first``)."""
+    if len(q_shape) != 3 or len(k_shape) != 3:
+        site.problems.append(f"packed attention input is not [tokens, batch, channels] (query {q_shape})")
+        return
+    if _dynamic_tokens(site, stream_shape):
+        return
+    n_keys = k_shape[0]
+    if len(stream_shape) != 3 or stream_shape[1] != n_keys or stream_shape[0] != q_shape[1]:
+        site.problems.append(
+            f"residual stream {stream_shape} is not [batch, tokens, channels] with {n_keys} tokens "
+            "(a sequence-first model: nn.MultiheadAttention without batch_first)"
+        )
+    if q_shape[0] != n_keys:
+        site.problems.append("query and key token counts differ")
+
+
+def _dynamic_tokens(site: AttentionSite, stream_shape: tuple) -> bool:
+    if len(stream_shape) == 3 and isinstance(stream_shape[1], torch.SymInt):
+        site.problems.append(
+            f"the token count is dynamic ({stream_shape[1]}): Dynamo made the sequence length symbolic after "
+            "calls with different lengths, and a merge plan needs a fixed count; compile with "
+            "torch.compile(..., dynamic=False) (one graph per length) or pad inputs to fixed lengths"
+        )
+        return True
+    return False

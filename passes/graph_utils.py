@@ -1,6 +1,7 @@
 """Small matchers over torch-level (Dynamo) FX nodes, shared by the passes."""
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 from collections import deque
@@ -12,6 +13,7 @@ from torch.fx import Node
 
 SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+PACKED_ATTENTION_TARGETS = {F.multi_head_attention_forward}
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
 MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
@@ -47,6 +49,29 @@ def is_call(node: Node, functions: set, methods: set = frozenset()) -> bool:
 
 def is_sdpa(node: Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def is_packed_attention(node: Node) -> bool:
+    """``F.multi_head_attention_forward``: nn.MultiheadAttention reaches Dynamo's graph as this one call."""
+    return node.op == "call_function" and node.target in PACKED_ATTENTION_TARGETS
+
+
+def packed_attention_args(node: Node) -> dict[str, Any]:
+    """Every argument of a packed attention call by name, defaults filled in."""
+    bound = inspect.signature(F.multi_head_attention_forward).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def set_packed_attention_arg(node: Node, name: str, value: Any) -> None:
+    names = list(inspect.signature(F.multi_head_attention_forward).parameters)
+    index = names.index(name)
+    if len(node.args) > index:
+        args = list(node.args)
+        args[index] = value
+        node.args = tuple(args)
+    else:
+        node.update_kwarg(name, value)
 
 
 def is_add(node: Node) -> bool:

@@ -78,6 +78,8 @@ def insert_merges(
     for site, plan in zip(sites, plans):
         if bias is not None and (config.prop_attn or result.padding):
             _apply_key_bias(graph, site, bias, result, call)
+        elif bias is not None and site.dropped_mask is not None:
+            _drop_mask(site, result)
         if plan.r_applied == 0:
             continue
         stream = site.stream_out
@@ -86,7 +88,7 @@ def insert_merges(
                 sizes, assign = _initial_state(site, stream, result.padding, call)
                 result.assign_by_count[plan.tokens_in] = assign
             merged = call(
-                merge_fn, stream, sizes, assign, *_metric_args(site, config), *_semantic_args(site, config),
+                merge_fn, stream, sizes, assign, *_metric_args(site, config, call), *_semantic_args(site, config, call),
                 plan.r_applied, protected, config.fusion, config.alpha, config.beta, config.gamma,
                 site.index, result.padding, config.prop_attn, _logit_dtype(site),
                 config.symbolic_tokens and not config.fuse_merges and plan.tokens_out >= 2,
@@ -101,19 +103,28 @@ def insert_merges(
     return result
 
 
-def _metric_args(site: AttentionSite, config: TurboConfig) -> tuple:
+def _metric_args(site: AttentionSite, config: TurboConfig, call) -> tuple:
+    if site.kind == "packed":
+        weight, bias, heads = site.in_proj
+        tokens, which = (site.k, 1) if config.metric == "keys" else (site.q, 0)
+        return call(ops.packed_head_mean, tokens, weight, bias, heads, which), -2
     if config.metric == "keys":
         return site.k, site.k_token_axis
     return site.q, -2
 
 
-def _semantic_args(site: AttentionSite, config: TurboConfig) -> tuple:
+def _semantic_args(site: AttentionSite, config: TurboConfig, call) -> tuple:
     """(q, k, mask, probs, scale) for the semantic value: the CLS row recomputed for
-    SDPA, the materialised probabilities for explicit attention, nothing when off."""
+    SDPA, the materialised probabilities for explicit attention, the CLS row folded into
+    the key weight for packed attention, nothing when off."""
     if not config.semantic:
         return None, None, None, None, None
     if site.kind == "explicit":
         return None, None, None, site.softmax, None
+    if site.kind == "packed":
+        weight, bias, heads = site.in_proj
+        key_bias = gu.packed_attention_args(site.attn)["key_padding_mask"]
+        return None, None, None, call(ops.packed_cls_probs, site.q, weight, bias, heads, key_bias), None
     return site.q, site.k, gu.sdpa_arg(site.attn, "attn_mask"), None, site.scale
 
 
@@ -131,7 +142,11 @@ def _initial_state(site: AttentionSite, stream: Node, padding: bool, call):
 
 def _apply_key_bias(graph, site: AttentionSite, bias: Node, result: MergeInsertion, call) -> None:
     """Give a site after the first merge the size-derived key bias in place of its mask."""
-    if site.kind == "sdpa":
+    if site.kind == "packed":
+        with graph.inserting_before(site.attn):
+            gu.set_packed_attention_arg(site.attn, "key_padding_mask", call(ops.key_padding_bias, bias))
+        result.touched.add(site.attn)
+    elif site.kind == "sdpa":
         gu.set_sdpa_arg(site.attn, "attn_mask", bias)
         result.touched.add(site.attn)
     elif site.mask_add is not None:
@@ -146,6 +161,19 @@ def _apply_key_bias(graph, site: AttentionSite, bias: Node, result: MergeInserti
         result.touched.add(site.softmax)
 
 
+def _drop_mask(site: AttentionSite, result: MergeInsertion) -> None:
+    """Remove an all-allowing constant mask (built for the unmerged token count) from a
+    site after the first merge, when no key bias takes its place."""
+    if site.kind == "sdpa":
+        gu.set_sdpa_arg(site.attn, "attn_mask", None)
+        result.touched.add(site.attn)
+    elif site.mask_add is not None:
+        args = list(site.mask_add.args)
+        args[args.index(site.dropped_mask)] = 0.0
+        site.mask_add.args = tuple(args)
+        result.touched.add(site.mask_add)
+
+
 def _logit_dtype(site: AttentionSite) -> torch.dtype:
-    value = gu.example_value(site.q if site.kind == "sdpa" else site.logits)
+    value = gu.example_value(site.q if site.kind in ("sdpa", "packed") else site.logits)
     return value.dtype if isinstance(value, torch.Tensor) else torch.float32

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 from torch.fx import GraphModule
 
 from turbo_fx.config import TurboConfig
-from turbo_fx.passes.check_masks import mark_query_dependent_masks
+from turbo_fx.passes.check_masks import clear_all_allowing_constant_masks, drop_cleared_masks, mark_query_dependent_masks
 from turbo_fx.passes.find_attention import find_attention_sites
 from turbo_fx.passes.insert_merges import insert_merges, plan_merges
 from turbo_fx.passes.propagate_shapes import CannotRewrite, ShapeHints, propagate_shapes
@@ -53,7 +53,9 @@ def rewrite_graph(
     sites = find_attention_sites(gm)
     if not sites:
         raise CannotRewrite("no attention site found in the graph")
+    cleared: list[int] = []
     if example_inputs is not None:
+        cleared = clear_all_allowing_constant_masks(gm, example_inputs, sites)
         mark_query_dependent_masks(gm, example_inputs, [s for s in sites if not s.problems])
     plan = plan_streams(sites)
     report.sites = site_reports(sites, plan)
@@ -76,23 +78,24 @@ def rewrite_graph(
         raise CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")
 
     chosen = {s.index for s in sites}
-    rewritten = _build(gm, fake_mode, config.replace(symbolic_tokens=False), protected, report, chosen)
+    rewritten = _build(gm, fake_mode, config.replace(symbolic_tokens=False), protected, report, chosen, cleared)
     # Symbolic token counts only serve a compiler that generates kernels; "eager" runs the
     # graph as it is, so the second build would be wasted work.
     if config.symbolic_tokens and not config.fuse_merges and config.inner_backend != "eager":
         try:
-            rewritten = _build(gm, fake_mode, config, protected, report, chosen)
+            rewritten = _build(gm, fake_mode, config, protected, report, chosen, cleared)
         except CannotRewrite as exc:
             log.info("turbo: kept concrete token counts; symbolic ones failed: %s", exc)
     return rewritten
 
 
 def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: int, report: GraphReport,
-           chosen: set[int]) -> GraphModule:
+           chosen: set[int], cleared_masks: list[int]) -> GraphModule:
     """One rewrite of a fresh copy of ``gm``: insert merges at the ``chosen`` sites (one
     stream), re-propagate, restore outputs."""
     work = copy_graph_module(gm)
     sites = [s for s in find_attention_sites(work) if s.index in chosen]
+    drop_cleared_masks(sites, cleared_masks)
     old_values = {n: n.meta.get("example_value") for n in work.graph.nodes}
     insertion = insert_merges(work, sites, report.blocks, config, protected)
     for merged, original in insertion.replaced.items():

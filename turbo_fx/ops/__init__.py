@@ -5,6 +5,8 @@
 - ``attention_bias``: per-key validity, the key-padding check and the ``log(size)`` key bias;
 - ``restore``: original token count back (each original token takes its merged token's value);
 - ``reductions``: size-weighted token-axis sums and means;
+- ``packed_attention``: the metric and CLS row for ``F.multi_head_attention_forward`` sites
+  (nn.MultiheadAttention), whose projected keys never reach the graph;
 - ``merge_step``: one block's whole merge step as the opaque op ``torch.ops.turbo_fx.merge_block``,
   and ``record_merges``.
 
@@ -27,6 +29,7 @@ from .merge import (
     merge_tokens,
 )
 from .merge_step import MergeRecord, _is_fake, merge_block, merge_block_op, record_merges
+from .packed_attention import key_padding_bias, packed_cls_probs, packed_head_mean
 from .reductions import weighted_token_mean, weighted_token_sum
 from .restore import restore_tokens
 from .semantic import cls_attention, cls_attention_from_probs
@@ -37,5 +40,5 @@ __all__ = [
     "compose_assign", "head_mean", "information_degree", "initial_assign", "initial_sizes",
     "merge_count", "merge_tokens", "MergeRecord", "merge_block", "merge_block_op", "record_merges",
     "weighted_token_mean", "weighted_token_sum", "restore_tokens", "cls_attention",
-    "cls_attention_from_probs", "_is_fake",
+    "cls_attention_from_probs", "_is_fake", "key_padding_bias", "packed_cls_probs", "packed_head_mean",
 ]
