@@ -22,6 +22,9 @@ from . import graph_utils as gu
 from .find_attention import CONSTANT_BIAS_PROBLEM, AttentionSite
 
 
+QUERY_DEPENDENT_PROBLEM = "attention mask varies by query (causal or banded); merging needs a key-padding mask"
+
+
 def mark_query_dependent_masks(gm: GraphModule, example_inputs: Sequence[Any], sites: list[AttentionSite]) -> int:
     """Add a problem to each site of ``sites`` whose mask rows differ; returns how many."""
     masks = {site.mask for site in sites if isinstance(site.mask, Node)}
@@ -35,7 +38,7 @@ def mark_query_dependent_masks(gm: GraphModule, example_inputs: Sequence[Any], s
     for site in sites:
         mask = values.get(site.mask)
         if isinstance(mask, torch.Tensor) and _varies_by_query(mask):
-            site.problems.append("attention mask varies by query (causal or banded); merging needs a key-padding mask")
+            site.problems.append(QUERY_DEPENDENT_PROBLEM)
             marked += 1
     return marked
 
@@ -55,6 +58,11 @@ def clear_all_allowing_constant_masks(gm: GraphModule, example_inputs: Sequence[
     except Exception:  # the problem stands
         return []
     cleared = [s.index for s in candidates if _allows_everything(values.get(s.mask))]
+    for site in candidates:
+        value = values.get(site.mask)
+        if site.index not in cleared and isinstance(value, torch.Tensor) and _varies_by_query(value):
+            # Built from arange, as transformers >= 5.17 builds causal masks: say what it is.
+            site.problems = [QUERY_DEPENDENT_PROBLEM if p == CONSTANT_BIAS_PROBLEM else p for p in site.problems]
     drop_cleared_masks(sites, cleared)
     return cleared
 

@@ -151,7 +151,7 @@ def _apply_key_bias(graph, site: AttentionSite, bias: Node, result: MergeInserti
         result.touched.add(site.attn)
     elif site.mask_add is not None:
         args = list(site.mask_add.args)
-        args[args.index(site.mask)] = bias
+        args[args.index(site.mask if site.mask is not None else site.dropped_mask)] = bias
         site.mask_add.args = tuple(args)
         result.touched.add(site.mask_add)
     else:
