@@ -49,10 +49,12 @@ def rows_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: str = "gi
 
 
 def format_interval(value: float, interval: Optional[tuple[float, float]]) -> str:
-    """``0.8135 [0.796, 0.830]``; ``[-]`` where the row has no interval."""
+    """``0.8135 [0.796, 0.830]``; ``[-]`` where the row has no interval. An interval narrower
+    than 0.01 (cosines) gets 4 decimals: at 3, 0.9999 would read [1.000, 1.000]."""
     if interval is None:
         return f"{value:.4f} [-]"
-    return f"{value:.4f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+    digits = 3 if interval[1] - interval[0] >= 0.01 else 4
+    return f"{value:.4f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
 
 
 def format_p(p: float) -> str:

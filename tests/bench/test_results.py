@@ -35,6 +35,7 @@ def vision_run(tmp_path_factory):
 def test_format_interval():
     assert results.format_interval(0.8135, (0.79612, 0.83049)) == "0.8135 [0.796, 0.830]"
     assert results.format_interval(0.8135, None) == "0.8135 [-]"
+    assert results.format_interval(0.99985, (0.99981, 0.99989)) == "0.9999 [0.9998, 0.9999]"
     assert results.format_p(0.0004) == "<0.001" and results.format_p(0.5234) == "0.523"
 
 
