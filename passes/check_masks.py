@@ -71,7 +71,7 @@ def _built_from_shapes_alone(mask: Node) -> bool:
     """No graph input at all behind the mask, parameters included: a bias read from
     parameters that happen to be zero now (BEiT's table at init) would stop being zero
     when weights load in place, without a recompile."""
-    return not any(n.op in ("placeholder", "get_attr") for n in gu.ancestors(mask))
+    return not any(n.op in ("placeholder", "get_attr") for n in gu.ancestors(mask) | {mask})
 
 
 def drop_cleared_masks(sites: list[AttentionSite], cleared: Sequence[int]) -> None:

@@ -13,6 +13,9 @@ For each attention site, in graph order, with ``r`` clamped by ``merge_count``:
     attention), the merge, the updated ``assign`` map and the next key bias. Every
     later use of the stream takes the merged one.
 
+Cross-attention sites of other sequences that read the merged tokens (``readers``) get the
+key bias of the merge state they read, in place of their (absent) mask.
+
 Guarantees: only inserts calls into ``turbo_fx.ops`` and edits the mask argument
 of attention calls; the returned ``MergeInsertion`` lists every node it added or
 edited (for shape propagation) and the assign map at each token count (for
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.fx import GraphModule, Node
@@ -63,8 +66,11 @@ def insert_merges(
     plans: list[BlockReport],
     config: TurboConfig,
     protected: int,
+    readers: Sequence[tuple[AttentionSite, int]] = (),
 ) -> MergeInsertion:
-    """Insert the merges of ``plans`` into ``gm`` (see the module docstring)."""
+    """Insert the merges of ``plans`` into ``gm`` (see the module docstring). ``readers``:
+    cross-attention sites of other sequences over the merged one, each with the index of
+    the merged sequence's site whose output they read."""
     graph = gm.graph
     result = MergeInsertion(blocks=plans, padding=any(s.mask is not None for s in sites))
     merge_fn = ops.merge_block if config.fuse_merges else torch.ops.turbo_fx.merge_block.default
@@ -75,12 +81,17 @@ def insert_merges(
         result.touched.add(node)
         return node
 
-    for site, plan in zip(sites, plans):
+    def rebias(site: AttentionSite, bias: Optional[Node]) -> None:
         if bias is not None and (config.prop_attn or result.padding):
             _apply_key_bias(graph, site, bias, result, call)
         elif bias is not None and site.dropped_mask is not None:
             _drop_mask(site, result)
+
+    bias_after: dict[int, Optional[Node]] = {}
+    for site, plan in zip(sites, plans):
+        rebias(site, bias)
         if plan.r_applied == 0:
+            bias_after[site.index] = bias
             continue
         stream = site.stream_out
         with graph.inserting_before(stream.next):
@@ -100,6 +111,11 @@ def insert_merges(
         result.touched.update(new_stream.users)
         result.replaced[new_stream] = stream
         result.assign_by_count[plan.tokens_out] = assign
+        bias_after[site.index] = bias
+    # Cross-attention from other sequences over the merged tokens: the key bias of the
+    # merge state they read (the last merge at or before the site they read after).
+    for reader, after in readers:
+        rebias(reader, bias_after.get(after))
     return result
 
 

@@ -68,6 +68,8 @@ def _recorded_value(gm: GraphModule, node: Node, fake_mode) -> Any:
     if node.op == "get_attr":
         value = _fetch_attr(gm, node.target)
         return fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+    if node.op in ("call_function", "call_method") and not node.users:
+        return None  # a call kept for its side effect (torch._C._log_api_usage_once): nothing reads it
     raise CannotRewrite(f"node {node.name} has no recorded value")
 
 

@@ -6,14 +6,17 @@ comes from the previous site of the chain. A site joins the stream of the latest
 site whose output its residual input derives from; a site whose residual derives from no
 earlier site starts a new stream.
 
-A stream can merge when every one of its sites is mergeable and no site of another stream
-reads its tokens (cross-attention to merged tokens needs the key-size bias, which is not
-built yet). Of those, the stream with the most sites merges (the first one on a tie); the
-other streams stay exactly as they are, and so do their outputs.
+A stream can merge when every one of its sites is mergeable and every site of another
+stream that reads its tokens (cross-attention: BLIP's text encoder over the image tokens)
+can take merged keys: such a *reader* then attends over the merged tokens with their
+``log(size)`` key bias, which for exact duplicates gives the unmerged result. Of the
+streams that can merge, the one with the most sites merges (the first one on a tie); the
+other streams run their own computation unchanged.
 
-Guarantees: the graph is not modified. Every site gets a decision, ``merge`` or
-``untouched``, with a reason for the latter that names the site's own problems, the site
-that reads its tokens, or the stream that merges instead.
+Guarantees: the graph is not modified. Every site gets a decision: it merges, it reads
+the merged tokens (``reads``: after which merged site), or it is untouched, with a reason
+that names the site's own problems, a reader that cannot take merged tokens, or the stream
+that merges instead.
 """
 from __future__ import annotations
 
@@ -31,19 +34,36 @@ class Stream:
     index: int
     sites: list[AttentionSite] = field(default_factory=list)
     readers: list[AttentionSite] = field(default_factory=list)  # sites of other streams that read its tokens
+    # reader index -> the latest site of this stream whose output the reader's keys derive from
+    read_after: dict[int, int] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[str]:
         own = [f"site {s.index} ({s.module or s.kind}): {'; '.join(s.problems)}" for s in self.sites if s.problems]
         first = self.sites[0]
         read = [f"the sequence of site {first.index} ({first.module or first.kind}) is read by site {r.index} "
-                f"({r.module or r.kind}) of another sequence (cross-attention to merged tokens is not supported yet)"
-                for r in self.readers]
+                f"({r.module or r.kind}) of another sequence, which cannot take merged tokens: {why}"
+                for r in self.readers for why in [reader_problem(r)] if why]
         return own + read
 
     @property
     def mergeable(self) -> bool:
         return not self.problems
+
+
+def reader_problem(site: AttentionSite) -> str:
+    """Why a cross-attention site cannot attend over merged tokens ('' if it can): it needs
+    keys whose token axis is the merged one and no mask of its own, so that the key-size
+    bias can be its whole mask."""
+    if site.kind not in ("sdpa", "explicit"):
+        return f"{site.kind} attention as a reader is not supported yet"
+    if site.mask is not None:
+        return "it has its own attention mask over the merged tokens"
+    if site.kind == "explicit" and site.softmax is None:
+        return "no softmax to bias"
+    if gu.tensor_shape(site.k) is None or len(gu.tensor_shape(site.k)) != 4:
+        return "its keys are not [batch, heads, tokens, dim]"
+    return ""
 
 
 @dataclass
@@ -52,6 +72,7 @@ class SiteDecision:
     stream: int
     merge: bool
     reason: str = ""
+    reads: Optional[int] = None  # the merged site whose tokens this cross-attention site reads
 
 
 @dataclass
@@ -91,8 +112,10 @@ def group_streams(sites: list[AttentionSite]) -> list[Stream]:
         for stream in streams:
             if stream is stream_of[site.index]:
                 continue
-            if any(s.stream_out in inputs for s in stream.sites if s.stream_out is not None):
+            read = [s for s in stream.sites if s.stream_out is not None and s.stream_out in inputs]
+            if read:
                 stream.readers.append(site)
+                stream.read_after[site.index] = read[-1].index
     return streams
 
 
@@ -102,10 +125,16 @@ def plan_streams(sites: list[AttentionSite]) -> StreamPlan:
     candidates = [s for s in streams if s.mergeable]
     chosen = max(candidates, key=lambda s: len(s.sites)) if candidates else None
     decisions = []
+    readers = {r.index: chosen.read_after[r.index] for r in chosen.readers} if chosen else {}
     for stream in streams:
         for site in stream.sites:
             if stream is chosen:
                 decisions.append(SiteDecision(site.index, stream.index, True))
+            elif site.index in readers:
+                decisions.append(SiteDecision(site.index, stream.index, False,
+                                              f"cross-attention over the merged tokens (as left by site "
+                                              f"{readers[site.index]}), with their log-size key bias",
+                                              reads=readers[site.index]))
             else:
                 decisions.append(SiteDecision(site.index, stream.index, False, _untouched_reason(site, stream, chosen)))
     decisions.sort(key=lambda d: d.site)

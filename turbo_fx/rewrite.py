@@ -78,26 +78,30 @@ def rewrite_graph(
         raise CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")
 
     chosen = {s.index for s in sites}
-    rewritten = _build(gm, fake_mode, config.replace(symbolic_tokens=False), protected, report, chosen, cleared)
+    readers = dict(plan.chosen.read_after)
+    rewritten = _build(gm, fake_mode, config.replace(symbolic_tokens=False), protected, report, chosen, cleared, readers)
     # Symbolic token counts only serve a compiler that generates kernels; "eager" runs the
     # graph as it is, so the second build would be wasted work.
     if config.symbolic_tokens and not config.fuse_merges and config.inner_backend != "eager":
         try:
-            rewritten = _build(gm, fake_mode, config, protected, report, chosen, cleared)
+            rewritten = _build(gm, fake_mode, config, protected, report, chosen, cleared, readers)
         except CannotRewrite as exc:
             log.info("turbo: kept concrete token counts; symbolic ones failed: %s", exc)
     return rewritten
 
 
 def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: int, report: GraphReport,
-           chosen: set[int], cleared_masks: list[int]) -> GraphModule:
+           chosen: set[int], cleared_masks: list[int], readers: dict[int, int]) -> GraphModule:
     """One rewrite of a fresh copy of ``gm``: insert merges at the ``chosen`` sites (one
-    stream), re-propagate, restore outputs."""
+    stream) and the key bias at the cross-attention sites that read it, re-propagate,
+    restore outputs."""
     work = copy_graph_module(gm)
-    sites = [s for s in find_attention_sites(work) if s.index in chosen]
-    drop_cleared_masks(sites, cleared_masks)
+    every_site = find_attention_sites(work)
+    drop_cleared_masks(every_site, cleared_masks)
+    sites = [s for s in every_site if s.index in chosen]
+    reading = [(every_site[i], after) for i, after in sorted(readers.items())]
     old_values = {n: n.meta.get("example_value") for n in work.graph.nodes}
-    insertion = insert_merges(work, sites, report.blocks, config, protected)
+    insertion = insert_merges(work, sites, report.blocks, config, protected, reading)
     for merged, original in insertion.replaced.items():
         old_values[merged] = old_values[original]
     hints = ShapeHints()
@@ -114,6 +118,6 @@ def site_reports(sites, plan: StreamPlan) -> list[SiteReport]:
     by_index = {s.index: s for s in sites}
     return [
         SiteReport(d.site, by_index[d.site].module, by_index[d.site].kind, d.stream,
-                   "merges" if d.merge else "untouched", d.reason)
+                   "merges" if d.merge else ("reads merged" if d.reads is not None else "untouched"), d.reason)
         for d in plan.decisions
     ]

@@ -3,8 +3,6 @@ and every other sequence runs exactly as the unmerged model (bit for bit, since 
 ops run on the same values)."""
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from torch import nn
@@ -106,19 +104,6 @@ def test_two_towers_report_names_the_stream_that_merges(turbo):
     assert all(s.decision == "untouched" and "another sequence merges" in s.reason for s in text_sites)
     assert len({s.stream for s in text_sites}) == 1
     assert {s.stream for s in report.sites if s.decision == "merges"}.isdisjoint({text_sites[0].stream})
-
-
-def test_a_sequence_read_by_cross_attention_stays_unmerged_and_says_by_whom(turbo, caplog):
-    torch.manual_seed(0)
-    config = tf.BlipConfig(vision_config=VISION, text_config=dict(TEXT, encoder_hidden_size=48), projection_dim=16)
-    model = tf.BlipForImageTextRetrieval(config).eval()
-    inputs = dict(input_ids=text_inputs(), pixel_values=images(2, size=32))
-    with caplog.at_level(logging.WARNING, logger="turbo_fx"):
-        out = turbo(model, r=4)(**inputs)
-    with torch.no_grad():
-        plain = model(**inputs)
-    assert "is read by site 3 (text_encoder.encoder.layer.0.crossattention.self)" in caplog.text
-    assert torch.allclose(out.itm_score, plain.itm_score, atol=1e-6)
 
 
 def test_explain_lists_every_site_with_its_decision():

@@ -1,0 +1,112 @@
+"""Cross-attention over merged tokens: a site of another sequence whose keys come from the
+merged one (BLIP's text encoder and decoder over the image tokens) attends over the merged
+tokens with their log-size key bias, so for exact duplicates it gives the unmerged result."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_builders import images
+
+tf = pytest.importorskip("transformers")
+
+SMALL = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)
+# initializer_range: BLIP's default (1e-10) makes every random image token the same.
+BLIP = dict(vision_config=dict(SMALL, image_size=32, patch_size=4, initializer_range=0.02),
+            text_config=dict(SMALL, vocab_size=100, max_position_embeddings=32, encoder_hidden_size=48,
+                             initializer_range=0.02),
+            projection_dim=16)
+
+
+def two_pattern_images(batch: int = 2) -> torch.Tensor:
+    """An 8x8 grid of 4-px patches: pattern A in 48 patches, pattern B in 16, so the image
+    tokens are exact duplicates of two kinds in unequal numbers (once positions are zero)."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(batch, 3, 4, 4, generator=g), torch.randn(batch, 3, 4, 4, generator=g)
+    grid = a.repeat(1, 1, 8, 8)
+    grid[:, :, :8, :] = b.repeat(1, 1, 2, 8)  # the top two patch rows
+    return grid
+
+
+def blip(cls):
+    torch.manual_seed(0)
+    model = cls(tf.BlipConfig(**BLIP)).eval()
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.zero_()
+    return model
+
+
+def text_ids() -> torch.Tensor:
+    return torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def test_blip_itm_merges_the_image_and_its_text_encoder_reads_the_merged_tokens(turbo):
+    model = blip(tf.BlipForImageTextRetrieval)
+    inputs = dict(input_ids=text_ids(), pixel_values=images(2, size=32))
+    compiled = turbo(model, r=6)
+    out = compiled(**inputs)
+    report = compiled.report
+    assert report.fallback_reason is None
+    assert report.tokens_per_block == [65, 59]
+    decisions = {s.module: s.decision for s in report.sites}
+    assert decisions["vision_model.encoder.layers.1.self_attn"] == "merges"
+    assert decisions["text_encoder.encoder.layer.0.crossattention.self"] == "reads merged"
+    assert decisions["text_encoder.encoder.layer.0.attention.self"] == "untouched"
+    with torch.no_grad():
+        plain = model(**inputs)
+    assert out.itm_score.shape == plain.itm_score.shape
+    assert not torch.allclose(out.itm_score, plain.itm_score, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls, field", [
+    (tf.BlipForImageTextRetrieval, "itm_score"),
+    (tf.BlipForConditionalGeneration, "logits"),
+])
+def test_cross_attention_over_merged_duplicates_gives_the_unmerged_result(turbo, cls, field):
+    model = blip(cls)
+    inputs = dict(input_ids=text_ids(), pixel_values=two_pattern_images())
+    with torch.no_grad():
+        plain = getattr(model(**inputs), field)
+    merged = turbo(model, r=8)
+    out = getattr(merged(**inputs), field)
+    assert merged.report.merges == 2
+    assert torch.allclose(out, plain, atol=1e-4), (out - plain).abs().max()
+    # Without the size bias the text side weighs each merged token once: the result moves.
+    unbiased = getattr(turbo(model, r=8, prop_attn=False)(**inputs), field)
+    assert not torch.allclose(unbiased, plain, atol=1e-3)
+
+
+class MaskedReader(nn.Module):
+    """A timm ViT and one cross-attention layer over its tokens with a key mask of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        timm = pytest.importorskip("timm")
+        torch.manual_seed(0)
+        self.vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2,
+                                     num_classes=0, embed_dim=48, num_heads=3)
+        self.query = nn.Parameter(torch.randn(1, 4, 48))
+        self.q, self.kv = nn.Linear(48, 48), nn.Linear(48, 96)
+
+    def forward(self, pixels, key_mask):
+        tokens = self.vit.forward_features(pixels)  # [B, 65, 48]
+        b = tokens.shape[0]
+        q = self.q(self.query.expand(b, -1, -1)).reshape(b, 4, 3, 16).transpose(1, 2)
+        k, v = self.kv(tokens).reshape(b, -1, 2, 3, 16).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        query_stream = self.query.expand(b, -1, -1)
+        return query_stream + out.transpose(1, 2).reshape(b, 4, 48)
+
+
+def test_a_reader_with_its_own_mask_keeps_the_image_unmerged(turbo, caplog):
+    model = MaskedReader().eval()
+    pixels, key_mask = images(2, size=32), torch.ones(2, 65, dtype=torch.bool)
+    with caplog.at_level(logging.WARNING, logger="turbo_fx"):
+        out = turbo(model, r=4)(pixels, key_mask)
+    assert "it has its own attention mask over the merged tokens" in caplog.text
+    with torch.no_grad():
+        assert torch.allclose(out, model(pixels, key_mask), atol=1e-6)
