@@ -64,14 +64,7 @@ def packed_attention_args(node: Node) -> dict[str, Any]:
 
 
 def set_packed_attention_arg(node: Node, name: str, value: Any) -> None:
-    names = list(inspect.signature(F.multi_head_attention_forward).parameters)
-    index = names.index(name)
-    if len(node.args) > index:
-        args = list(node.args)
-        args[index] = value
-        node.args = tuple(args)
-    else:
-        node.update_kwarg(name, value)
+    _set_call_arg(node, list(inspect.signature(F.multi_head_attention_forward).parameters).index(name), name, value)
 
 
 def is_add(node: Node) -> bool:
@@ -103,7 +96,12 @@ def sdpa_arg(node: Node, name: str, default: Any = None) -> Any:
 
 
 def set_sdpa_arg(node: Node, name: str, value: Any) -> None:
-    index = SDPA_PARAMS.index(name)
+    _set_call_arg(node, SDPA_PARAMS.index(name), name, value)
+
+
+def _set_call_arg(node: Node, index: int, name: str, value: Any) -> None:
+    """Set a call's argument where it was passed: by position when the call has that many
+    positional arguments, else by keyword."""
     if len(node.args) > index:
         args = list(node.args)
         args[index] = value

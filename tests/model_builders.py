@@ -83,3 +83,12 @@ def duplicated_pairs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         pos = model.pos_embed[0, p:]  # [16, C], prefix entries come first in these models
         pos[1::2] = pos[0::2]
     return x
+
+
+def tiny_timm_vit(depth: int) -> torch.nn.Module:
+    """A timm ViT on 32x32 images, patch 4 (65 tokens), width 48, 3 heads, no head."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=depth,
+                             num_classes=0, embed_dim=48, num_heads=3)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_builders import images
+from model_builders import images, tiny_timm_vit
 
 tf = pytest.importorskip("transformers")
 
@@ -85,10 +85,8 @@ class MaskedReader(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        timm = pytest.importorskip("timm")
-        torch.manual_seed(0)
-        self.vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2,
-                                     num_classes=0, embed_dim=48, num_heads=3)
+        pytest.importorskip("timm")
+        self.vit = tiny_timm_vit(depth=2)
         self.query = nn.Parameter(torch.randn(1, 4, 48))
         self.q, self.kv = nn.Linear(48, 48), nn.Linear(48, 96)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_builders import images
+from model_builders import images, tiny_timm_vit
 
 tf = pytest.importorskip("transformers")
 
@@ -73,10 +73,8 @@ class TwoTowers(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        timm = pytest.importorskip("timm")
-        torch.manual_seed(0)
-        self.image = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3,
-                                       num_classes=0, embed_dim=48, num_heads=3)
+        pytest.importorskip("timm")
+        self.image = tiny_timm_vit(depth=3)
         self.text = tf.BertModel(tf.BertConfig(**TEXT), add_pooling_layer=False)
 
     def forward(self, pixels, ids):
