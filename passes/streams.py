@@ -41,6 +41,13 @@ class Stream:
     def problems(self) -> list[str]:
         own = [f"site {s.index} ({s.module or s.kind}): {'; '.join(s.problems)}" for s in self.sites if s.problems]
         first = self.sites[0]
+        counts = {gu.tensor_shape(s.residual)[1] for s in self.sites
+                  if gu.tensor_shape(s.residual) is not None and len(gu.tensor_shape(s.residual)) == 3}
+        if len(counts) > 1:
+            # Unmerged, every site of one sequence sees the same token count; a sequence that
+            # grows (tokens of another sequence concatenated in) needs a merge plan per part.
+            own.append(f"the sequence of site {first.index} ({first.module or first.kind}) changes its token "
+                       f"count between sites ({sorted(counts)}): tokens are concatenated into it")
         read = [f"the sequence of site {first.index} ({first.module or first.kind}) is read by site {r.index} "
                 f"({r.module or r.kind}) of another sequence, which cannot take merged tokens: {why}"
                 for r in self.readers for why in [reader_problem(r)] if why]

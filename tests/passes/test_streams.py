@@ -114,3 +114,31 @@ def test_explain_lists_every_site_with_its_decision():
     assert "text_model.encoder.layers.1.self_attn" in text and "causal" in text
     graph = report.graphs[0]
     assert [s.decision for s in graph.sites] == ["merges", "merges", "untouched", "untouched"]
+
+
+class GrowingSequence(nn.Module):
+    """Image tokens through two blocks, then learned extra tokens concatenated onto them and
+    two more blocks (single-stream fusion): one sequence whose token count changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        pytest.importorskip("timm")
+        self.vit = tiny_timm_vit(depth=4)
+        self.extra = nn.Parameter(torch.randn(1, 6, 48))
+
+    def forward(self, pixels):
+        x = self.vit.patch_embed(pixels)
+        x = self.vit._pos_embed(x)
+        x = self.vit.blocks[1](self.vit.blocks[0](x))
+        x = torch.cat([x, self.extra.expand(x.shape[0], -1, -1)], dim=1)
+        return self.vit.blocks[3](self.vit.blocks[2](x))
+
+
+def test_a_sequence_whose_token_count_grows_stays_unmerged_with_a_reason(turbo):
+    model = GrowingSequence().eval()
+    pixels = images(2, size=32)
+    compiled = turbo(model, r=4)
+    out = compiled(pixels)
+    assert "changes its token count between sites ([65, 71])" in compiled.report.fallback_reason
+    with torch.no_grad():
+        assert torch.allclose(out, model(pixels), atol=1e-6)
