@@ -41,8 +41,9 @@ class Stream:
     def problems(self) -> list[str]:
         own = [f"site {s.index} ({s.module or s.kind}): {'; '.join(s.problems)}" for s in self.sites if s.problems]
         first = self.sites[0]
-        counts = {gu.tensor_shape(s.residual)[1] for s in self.sites
-                  if gu.tensor_shape(s.residual) is not None and len(gu.tensor_shape(s.residual)) == 3}
+        shapes = [gu.tensor_shape(s.residual) for s in self.sites]
+        # Symbolic counts are not compared (each such site already says its count is dynamic).
+        counts = {shape[1] for shape in shapes if shape is not None and len(shape) == 3 and isinstance(shape[1], int)}
         if len(counts) > 1:
             # Unmerged, every site of one sequence sees the same token count; a sequence that
             # grows (tokens of another sequence concatenated in) needs a merge plan per part.
