@@ -108,3 +108,44 @@ def test_a_reader_with_its_own_mask_keeps_the_image_unmerged(turbo, caplog):
     assert "it has its own attention mask over the merged tokens" in caplog.text
     with torch.no_grad():
         assert torch.allclose(out, model(pixels, key_mask), atol=1e-6)
+
+
+class QFormerFeatures(nn.Module):
+    """BLIP-2's image side: the vision tower, then the Q-Former's learned queries
+    cross-attending to its tokens (what ``Blip2Model`` hands the language model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        small = dict(SMALL, initializer_range=0.02)
+        config = tf.Blip2Config(
+            vision_config=dict(small, image_size=32, patch_size=4),
+            qformer_config=dict(small, vocab_size=100, encoder_hidden_size=48, cross_attention_frequency=1,
+                                max_position_embeddings=32),
+            text_config=dict(model_type="opt", hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
+                             ffn_dim=96, vocab_size=100, max_position_embeddings=64, word_embed_proj_dim=48),
+            num_query_tokens=4)
+        model = tf.Blip2Model(config)
+        self.vision, self.qformer, self.queries = model.vision_model, model.qformer, model.query_tokens
+        with torch.no_grad():
+            self.vision.embeddings.position_embedding.zero_()
+
+    def forward(self, pixels):
+        image = self.vision(pixel_values=pixels).last_hidden_state
+        queries = self.queries.expand(image.shape[0], -1, -1)
+        return self.qformer(query_embeds=queries, encoder_hidden_states=image).last_hidden_state
+
+
+def test_the_qformer_reads_merged_image_tokens_and_duplicates_give_the_unmerged_queries(turbo):
+    model = QFormerFeatures().eval()
+    pixels = two_pattern_images()
+    compiled = turbo(model, r=8)
+    out = compiled(pixels)
+    assert compiled.report.tokens_per_block == [65, 57]
+    decisions = {s.module: s.decision for s in compiled.report.sites}
+    assert decisions["vision.encoder.layers.1.self_attn"] == "merges"
+    assert decisions["qformer.encoder.layer.0.crossattention.attention"] == "reads merged"
+    assert decisions["qformer.encoder.layer.0.attention.attention"] == "untouched"
+    with torch.no_grad():
+        plain = model(pixels)
+    assert torch.allclose(out, plain, atol=1e-4), (out - plain).abs().max()
