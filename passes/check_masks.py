@@ -6,9 +6,12 @@ tensors (``is_causal=False`` with an explicit mask), so the check looks at value
 runs the part of the graph that builds each mask (usually a few ops on the input's
 attention mask, before the first layer) on the real example inputs.
 
+Masks built from shapes alone (no input, no parameter) are evaluated too: one that allows
+every key is cleared, since merging drops it.
+
 Guarantees: the graph is not modified; every site whose mask rows differ gets a problem
-(``AttentionSite.problems``), so its stream stays unmerged. A mask that cannot be evaluated is left to the run-time check in
-``turbo_fx.ops.check_key_padding_mask``.
+(``AttentionSite.problems``), so its stream stays unmerged. A mask that cannot be evaluated
+is left to the run-time check in ``turbo_fx.ops.check_key_padding_mask``.
 """
 from __future__ import annotations
 
@@ -25,44 +28,33 @@ from .find_attention import CONSTANT_BIAS_PROBLEM, AttentionSite
 QUERY_DEPENDENT_PROBLEM = "attention mask varies by query (causal or banded); merging needs a key-padding mask"
 
 
-def mark_query_dependent_masks(gm: GraphModule, example_inputs: Sequence[Any], sites: list[AttentionSite]) -> int:
-    """Add a problem to each site of ``sites`` whose mask rows differ; returns how many."""
-    masks = {site.mask for site in sites if isinstance(site.mask, Node)}
-    if not masks:
-        return 0
-    try:
-        values = _evaluate(gm, example_inputs, masks)
-    except Exception:  # left to the run-time check
-        return 0
-    marked = 0
-    for site in sites:
-        mask = values.get(site.mask)
-        if isinstance(mask, torch.Tensor) and _varies_by_query(mask):
-            site.problems.append(QUERY_DEPENDENT_PROBLEM)
-            marked += 1
-    return marked
+def check_masks(gm: GraphModule, example_inputs: Sequence[Any], sites: list[AttentionSite]) -> list[int]:
+    """Evaluate, in one run on the example inputs, the masks of the sites that could merge:
 
+    * a mask from the input whose rows differ gets a problem (left to the run-time check
+      when it cannot be evaluated);
+    * a mask built from shapes alone (the site's only problem) that lets every query see
+      every key (all True, or all zero) changes nothing: it is cleared, and the site's
+      ``mask`` set to None, since merging drops it; one whose rows differ is named as the
+      causal mask it is (transformers >= 5.17 builds causal masks from arange).
 
-def clear_all_allowing_constant_masks(gm: GraphModule, example_inputs: Sequence[Any],
-                                      sites: list[AttentionSite]) -> list[int]:
-    """Sites whose only problem is a mask built from shapes alone get it cleared, and their
-    ``mask`` set to None, when that mask lets every query see every key (all True, or all
-    zero): such a mask changes nothing, and merging drops it. Returns the cleared sites'
-    indices (``drop_cleared_masks`` repeats the clearing on a fresh copy of the sites)."""
-    candidates = [s for s in sites if s.constant_mask and s.problems == [CONSTANT_BIAS_PROBLEM]
-                  and _built_from_shapes_alone(s.mask)]
-    if not candidates:
+    Returns the cleared sites' indices (``drop_cleared_masks`` repeats the clearing on a
+    fresh copy of the sites)."""
+    constant = [s for s in sites if s.constant_mask and s.problems == [CONSTANT_BIAS_PROBLEM]
+                and _built_from_shapes_alone(s.mask)]
+    from_input = [s for s in sites if not s.problems and isinstance(s.mask, Node)]
+    if not constant and not from_input:
         return []
     try:
-        values = _evaluate(gm, example_inputs, {s.mask for s in candidates})
-    except Exception:  # the problem stands
+        values = _evaluate(gm, example_inputs, {s.mask for s in constant + from_input})
+    except Exception:  # constant masks keep their problem; input masks are checked at run time
         return []
-    cleared = [s.index for s in candidates if _allows_everything(values.get(s.mask))]
-    for site in candidates:
+    cleared = [s.index for s in constant if _allows_everything(values.get(s.mask))]
+    for site in constant + from_input:
         value = values.get(site.mask)
-        if site.index not in cleared and isinstance(value, torch.Tensor) and _varies_by_query(value):
-            # Built from arange, as transformers >= 5.17 builds causal masks: say what it is.
-            site.problems = [QUERY_DEPENDENT_PROBLEM if p == CONSTANT_BIAS_PROBLEM else p for p in site.problems]
+        if site.index in cleared or not (isinstance(value, torch.Tensor) and _varies_by_query(value)):
+            continue
+        site.problems = [p for p in site.problems if p != CONSTANT_BIAS_PROBLEM] + [QUERY_DEPENDENT_PROBLEM]
     drop_cleared_masks(sites, cleared)
     return cleared
 

@@ -162,14 +162,8 @@ def _apply_key_bias(graph, site: AttentionSite, bias: Node, result: MergeInserti
         with graph.inserting_before(site.attn):
             gu.set_packed_attention_arg(site.attn, "key_padding_mask", call(ops.key_padding_bias, bias))
         result.touched.add(site.attn)
-    elif site.kind == "sdpa":
-        gu.set_sdpa_arg(site.attn, "attn_mask", bias)
-        result.touched.add(site.attn)
-    elif site.mask_add is not None:
-        args = list(site.mask_add.args)
-        args[args.index(site.mask if site.mask is not None else site.dropped_mask)] = bias
-        site.mask_add.args = tuple(args)
-        result.touched.add(site.mask_add)
+    elif site.kind == "sdpa" or site.mask_add is not None:
+        _replace_mask(site, bias, result)
     else:
         with graph.inserting_before(site.softmax):
             biased = call(ops.add_bias, site.logits, bias)
@@ -180,14 +174,21 @@ def _apply_key_bias(graph, site: AttentionSite, bias: Node, result: MergeInserti
 def _drop_mask(site: AttentionSite, result: MergeInsertion) -> None:
     """Remove an all-allowing constant mask (built for the unmerged token count) from a
     site after the first merge, when no key bias takes its place."""
+    if site.kind == "sdpa" or site.mask_add is not None:
+        _replace_mask(site, None, result)
+
+
+def _replace_mask(site: AttentionSite, value: Optional[Node], result: MergeInsertion) -> None:
+    """Put ``value`` where the site's mask (or the all-allowing one it dropped) was: the SDPA
+    mask argument, or the mask operand of the add that applies it (0 for no mask)."""
     if site.kind == "sdpa":
-        gu.set_sdpa_arg(site.attn, "attn_mask", None)
+        gu.set_sdpa_arg(site.attn, "attn_mask", value)
         result.touched.add(site.attn)
-    elif site.mask_add is not None:
-        args = list(site.mask_add.args)
-        args[args.index(site.dropped_mask)] = 0.0
-        site.mask_add.args = tuple(args)
-        result.touched.add(site.mask_add)
+        return
+    args = list(site.mask_add.args)
+    args[args.index(site.mask if site.mask is not None else site.dropped_mask)] = 0.0 if value is None else value
+    site.mask_add.args = tuple(args)
+    result.touched.add(site.mask_add)
 
 
 def _logit_dtype(site: AttentionSite) -> torch.dtype:

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 from torch.fx import GraphModule
 
 from turbo_fx.config import TurboConfig
-from turbo_fx.passes.check_masks import clear_all_allowing_constant_masks, drop_cleared_masks, mark_query_dependent_masks
+from turbo_fx.passes.check_masks import check_masks, drop_cleared_masks
 from turbo_fx.passes.find_attention import find_attention_sites
 from turbo_fx.passes.insert_merges import insert_merges, plan_merges
 from turbo_fx.passes.propagate_shapes import CannotRewrite, ShapeHints, propagate_shapes
@@ -53,10 +53,7 @@ def rewrite_graph(
     sites = find_attention_sites(gm)
     if not sites:
         raise CannotRewrite("no attention site found in the graph")
-    cleared: list[int] = []
-    if example_inputs is not None:
-        cleared = clear_all_allowing_constant_masks(gm, example_inputs, sites)
-        mark_query_dependent_masks(gm, example_inputs, [s for s in sites if not s.problems])
+    cleared = check_masks(gm, example_inputs, sites) if example_inputs is not None else []
     plan = plan_streams(sites)
     report.sites = site_reports(sites, plan)
     if plan.chosen is None:
