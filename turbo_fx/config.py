@@ -20,6 +20,8 @@ FUSION_ALIASES = {
 }
 METRICS = ("keys", "queries")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+# Components of a generation block that merge-and-restore mode can merge before and restore after.
+COMPONENTS = ("self-attention", "cross-attention", "feed-forward")
 
 
 class TurboConfigError(ValueError):
@@ -103,6 +105,22 @@ class TurboConfig:
         shape-generic kernels and compile once (default True); False compiles kernels
         specialised to every block's token count.
 
+    Merge-and-restore mode (generation models: blocks whose tokens return to a spatial grid,
+    such as diffusion UNets and DiTs; chosen from the graph, and ``r`` does not apply there):
+    ratio: fraction of a block's tokens merged before each merging component, tomesd's
+        meaning (0.5 halves them); clamped to the sources, 1 - 1/(sx*sy) of the tokens.
+    max_downsample: only blocks whose grid is at most this many times smaller (per side)
+        than the graph's largest grid merge: 1 (default) merges only the top resolution.
+    merge_components: which components run on merged tokens, a subset of
+        ("self-attention", "cross-attention", "feed-forward") (default: all three, as the
+        paper does; tomesd's default is self-attention only).
+    sx, sy: each sx x sy cell of the grid holds one merge destination (default 2 x 2).
+    use_rand: the destination's place in its cell is pseudo-random, fixed by ``seed`` and
+        the block (default True); False takes each cell's top-left token.
+    seed: the seed of those places.
+    The information degree is the same as above: ``alpha`` weighs the semantic value, here
+    taken from the latest earlier cross-attention to text at the same resolution.
+
     The semantic value I is the CLS query's attention over the current tokens
     multiplied by the number of tokens that can be attended (1.0 = uniform
     attention), so alpha means the same at 50 tokens as at 1000: one unit of alpha
@@ -125,6 +143,13 @@ class TurboConfig:
     inner_backend: str = "inductor"
     fuse_merges: bool = False
     symbolic_tokens: bool = True
+    ratio: float = 0.5
+    max_downsample: int = 1
+    merge_components: tuple = COMPONENTS
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    seed: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "r", _validate_r(self.r))
@@ -162,6 +187,28 @@ class TurboConfig:
             raise TurboConfigError(
                 f"option 'protected' must be 'auto' or an int >= 0, got {self.protected!r}"
             )
+        self._validate_generation()
+
+    def _validate_generation(self) -> None:
+        ratio = self.ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise TurboConfigError(f"option 'ratio' must be a number in [0, 1), got {ratio!r}")
+        object.__setattr__(self, "ratio", float(ratio))
+        for name in ("max_downsample", "sx", "sy"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise TurboConfigError(f"option '{name}' must be an int >= 1, got {getattr(self, name)!r}")
+        if self.sx * self.sy < 2:
+            raise TurboConfigError("options 'sx' and 'sy' are both 1: a 1 x 1 cell leaves no token to merge")
+        if not _is_int(self.seed):
+            raise TurboConfigError(f"option 'seed' must be an int, got {self.seed!r}")
+        if not isinstance(self.use_rand, bool):
+            raise TurboConfigError(f"option 'use_rand' must be True or False, got {self.use_rand!r}")
+        components = (self.merge_components,) if isinstance(self.merge_components, str) else self.merge_components
+        if not isinstance(components, (tuple, list)) or not all(c in COMPONENTS for c in components):
+            raise TurboConfigError(
+                f"option 'merge_components' must be a subset of {COMPONENTS}, got {self.merge_components!r}"
+            )
+        object.__setattr__(self, "merge_components", tuple(c for c in COMPONENTS if c in components))
 
     def r_per_block(self, n_blocks: int) -> list[int]:
         """Requested merges for each of ``n_blocks`` attention blocks (before clamping)."""

@@ -41,6 +41,28 @@ class SiteReport:
 
 
 @dataclass
+class ComponentReport:
+    """One component of a generation block (merge-and-restore mode): whether it runs on merged
+    tokens (``merges``) or exactly as before (``untouched``, with the reason), how many of its
+    tokens merge, and where the block's semantic value came from."""
+
+    index: int
+    module: str
+    kind: str  # "self-attention", "cross-attention" or "feed-forward"
+    block: int
+    grid: tuple
+    tokens_in: int
+    r_applied: int
+    decision: str
+    reason: str = ""
+    semantic: str = ""
+
+    @property
+    def tokens_merged(self) -> int:
+        return self.tokens_in - self.r_applied
+
+
+@dataclass
 class GraphReport:
     """One graph Dynamo handed to the backend."""
 
@@ -48,6 +70,7 @@ class GraphReport:
     n_nodes: int
     blocks: list[BlockReport] = field(default_factory=list)
     sites: list[SiteReport] = field(default_factory=list)
+    components: list[ComponentReport] = field(default_factory=list)  # merge-and-restore mode
     protected: Optional[int] = None
     protected_note: str = ""
     padding: bool = False
@@ -63,7 +86,13 @@ class GraphReport:
 
     @property
     def rewritten(self) -> bool:
-        return self.fallback_reason is None and any(b.r_applied for b in self.blocks)
+        applied = any(b.r_applied for b in self.blocks) or any(c.r_applied for c in self.components)
+        return self.fallback_reason is None and applied
+
+    @property
+    def mode(self) -> str:
+        """"merge-and-restore" for generation graphs, "merge" for encoders."""
+        return "merge-and-restore" if self.components else "merge"
 
     @property
     def tokens_per_block(self) -> list[int]:
@@ -71,7 +100,9 @@ class GraphReport:
 
     @property
     def merges(self) -> int:
-        return sum(1 for b in self.blocks if b.r_applied > 0)
+        """Merges inserted: one per merging block (merge mode) or per merging component
+        (merge-and-restore mode, each with its restore)."""
+        return sum(1 for b in self.blocks if b.r_applied > 0) + sum(1 for c in self.components if c.r_applied > 0)
 
     @property
     def flop_ratio(self) -> Optional[float]:
@@ -87,6 +118,13 @@ class GraphReport:
         head = ["block", "module", "attention", "tokens in", "r asked", "r applied", "tokens out"]
         return tabulate(rows, headers=head, tablefmt=fmt)
 
+    def components_table(self, fmt: str = "github") -> str:
+        rows = [[c.index, c.module or "-", c.kind, c.block, f"{c.grid[0]}x{c.grid[1]}", c.tokens_in,
+                 c.tokens_merged if c.decision == "merges" else "-", c.decision, c.semantic or "-", c.reason or "-"]
+                for c in self.components]
+        head = ["component", "module", "kind", "block", "grid", "tokens", "merged to", "decision", "semantic value", "reason"]
+        return tabulate(rows, headers=head, tablefmt=fmt)
+
     @property
     def untouched_sites(self) -> list[SiteReport]:
         return [s for s in self.sites if s.decision == "untouched"]
@@ -97,7 +135,12 @@ class GraphReport:
         return tabulate(rows, headers=head, tablefmt=fmt)
 
     def summary(self) -> str:
-        lines = [f"graph {self.graph_index}: {self.n_nodes} nodes, {len(self.blocks)} attention sites, {self.merges} merges"]
+        if self.components:
+            merging = [c for c in self.components if c.decision == "merges"]
+            lines = [f"graph {self.graph_index}: {self.n_nodes} nodes, merge-and-restore: {len(merging)} of "
+                     f"{len(self.components)} generation components merge and restore"]
+        else:
+            lines = [f"graph {self.graph_index}: {self.n_nodes} nodes, {len(self.blocks)} attention sites, {self.merges} merges"]
         if self.fallback_reason:
             lines.append(f"  FALLBACK (compiled unchanged): {self.fallback_reason}")
         elif self.untouched_sites and self.merges:
@@ -152,6 +195,8 @@ class TurboReport:
             parts.append(g.summary())
             if g.blocks:
                 parts.append(g.table())
+            if g.components:
+                parts.append(g.components_table())
             if g.untouched_sites and g.blocks:
                 parts.append(g.sites_table())
         return "\n\n".join(parts)

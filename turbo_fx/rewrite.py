@@ -10,6 +10,8 @@ from torch.fx import GraphModule
 from turbo_fx.config import TurboConfig
 from turbo_fx.passes.check_masks import check_masks, drop_cleared_masks
 from turbo_fx.passes.find_attention import find_attention_sites
+from turbo_fx.passes.find_components import GridRun, find_grid_runs
+from turbo_fx.passes.merge_and_restore import insert_merge_and_restore, plan_components
 from turbo_fx.passes.insert_merges import insert_merges, plan_merges
 from turbo_fx.passes.propagate_shapes import CannotRewrite, ShapeHints, propagate_shapes
 from turbo_fx.passes.protected_tokens import count_protected_tokens
@@ -53,6 +55,9 @@ def rewrite_graph(
     sites = find_attention_sites(gm)
     if not sites:
         raise CannotRewrite("no attention site found in the graph")
+    runs = find_grid_runs(gm, sites)
+    if runs:
+        return rewrite_generation(gm, fake_mode, config, report, sites, runs)
     cleared = check_masks(gm, example_inputs, sites) if example_inputs is not None else []
     plan = plan_streams(sites)
     report.sites = site_reports(sites, plan)
@@ -85,6 +90,50 @@ def rewrite_graph(
         except CannotRewrite as exc:
             log.info("turbo: kept concrete token counts; symbolic ones failed: %s", exc)
     return rewritten
+
+
+def rewrite_generation(gm: GraphModule, fake_mode, config: TurboConfig, report: GraphReport,
+                       sites, runs: list[GridRun]) -> GraphModule:
+    """Merge-and-restore mode: a copy of ``gm`` whose chosen generation components run on
+    merged tokens and restore them, so every stream between components keeps its shape."""
+    plans = plan_components(runs, config)
+    in_runs = {c.site.index: c for run in runs for c in run.components if c.site is not None}
+    merging = {p.component.site.index for p in plans if p.merges and p.component.site is not None}
+    report.sites = [
+        SiteReport(s.index, s.module, s.kind, in_runs[s.index].run if s.index in in_runs else -1,
+                   "merges" if s.index in merging else "untouched",
+                   "" if s.index in merging else _generation_untouched_reason(s, in_runs, plans))
+        for s in sites
+    ]
+    if not any(p.merges for p in plans):
+        report.components = [_component_report(p) for p in plans]
+        raise NothingToMerge("the configuration merges no token of this generation graph")
+    if fake_mode is None:
+        raise CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")
+    work = copy_graph_module(gm)
+    work_runs = find_grid_runs(work, find_attention_sites(work))
+    work_plans = plan_components(work_runs, config)
+    old_values = {n: n.meta.get("example_value") for n in work.graph.nodes}
+    insertion = insert_merge_and_restore(work, work_plans, config)
+    report.components = insertion.reports
+    propagate_shapes(work, fake_mode, old_values, insertion.touched, 0, ShapeHints())
+    work.graph.lint()
+    work.recompile()
+    return work
+
+
+def _component_report(plan):
+    from turbo_fx.report import ComponentReport
+
+    c = plan.component
+    return ComponentReport(c.index, c.module, c.kind, c.block, c.grid, c.tokens, 0, "untouched", plan.reason)
+
+
+def _generation_untouched_reason(site, in_runs, plans) -> str:
+    if site.index not in in_runs:
+        return "not in a block whose tokens return to a grid"
+    component = in_runs[site.index]
+    return next(p.reason for p in plans if p.component is component) or "untouched"
 
 
 def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: int, report: GraphReport,

@@ -8,6 +8,7 @@ import torch
 
 from turbo_fx.passes.find_attention import find_attention_sites
 from turbo_fx.passes.graph_utils import readable_module_path
+from turbo_fx.report import recording
 
 
 @pytest.mark.parametrize(
@@ -73,10 +74,25 @@ def test_timm_sites_are_named_modules():
 
 
 def test_fallback_reason_names_the_module_readably(caplog):
-    unet = _small_unet()
-    compiled = torch.compile(unet, backend="turbo", options={"r": 2, "inner_backend": "eager"})
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    model = transformers.GPT2Model(config).eval()
+    compiled = torch.compile(model, backend="turbo", options={"r": 2, "inner_backend": "eager"})
     with caplog.at_level(logging.WARNING, logger="turbo_fx"), torch.no_grad():
-        compiled(*UNET_ARGS, **UNET_KWARGS)
+        compiled(torch.randint(0, 50, (1, 12)))
     text = caplog.text
-    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2" in text
+    assert "compiled without token merging" in text
+    assert "h.0.attn" in text
     assert "__dict__" not in text and "L['self']" not in text
+
+
+def test_unet_components_are_named_modules():
+    unet = _small_unet()
+    names = dict(unet.named_modules())
+    with recording() as rec:
+        compiled = torch.compile(unet, backend="turbo", options={"ratio": 0.5, "inner_backend": "eager"})
+        with torch.no_grad():
+            compiled(*UNET_ARGS, **UNET_KWARGS)
+    components = rec.graphs[-1].components
+    assert components and all(c.module in names for c in components), [c.module for c in components]

@@ -7,6 +7,8 @@
 - ``reductions``: size-weighted token-axis sums and means;
 - ``packed_attention``: the metric and CLS row for ``F.multi_head_attention_forward`` sites
   (nn.MultiheadAttention), whose projected keys never reach the graph;
+- ``grid_merge``: merge-and-restore for generation blocks (destinations per grid cell, one merge
+  plan per block, the cross-attention saliency that gives their semantic value);
 - ``merge_step``: one block's whole merge step as the opaque op ``torch.ops.turbo_fx.merge_block``,
   and ``record_merges``.
 
@@ -28,6 +30,7 @@ from .merge import (
     merge_count,
     merge_tokens,
 )
+from .grid_merge import cell_offsets, cross_attention_saliency, grid_merge, grid_merge_plan, grid_partition, merge_by_plan
 from .merge_step import MergeRecord, _is_fake, merge_block, merge_block_op, record_merges
 from .packed_attention import key_padding_bias, packed_cls_probs, packed_head_mean
 from .reductions import weighted_token_mean, weighted_token_sum
@@ -41,4 +44,5 @@ __all__ = [
     "merge_count", "merge_tokens", "MergeRecord", "merge_block", "merge_block_op", "record_merges",
     "weighted_token_mean", "weighted_token_sum", "restore_tokens", "cls_attention",
     "cls_attention_from_probs", "_is_fake", "key_padding_bias", "packed_cls_probs", "packed_head_mean",
+    "cell_offsets", "cross_attention_saliency", "grid_merge", "grid_merge_plan", "grid_partition", "merge_by_plan",
 ]

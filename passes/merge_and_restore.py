@@ -1,0 +1,167 @@
+"""Pass: merge before and restore after each chosen component of generation blocks.
+
+Matches the components ``find_grid_runs`` found (runs whose tokens return to a grid). A
+component merges when its kind is in ``merge_components``, its grid is within
+``max_downsample`` of the graph's largest grid, and ``ratio`` gives it at least one token to
+merge. For each block with a merging component:
+
+  * at its first merging component, one ``grid_merge`` call scores the component's input
+    tokens (cosine similarity to one destination per ``sx`` x ``sy`` cell, less ``alpha``
+    times the semantic value of the latest earlier cross-attention at the same grid) and
+    merges them; later merging components of the block merge their own input with the same
+    plan (``merge_by_plan``), as tomesd shares one plan per block;
+  * inside the component every use of the input stream takes the merged tokens; a
+    self-attention gets the ``log(size)`` key bias (proportional attention, with
+    ``prop_attn``), which makes exact duplicates give exactly the unmerged result;
+  * the component's output is restored (``restore_tokens``: each original token takes its
+    merged token's value) before the residual add, so the stream keeps every token.
+
+With ``semantic``, every cross-attention site of a run adds one ``cross_attention_saliency``
+call (the attention mass that the text keys put on each image token), which later blocks at
+the same grid read.
+
+Guarantees: outside the chosen components nothing changes, and every stream between
+components has its original shape; only calls into ``turbo_fx.ops`` are inserted and only
+uses inside the chosen components and SDPA masks are edited. Returns the nodes it touched,
+for ``propagate_shapes``.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from turbo_fx import ops
+from turbo_fx.config import TurboConfig
+from turbo_fx.report import ComponentReport
+
+from . import graph_utils as gu
+from .find_components import CROSS_ATTENTION, SELF_ATTENTION, Component, GridRun
+from .insert_merges import MergeInsertion, _apply_key_bias, _logit_dtype
+
+
+@dataclass
+class ComponentPlan:
+    component: Component
+    r: int
+    reason: str = ""  # why it does not merge (empty when it does)
+
+    @property
+    def merges(self) -> bool:
+        return self.r > 0 and not self.reason
+
+
+def plan_components(runs: list[GridRun], config: TurboConfig) -> list[ComponentPlan]:
+    """Which components merge and how many tokens each merges (from static shapes)."""
+    largest = max(run.tokens for run in runs)
+    plans = []
+    for run in runs:
+        height, width = run.grid
+        sources = run.tokens - (height // config.sy) * (width // config.sx)
+        downsample = round((largest / run.tokens) ** 0.5)
+        for component in run.components:
+            r = min(int(config.ratio * run.tokens), sources)
+            reason = ""
+            if component.kind not in config.merge_components:
+                reason = f"'{component.kind}' is not in merge_components"
+            elif downsample > config.max_downsample:
+                reason = f"grid {height}x{width} is {downsample}x smaller than the largest; max_downsample={config.max_downsample}"
+            elif component.site is not None and component.kind == SELF_ATTENTION and component.site.mask is not None:
+                reason = "self-attention with its own mask"
+            elif component.site is not None and component.site.kind == "packed":
+                reason = "packed (nn.MultiheadAttention) attention in merge-and-restore mode is not supported yet"
+            elif r == 0:
+                reason = f"ratio {config.ratio} merges no token of {run.tokens}"
+            plans.append(ComponentPlan(component, r, reason))
+    return plans
+
+
+@dataclass
+class _BlockState:
+    assign: Optional[Node] = None
+    size: Optional[Node] = None
+    bias: Optional[Node] = None
+    semantic: str = ""
+
+
+@dataclass
+class RestoreInsertion:
+    touched: set[Node] = field(default_factory=set)
+    reports: list[ComponentReport] = field(default_factory=list)
+
+
+def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config: TurboConfig) -> RestoreInsertion:
+    """Insert the merges and restores of ``plans`` into ``gm`` (see the module docstring)."""
+    graph = gm.graph
+    result = RestoreInsertion()
+    keys = MergeInsertion(blocks=[])  # what _apply_key_bias records its edits in
+    blocks: dict[tuple[int, int], _BlockState] = {}
+    saliency: dict[tuple[int, int], tuple[Node, str]] = {}  # grid -> latest cross-attention saliency
+    n_blocks = 0
+
+    def call(fn, *args) -> Node:
+        node = graph.call_function(fn, args)
+        result.touched.add(node)
+        return node
+
+    for plan in plans:
+        c = plan.component
+        state = blocks.setdefault((c.run, c.block), _BlockState())
+        if plan.merges:
+            with graph.inserting_before(c.stream_in.next):
+                if state.assign is None:
+                    state.semantic, semantic = _semantic_source(saliency.get(c.grid), config)
+                    seed = config.seed + n_blocks if config.use_rand else None
+                    n_blocks += 1
+                    merged = call(ops.grid_merge, c.stream_in, c.grid[0], c.grid[1], config.sx, config.sy, seed,
+                                  plan.r, semantic, config.alpha, config.redundancy, config.prop_attn,
+                                  _bias_dtype(c))
+                    tokens, state.assign, state.size, state.bias = (call(operator.getitem, merged, i) for i in range(4))
+                else:
+                    tokens = call(ops.merge_by_plan, c.stream_in, state.assign, state.size)
+            _feed_branch(c, tokens, result)
+            if c.kind == SELF_ATTENTION and config.prop_attn:
+                _apply_key_bias(graph, c.site, state.bias, keys, call)
+            with graph.inserting_before(c.closing_add):
+                restored = call(ops.restore_tokens, c.branch_out, state.assign, 1)
+            c.closing_add.replace_input_with(c.branch_out, restored)
+            result.touched.add(c.closing_add)
+        if c.kind == CROSS_ATTENTION and config.semantic and c.site is not None and c.site.mask is None \
+                and c.site.kind in ("sdpa", "explicit"):
+            assign = state.assign if plan.merges else None
+            with graph.inserting_after(c.site.attn):
+                saliency[c.grid] = (call(ops.cross_attention_saliency, c.site.q, c.site.k, c.site.scale, assign),
+                                    c.module or f"component {c.index}")
+        result.reports.append(ComponentReport(
+            c.index, c.module, c.kind, c.block, c.grid, c.tokens, plan.r if plan.merges else 0,
+            "merges" if plan.merges else "untouched", plan.reason, state.semantic if plan.merges else ""))
+    result.touched |= keys.touched
+    return result
+
+
+def _semantic_source(found: Optional[tuple[Node, str]], config: TurboConfig) -> tuple[str, Optional[Node]]:
+    if not config.semantic:
+        return "off (semantic=False)", None
+    if found is None:
+        return "none: no earlier cross-attention at this grid (redundancy only)", None
+    node, module = found
+    return f"cross-attention {module}", node
+
+
+def _feed_branch(c: Component, merged: Node, result: RestoreInsertion) -> None:
+    """Every node of the component that reads the input stream reads the merged tokens."""
+    inside = gu.ancestors(c.branch_out, stop=lambda n: n is c.stream_in) | {c.branch_out}
+    for user in list(c.stream_in.users):
+        if user in inside and user is not c.closing_add and user is not merged and user not in result.touched:
+            user.replace_input_with(c.stream_in, merged)
+            result.touched.add(user)
+
+
+def _bias_dtype(c: Component) -> torch.dtype:
+    if c.site is not None:
+        return _logit_dtype(c.site)
+    value = gu.example_value(c.stream_in)
+    return value.dtype if isinstance(value, torch.Tensor) else torch.float32
