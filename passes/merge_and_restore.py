@@ -93,7 +93,8 @@ class RestoreInsertion:
     reports: list[ComponentReport] = field(default_factory=list)
 
 
-def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config: TurboConfig) -> RestoreInsertion:
+def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config: TurboConfig,
+                             fake_mode) -> RestoreInsertion:
     """Insert the merges and restores of ``plans`` into ``gm`` (see the module docstring)."""
     graph = gm.graph
     result = RestoreInsertion()
@@ -115,9 +116,9 @@ def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config
                 if state.assign is None:
                     state.semantic, semantic = _semantic_source(saliency.get(c.grid), config)
                     seed = config.seed + n_blocks if config.use_rand else None
+                    dst, src = _partition_constants(gm, c, config, seed, n_blocks, fake_mode)
                     n_blocks += 1
-                    merged = call(ops.grid_merge, c.stream_in, c.grid[0], c.grid[1], config.sx, config.sy, seed,
-                                  plan.r, semantic, config.alpha, config.redundancy, config.prop_attn,
+                    merged = call(ops.grid_merge, c.stream_in, dst, src, plan.r, semantic, config.alpha, config.redundancy, config.prop_attn,
                                   _bias_dtype(c))
                     tokens, state.assign, state.size, state.bias = (call(operator.getitem, merged, i) for i in range(4))
                 else:
@@ -140,6 +141,25 @@ def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config
             "merges" if plan.merges else "untouched", plan.reason, state.semantic if plan.merges else ""))
     result.touched |= keys.touched
     return result
+
+
+def _partition_constants(gm: GraphModule, c: Component, config: TurboConfig, seed: Optional[int], block: int,
+                         fake_mode) -> tuple[Node, Node]:
+    """The block's destination and source token indices as buffers of ``gm`` (on the device
+    of its tokens), read by get_attr nodes: constants, so the compiled graph never rebuilds them."""
+    device = gu.example_value(c.stream_in).device
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        tensors = [t.to(device) for t in ops.grid_partition(c.grid[0], c.grid[1], config.sx, config.sy, seed)]
+    nodes = []
+    for name, tensor in zip(("dst", "src"), tensors):
+        attr = f"_turbo_grid_{name}_{block}"
+        gm.register_buffer(attr, tensor)
+        first_op = next(n for n in gm.graph.nodes if n.op != "placeholder")
+        with gm.graph.inserting_before(first_op):
+            node = gm.graph.get_attr(attr)
+        node.meta["example_value"] = fake_mode.from_tensor(tensor)
+        nodes.append(node)
+    return nodes[0], nodes[1]
 
 
 def _semantic_source(found: Optional[tuple[Node, str]], config: TurboConfig) -> tuple[str, Optional[Node]]:

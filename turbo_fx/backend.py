@@ -72,7 +72,7 @@ def _rewrite_or_fallback(gm: GraphModule, example_inputs: list, config: TurboCon
         return _fallback(gm, report, f"internal error in a turbo pass: {type(exc).__name__}: {exc}")
     counters["graphs_rewritten"] += 1
     counters["merges_inserted"] += report.merges
-    counters["tokens_removed"] += sum(b.r_applied for b in report.blocks)
+    counters["tokens_removed"] += sum(b.r_applied for b in report.blocks) + sum(c.r_applied for c in report.components)
     return rewritten
 
 

@@ -114,7 +114,7 @@ def rewrite_generation(gm: GraphModule, fake_mode, config: TurboConfig, report: 
     work_runs = find_grid_runs(work, find_attention_sites(work))
     work_plans = plan_components(work_runs, config)
     old_values = {n: n.meta.get("example_value") for n in work.graph.nodes}
-    insertion = insert_merge_and_restore(work, work_plans, config)
+    insertion = insert_merge_and_restore(work, work_plans, config, fake_mode)
     report.components = insertion.reports
     propagate_shapes(work, fake_mode, old_values, insertion.touched, 0, ShapeHints())
     work.graph.lint()

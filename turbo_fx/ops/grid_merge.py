@@ -12,7 +12,8 @@ whole image instead of collapsing one region; every other token is a source. The
 sources with the highest information degree (cosine similarity to their best destination,
 less ``alpha`` times their semantic value) merge into that destination. Merged tokens are
 laid out as [destinations | kept sources]. Every count is a Python int fixed by the grid and
-the ratio, so all shapes are static and nothing waits on the host.
+the ratio, so all shapes are static and nothing waits on the host. The destinations and
+sources themselves are constants, built once when the graph is rewritten.
 """
 from __future__ import annotations
 
@@ -105,11 +106,8 @@ def merge_by_plan(x: Tensor, assign: Tensor, size: Tensor) -> Tensor:
 
 def grid_merge(
     x: Tensor,
-    height: int,
-    width: int,
-    sx: int,
-    sy: int,
-    seed: Optional[int],
+    dst: Tensor,
+    src: Tensor,
     r: int,
     semantic: Optional[Tensor],
     alpha: float,
@@ -117,10 +115,10 @@ def grid_merge(
     prop_attn: bool,
     logit_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One block's merge, scored on its first merging component's input ``x`` [B, N, C]:
-    (merged x [B, M, C], assign [B, N], size [B, M], key bias [B, 1, 1, M] for attention over
-    the merged tokens: ``log(size)`` with ``prop_attn``, else zeros)."""
-    dst, src = grid_partition(height, width, sx, sy, seed, x.device)
+    """One block's merge, scored on its first merging component's input ``x`` [B, N, C] with
+    the grid's ``dst`` and ``src`` tokens (``grid_partition``, built once per graph): (merged
+    x [B, M, C], assign [B, N], size [B, M], key bias [B, 1, 1, M] for attention over the
+    merged tokens: ``log(size)`` with ``prop_attn``, else zeros)."""
     assign, size = grid_merge_plan(x, dst, src, r, semantic, alpha, redundancy)
     bias = size.log() if prop_attn else torch.zeros_like(size)
     return merge_by_plan(x, assign, size), assign, size, bias.to(logit_dtype)[:, None, None, :]
