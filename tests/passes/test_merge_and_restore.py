@@ -212,3 +212,13 @@ def test_bad_generation_options_are_clear_errors(options, message):
     with pytest.raises(Exception) as info, torch.no_grad():
         compiled(torch.randn(1, 4, 16, 16), timestep=torch.tensor([1]), class_labels=torch.tensor([1]))
     assert message in str(info.value)
+
+
+def test_explain_lists_components_and_flops():
+    import turbo_fx
+
+    x, t, text = unet_inputs()
+    text_report = str(turbo_fx.explain(small_unet(), x, t, text, ratio=0.5))
+    assert "merge-and-restore: 9 of 12 generation components merge and restore" in text_report
+    assert "semantic value" in text_report and "FLOPs:" in text_report
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1" in text_report
