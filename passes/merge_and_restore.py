@@ -102,6 +102,7 @@ def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config
     blocks: dict[tuple[int, int], _BlockState] = {}
     saliency: dict[tuple[int, int], tuple[Node, str]] = {}  # grid -> latest cross-attention saliency
     n_blocks = 0
+    needed = _saliency_consumed(plans, config)
 
     def call(fn, *args) -> Node:
         node = graph.call_function(fn, args)
@@ -130,11 +131,10 @@ def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config
                 restored = call(ops.restore_tokens, c.branch_out, state.assign, 1)
             c.closing_add.replace_input_with(c.branch_out, restored)
             result.touched.add(c.closing_add)
-        if c.kind == CROSS_ATTENTION and config.semantic and c.site is not None and c.site.mask is None \
-                and c.site.kind in ("sdpa", "explicit"):
-            assign = state.assign if plan.merges else None
+        if c.index in needed:
+            assign, size = (state.assign, state.size) if plan.merges else (None, None)
             with graph.inserting_after(c.site.attn):
-                saliency[c.grid] = (call(ops.cross_attention_saliency, c.site.q, c.site.k, c.site.scale, assign),
+                saliency[c.grid] = (call(ops.cross_attention_saliency, c.site.q, c.site.k, c.site.scale, assign, size),
                                     c.module or f"component {c.index}")
         result.reports.append(ComponentReport(
             c.index, c.module, c.kind, c.block, c.grid, c.tokens, plan.r if plan.merges else 0,
@@ -160,6 +160,30 @@ def _partition_constants(gm: GraphModule, c: Component, config: TurboConfig, see
         node.meta["example_value"] = fake_mode.from_tensor(tensor)
         nodes.append(node)
     return nodes[0], nodes[1]
+
+
+def _gives_saliency(c: Component) -> bool:
+    return (c.kind == CROSS_ATTENTION and c.site is not None and c.site.mask is None
+            and c.site.kind in ("sdpa", "explicit"))
+
+
+def _saliency_consumed(plans: list[ComponentPlan], config: TurboConfig) -> set[int]:
+    """The cross-attention components whose saliency a later block's merge reads: the latest
+    one before each block's first merging component, at the same grid."""
+    if not config.semantic:
+        return set()
+    latest: dict[tuple[int, int], int] = {}
+    planned: set[tuple[int, int]] = set()
+    needed = set()
+    for plan in plans:
+        c = plan.component
+        if plan.merges and (c.run, c.block) not in planned:
+            planned.add((c.run, c.block))
+            if c.grid in latest:
+                needed.add(latest[c.grid])
+        if _gives_saliency(c):
+            latest[c.grid] = c.index
+    return needed
 
 
 def _semantic_source(found: Optional[tuple[Node, str]], config: TurboConfig) -> tuple[str, Optional[Node]]:

@@ -114,7 +114,7 @@ def test_cross_attention_saliency_matches_the_loop_reference():
     torch.manual_seed(0)
     q = torch.randn(2, 3, 10, 4)
     k = torch.randn(2, 3, 5, 4)
-    got = ops.cross_attention_saliency(q, k, None, None)
+    got = ops.cross_attention_saliency(q, k, None, None, None)
     want = torch.zeros(2, 10)
     for b in range(2):
         for h in range(3):
@@ -132,5 +132,6 @@ def test_cross_attention_saliency_of_merged_queries_is_per_original_token():
     merged = q_full[:, :, [0, 2, 3]]
     q_full = merged[:, :, assign[0]]  # the unmerged queries are the merged ones, repeated
     k = torch.randn(1, 2, 3, 4)
-    torch.testing.assert_close(ops.cross_attention_saliency(merged, k, 0.5, assign),
-                               ops.cross_attention_saliency(q_full, k, 0.5, None))
+    size = torch.tensor([[2.0, 1.0, 3.0]])
+    torch.testing.assert_close(ops.cross_attention_saliency(merged, k, 0.5, assign, size),
+                               ops.cross_attention_saliency(q_full, k, 0.5, None, None))

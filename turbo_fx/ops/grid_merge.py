@@ -124,17 +124,20 @@ def grid_merge(
     return merge_by_plan(x, assign, size), assign, size, bias.to(logit_dtype)[:, None, None, :]
 
 
-def cross_attention_saliency(q: Tensor, k: Tensor, scale: Optional[float], assign: Optional[Tensor]) -> Tensor:
+def cross_attention_saliency(q: Tensor, k: Tensor, scale: Optional[float], assign: Optional[Tensor],
+                             size: Optional[Tensor]) -> Tensor:
     """The semantic value of image tokens from a cross-attention to text: for every text key,
     a softmax over the image tokens of ``q . k * scale`` (where in the image that text token
     points), averaged over text tokens and heads, times the token count (1.0 = uniform).
-    ``q`` [B, H, M, D] are the image queries, merged when ``assign`` [B, N] is given (each
-    original token then takes its merged token's logits); ``k`` [B, H, T, D]. Returns [B, N]
-    float32 in the original token order."""
+    ``q`` [B, H, M, D] are the image queries, merged when ``assign`` [B, N] and ``size`` [B, M]
+    are given: the softmax is then the one over the N original tokens, each of which has its
+    merged token's logits (``log(size)`` added, shared out by size). ``k`` [B, H, T, D].
+    Returns [B, N] float32 in the original token order."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, M, T]
-    if assign is not None:
-        index = assign[:, None, :, None].expand(logits.shape[0], logits.shape[1], -1, logits.shape[-1])
-        logits = logits.gather(2, index)
-    mass = logits.softmax(dim=2).mean(dim=(1, 3))
-    return mass * mass.shape[-1]
+    if assign is None:
+        mass = logits.softmax(dim=2).mean(dim=(1, 3))
+        return mass * mass.shape[-1]
+    log_size = size.log()[:, None, :, None]
+    mass = (logits + log_size).softmax(dim=2).mean(dim=(1, 3)) / size
+    return mass.gather(1, assign) * assign.shape[-1]
