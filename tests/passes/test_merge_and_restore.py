@@ -222,3 +222,27 @@ def test_explain_lists_components_and_flops():
     assert "merge-and-restore: 9 of 12 generation components merge and restore" in text_report
     assert "semantic value" in text_report and "FLOPs:" in text_report
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1" in text_report
+
+
+def test_sdxl_layout_merges_its_largest_attention_grid(turbo):
+    """SDXL's top resolution has no attention and its blocks stack transformer layers: the
+    largest grid with attention (8 x 8 here) is the one that merges at max_downsample=1."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8, transformer_layers_per_block=(1, 2, 2), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+    ).eval()
+    x, t, text = unet_inputs()
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
+    compiled = turbo(unet, ratio=0.5)
+    got = compiled(x, t, text, added_cond_kwargs=added).sample
+    components = compiled.report.components
+    merging = [(c.grid, c.tokens_merged) for c in components if c.decision == "merges"]
+    # At 8 x 8: down block 1 (one attention of two layers) and up block 1 (two attentions of
+    # two layers), three components per layer.
+    assert merging == [((8, 8), 32)] * (3 * 2 + 3 * 2 * 2)
+    assert all(c.grid == (4, 4) for c in components if c.decision == "untouched")
+    assert torch.isfinite(got).all()
