@@ -73,6 +73,7 @@ class GraphReport:
     components: list[ComponentReport] = field(default_factory=list)  # merge-and-restore mode
     protected: Optional[int] = None
     protected_note: str = ""
+    semantic_source: str = ""  # where the semantic value came from (merge mode)
     padding: bool = False
     outputs_restored: int = 0
     reductions_weighted: int = 0  # token-axis means/sums made size-weighted
@@ -148,6 +149,8 @@ class GraphReport:
             lines.append(f"  untouched (exact): {len(self.untouched_sites)} site(s) in sequence(s) {streams}; see the sites table")
         if self.protected is not None:
             lines.append(f"  protected tokens: {self.protected} ({self.protected_note})")
+        if self.semantic_source:
+            lines.append(f"  semantic value: {self.semantic_source}")
         if self.padding:
             lines.append("  padding mask: followed through merges (padding never merges into real tokens)")
         if self.reductions_weighted or self.reductions_unweighted:

@@ -69,6 +69,7 @@ def rewrite_graph(
     else:
         protected, note = config.protected, "set by the 'protected' option"
     report.protected, report.protected_note = protected, note
+    report.semantic_source = semantic_source(config, plan)
     report.padding = any(s.mask is not None for s in sites)
     try:
         report.blocks = plan_merges(sites, config, protected)
@@ -158,6 +159,20 @@ def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: int, repo
     work.graph.lint()
     work.recompile()
     return work
+
+
+def semantic_source(config: TurboConfig, plan: StreamPlan) -> str:
+    """Which attention map ranks the merged sequence's tokens by semantic value. The paper
+    also allows a text token's cross-attention map; that needs text attending to the tokens
+    before they merge, and a reader here reads them only after the merges it follows."""
+    if not config.semantic:
+        return "off (semantic=False: redundancy only)"
+    source = "the first token's (CLS) self-attention row at each merging block"
+    if plan.chosen is not None and plan.chosen.readers:
+        readers = ", ".join(str(r.index) for r in plan.chosen.readers)
+        source += (f"; the cross-attention of site(s) {readers} reads the tokens only after they merge, "
+                   "so its map cannot rank them")
+    return source
 
 
 def site_reports(sites, plan: StreamPlan) -> list[SiteReport]:

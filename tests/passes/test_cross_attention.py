@@ -56,6 +56,10 @@ def test_blip_itm_merges_the_image_and_its_text_encoder_reads_the_merged_tokens(
     assert decisions["vision_model.encoder.layers.1.self_attn"] == "merges"
     assert decisions["text_encoder.encoder.layer.0.crossattention.self"] == "reads merged"
     assert decisions["text_encoder.encoder.layer.0.attention.self"] == "untouched"
+    # The text's cross-attention comes after the image merges: the CLS row ranks them, and the
+    # report says so.
+    assert report.semantic_source.startswith("the first token's (CLS) self-attention row")
+    assert "reads the tokens only after they merge" in report.semantic_source
     with torch.no_grad():
         plain = model(**inputs)
     assert out.itm_score.shape == plain.itm_score.shape
