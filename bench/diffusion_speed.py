@@ -1,0 +1,684 @@
+"""Diffusion models: eager vs Inductor vs tomesd (+ Inductor) vs turbo's merge-and-restore mode.
+
+    .venv/bin/python -m turbo_fx.bench.diffusion_speed --small          # smoke test, tiny configs
+    nice -n 10 .venv/bin/python -m turbo_fx.bench.diffusion_speed       # SD-1.5-sized UNet (random weights)
+    .venv/bin/python -m turbo_fx.bench.diffusion_speed --model unet dit --ratio 0.3 0.5 0.6
+
+Models (random weights, seeded; no Stable Diffusion or DiT weights install offline):
+- ``unet``: an SD-1.5-sized ``UNet2DConditionModel`` (SD 1.5's config: 320/640/1280/1280
+  channels, 2 layers per block, cross-attention dim 768, 8 heads, 64x64 latents), inputs
+  latents [2, 4, 64, 64] (batch 2 = classifier-free guidance), a timestep, text states [2, 77, 768].
+- ``dit``: a DiT-XL/2-sized ``DiTTransformer2DModel`` (28 layers, 16 heads x 72, patch 2,
+  32x32x4 latents), inputs latents [2, 4, 32, 32], timesteps [2], class labels [2] (class 1000
+  is DiT's null class, the unconditional half).
+``--small`` swaps both for tiny configurations of the same classes (well under a minute with
+``--compiler eager``; each model forward takes milliseconds).
+
+Configurations, each on its own copy of the same seeded model (``fresh_copy``: a deepcopy of
+the modules that shares the weight tensors, so that an SD-sized model is not held five times;
+inference never writes to them, and tomesd's class swap only touches its own copy's modules):
+- ``eager``: the unmerged model, the reference every closeness figure is measured against;
+- ``inductor``: ``torch.compile(model)``;
+- ``tomesd r=R``: ``tomesd.apply_patch(model, ratio=R)`` with tomesd's default options (as its
+  README shows), then ``torch.compile``, with ``tomesd_compile_shim`` (below); UNet only (see
+  ``TOMESD_ON_DIT``);
+- ``tomesd-eager r=R`` (opt in with ``--configs``): tomesd without torch.compile, how it is
+  normally used;
+- ``turbo r=R``: ``torch.compile(model, backend="turbo", options={"ratio": R, **--option})``.
+Every compiled configuration gets its own backend callable (``GraphCounter``, which delegates to
+the backend of that name), so none reuses another's compiled frames and each counts its graphs.
+``--compiler eager`` replaces Inductor by Dynamo's ``eager`` backend everywhere (and turbo's
+``inner_backend`` by ``eager``): for tests and smoke runs, no C++ compilation.
+
+tomesd 0.1.3 with diffusers 0.42: its patched ``BasicTransformerBlock.forward`` (a copy of an
+old diffusers forward with the merge and unmerge calls added) covers the block as SD 1.x/2.x
+builds it (``norm_type="layer_norm"``, no positional embedding, no GLIGEN fuser, no chunked
+feed-forward) and DiT's ``ada_norm_zero``; at ratio 0 it reproduces the unpatched UNet exactly
+(tests/bench/test_diffusion_speed.py checks it), so no compatibility shim is needed. It drops
+what newer diffusers added to that forward (``ada_norm_single``, ``ada_norm_continuous``,
+``layer_norm_i2vgen``, ``pos_embed``, GLIGEN, ``set_chunk_feed_forward``), which no model
+benchmarked here uses. Under torch.compile, though, it breaks the graph (its torch.Generator),
+and the breaks make Dynamo skip the UNet's frames for every model in the process: see the
+comment above ``tomesd_compile_shim``, which the tomesd rows use unless ``--no-tomesd-shim``.
+The ``Dynamo graphs`` and ``graph breaks`` columns show what each configuration compiled to.
+
+Measurements, in one process:
+1. FLOPs (``FlopCounterMode`` on an eager call, with turbo_fx.flops' formula for CPU SDPA):
+   ``eager`` (= ``inductor``), tomesd's patched eager model, and for turbo ``turbo_fx.explain``
+   (the rewritten Dynamo graph counted); "unavailable" when every turbo graph fell back.
+2. Compile seconds: each compiled configuration's first two calls, with a fresh
+   ``TORCHINDUCTOR_CACHE_DIR`` per configuration and the FX-graph / AOT caches off, minus two
+   steady-state medians. Two calls, not one, so that a recompile on the second call is counted
+   (unshimmed tomesd recompiles there, once its generator exists).
+3. Steady-state time: ``--rounds`` interleaved rounds (each runs every configuration once, in
+   a rotating order; see bench/timing.py), median and IQR; speed-up = Inductor's median / median.
+4. Closeness to the unmerged model on the same inputs: relative L2 error ``|y - y_ref| / |y_ref|``
+   and cosine similarity of the output (the second call's).
+5. A DDIM loop (``--ddim-steps`` steps, classifier-free guidance ``--guidance``, the same initial
+   noise for every configuration, each on its own trajectory): per step, the closeness of the
+   guided noise prediction to the reference's at that step; at the end, the final latent's.
+
+Writes ``<out>/<name>.json`` (everything, with the machine) and ``<out>/<name>.md`` (the tables,
+also printed). The default ``--out`` is build/bench_diffusion (ignored by git).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import copy
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import types
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from tabulate import tabulate
+
+from turbo_fx.bench import timing
+
+DEFAULT_RATIOS = (0.3, 0.5, 0.6)
+DEFAULT_CONFIGS = ("eager", "inductor", "tomesd", "turbo")
+CONFIG_KINDS = ("eager", "inductor", "tomesd", "tomesd-eager", "turbo")
+TOMESD_ON_DIT = ("tomesd does not apply to DiT: it is written for UNets (it infers each block's "
+                 "downsampling from the latent size, so with patch size 2 every DiT block counts as "
+                 "downsample 2 and, at its default max_downsample=1, merges nothing); not run")
+
+# --------------------------------------------------------------------------- model configs
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
+    mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SMALL_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+    cross_attention_dim=32, attention_head_dim=8,
+)
+DIT_XL2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+               sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+SMALL_DIT = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                 sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+
+# DDIM schedules: SD 1.5's (scaled linear betas) and DiT's (linear betas).
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+@dataclass
+class Case:
+    """A model with its benchmark inputs and what a denoising step feeds it."""
+
+    name: str
+    kind: str  # "unet" or "dit"
+    description: str
+    model: torch.nn.Module
+    inputs: tuple  # positional inputs of one guided forward (batch 2: unconditional, conditional)
+    cond: torch.Tensor  # text states [2, L, D] (UNet) or class labels [2] (DiT), uncond first
+    latent_shape: tuple  # one latent, [1, C, H, W]
+    schedule: dict
+    tomesd_note: Optional[str] = None  # why tomesd is not run, when it is not
+
+    def step_inputs(self, latents: torch.Tensor, t: torch.Tensor) -> tuple:
+        """The forward's inputs at one denoising step: ``latents`` is the doubled batch [2, C, H, W]."""
+        if self.kind == "unet":
+            return (latents, t, self.cond)
+        return (latents, t.reshape(1).expand(latents.shape[0]).contiguous(), self.cond)
+
+    def noise_prediction(self, output: torch.Tensor) -> torch.Tensor:
+        """The noise channels of an output (DiT also predicts its variance in channels 4-7)."""
+        return output[:, : self.latent_shape[1]]
+
+
+def build_unet(small: bool = False, seed: int = 0) -> Case:
+    from diffusers import UNet2DConditionModel
+
+    cfg = SMALL_UNET if small else SD15_UNET
+    torch.manual_seed(seed)
+    model = UNet2DConditionModel(**cfg).eval()
+    size = cfg["sample_size"]
+    text_len, text_dim = (7, cfg["cross_attention_dim"]) if small else (77, 768)
+    gen = torch.Generator().manual_seed(seed + 1)
+    latents = torch.randn(2, 4, size, size, generator=gen)
+    text = torch.randn(2, text_len, text_dim, generator=gen)
+    timestep = torch.tensor(500, dtype=torch.long)
+    params = sum(p.numel() for p in model.parameters())
+    name = "unet-small" if small else "sd15-unet"
+    desc = (f"{'tiny' if small else 'SD-1.5-sized'} UNet2DConditionModel, {params / 1e6:.1f} M parameters, "
+            f"RANDOM weights (seed {seed}); latents [2, 4, {size}, {size}], text [2, {text_len}, {text_dim}]")
+    return Case(name, "unet", desc, model, (latents, timestep, text), text, (1, 4, size, size), SD_SCHEDULE)
+
+
+def build_dit(small: bool = False, seed: int = 0) -> Case:
+    from diffusers import DiTTransformer2DModel
+
+    cfg = SMALL_DIT if small else DIT_XL2
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(**cfg).eval()
+    size = cfg["sample_size"]
+    gen = torch.Generator().manual_seed(seed + 1)
+    latents = torch.randn(2, 4, size, size, generator=gen)
+    timesteps = torch.tensor([500, 500], dtype=torch.long)
+    labels = torch.tensor([1000, 207], dtype=torch.long)  # 1000: DiT's null class (unconditional)
+    params = sum(p.numel() for p in model.parameters())
+    name = "dit-small" if small else "dit-xl-2"
+    desc = (f"{'tiny' if small else 'DiT-XL/2-sized'} DiTTransformer2DModel, {params / 1e6:.1f} M parameters, "
+            f"RANDOM weights (seed {seed}); latents [2, 4, {size}, {size}], class labels [2]")
+    return Case(name, "dit", desc, model, (latents, timesteps, labels), labels, (1, 4, size, size), DIT_SCHEDULE,
+                tomesd_note=TOMESD_ON_DIT)
+
+
+BUILDERS = {"unet": build_unet, "dit": build_dit}
+
+
+# --------------------------------------------------------------------------- configurations
+# tomesd under torch.compile. Each patched block, on every call, draws its random destination
+# offsets with ``torch.randint(..., generator=tomesd's own torch.Generator)``, and on the first
+# call creates that generator (``tomesd.utils.init_generator``, a fork of the global RNG state).
+# Dynamo cannot put either in a graph (a Generator object has no graph form: "Missing
+# `as_proxy()`"; "Opaque objects cannot be created inside the torch.compile region"). Each is
+# a graph break inside the loops over blocks of UNet2DConditionModel, the Down/Up blocks and
+# Transformer2DModel, so Dynamo runs those frames eagerly (17 graphs instead of 1 for the small
+# UNet), AND marks their code objects "skip" for the whole process: a plain Inductor model of the
+# same classes compiled before then runs as 18 pieces too. The shim below makes tomesd compile to
+# one graph without changing what it computes: the generator is created (by tomesd's own
+# init_generator) before compiling, and tomesd's module sees a ``torch`` whose ``randint``
+# ignores ``generator=``, so the offsets come from the global RNG (same distribution, another
+# random stream; seeded by torch.manual_seed). tomesd's files are not touched; the shim is the
+# attribute ``tomesd.merge.torch``, set while a benchmark runs and put back after.
+
+
+def _randint_from_global_rng(*args, generator=None, **kwargs):
+    return torch.randint(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def tomesd_compile_shim(enabled: bool = True):
+    """While active, tomesd's merge module draws its random offsets from the global RNG."""
+    import tomesd.merge
+
+    if not enabled:
+        yield
+        return
+    original = tomesd.merge.torch
+    shim = types.ModuleType("torch_for_tomesd")
+    shim.__dict__.update(vars(torch))
+    shim.randint = _randint_from_global_rng
+    tomesd.merge.torch = shim
+    try:
+        yield
+    finally:
+        tomesd.merge.torch = original
+
+
+def apply_tomesd(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
+    """``tomesd.apply_patch(model, ratio=ratio)`` with tomesd's defaults, as its README shows, and
+    its generator created up front (what its first call would do, outside any compiled region)."""
+    import tomesd
+    from tomesd.utils import init_generator
+
+    tomesd.apply_patch(model, ratio=ratio)
+    device = next(model.parameters()).device
+    model._tome_info["args"]["generator"] = init_generator(device)
+    return model
+
+
+def fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deepcopy of ``model``'s modules that shares its parameter and buffer tensors."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def forward(fn: Callable, inputs: tuple) -> torch.Tensor:
+    """One call of a diffusers model (or its compiled wrapper) on positional inputs: the output tensor.
+    Positional, because tomesd's forward pre-hook reads the latent size from ``args[0]``."""
+    with torch.no_grad():
+        return fn(*inputs, return_dict=False)[0]
+
+
+@dataclass
+class Config:
+    name: str
+    kind: str  # one of CONFIG_KINDS
+    ratio: Optional[float] = None
+
+
+def configurations(kinds: Sequence[str], ratios: Sequence[float], case: Case) -> tuple[list[Config], list[str]]:
+    """The configurations to run, in order, and notes on those skipped."""
+    configs, notes = [], []
+    for kind in ("eager", "inductor"):
+        configs.append(Config(kind, kind))
+    for kind in ("tomesd", "tomesd-eager", "turbo"):
+        if kind not in kinds:
+            continue
+        if kind.startswith("tomesd") and case.tomesd_note:
+            if case.tomesd_note not in notes:
+                notes.append(case.tomesd_note)
+            continue
+        configs.extend(Config(f"{kind} r={r:g}", kind, r) for r in ratios)
+    if "inductor" not in kinds:
+        notes.append("inductor is always run: it is the speed-up baseline")
+    return configs, notes
+
+
+class GraphCounter:
+    """The backend of one configuration: counts the graphs Dynamo hands it and delegates.
+
+    A distinct callable per configuration, so that Dynamo never reuses a frame another
+    configuration compiled (its BACKEND_MATCH guard compares backend callables, and the
+    copies share weight tensors, so every other guard would pass): every configuration's
+    compile time and graph count are its own."""
+
+    def __init__(self, inner: Callable, **kwargs) -> None:
+        self.inner = inner
+        self.kwargs = kwargs
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return self.inner(gm, example_inputs, **self.kwargs)
+
+
+def make_model(config: Config, base: torch.nn.Module, compiler: str, turbo_options: dict):
+    """The callable of one configuration, on its own copy of ``base``, and its GraphCounter
+    (None for the eager configurations). ``torch.compile(model, backend=GraphCounter(X))`` is
+    ``torch.compile(model, backend="X")`` (for turbo: ``options=`` reaches the backend as the
+    same keyword), plus the count."""
+    model = fresh_copy(base)
+    if config.kind in ("tomesd", "tomesd-eager"):
+        apply_tomesd(model, config.ratio)
+    if config.kind in ("eager", "tomesd-eager"):
+        return model, None
+    lookup = torch._dynamo.lookup_backend
+    if config.kind == "turbo":
+        options = {**turbo_options, "ratio": config.ratio}
+        if compiler == "eager":
+            options.setdefault("inner_backend", "eager")
+        counter = GraphCounter(lookup("turbo"), options=options)
+    else:
+        counter = GraphCounter(lookup("inductor" if compiler == "inductor" else "eager"))
+    return torch.compile(model, backend=counter), counter
+
+
+# --------------------------------------------------------------------------- metrics
+def closeness(output: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Relative L2 error ``|y - y_ref| / |y_ref|`` and cosine similarity, in float64 over all
+    elements. Identical tensors give exactly 0 and 1 (``sqrt(d * d) == d`` in IEEE arithmetic)."""
+    y = output.detach().double().flatten()
+    ref = reference.detach().double().flatten()
+    ref_norm2 = torch.dot(ref, ref)
+    y_norm2 = torch.dot(y, y)
+    diff = y - ref
+    rel_l2 = math.sqrt(torch.dot(diff, diff).item() / ref_norm2.item()) if ref_norm2.item() > 0 else float("nan")
+    denom = math.sqrt(y_norm2.item() * ref_norm2.item())
+    cosine = torch.dot(y, ref).item() / denom if denom > 0 else float("nan")
+    return {"rel_l2": rel_l2, "cosine": max(-1.0, min(1.0, cosine))}
+
+
+def eager_flops(fn: Callable, inputs: tuple) -> int:
+    """FLOPs of one eager call (turbo_fx.flops adds the CPU SDPA formula torch lacks)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import turbo_fx.flops  # noqa: F401  (registers the formula)
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward(fn, inputs)
+    return counter.get_total_flops()
+
+
+def turbo_flops(base: torch.nn.Module, inputs: tuple, options: dict) -> dict:
+    """FLOPs of turbo's rewritten graphs (``turbo_fx.explain``), or why they are unavailable."""
+    import turbo_fx
+
+    try:
+        report = turbo_fx.explain(fresh_copy(base), *inputs, model_kwargs={"return_dict": False}, **options)
+    except Exception as exc:  # a config the backend refuses: say so, measure the rest
+        return {"flops": None, "why": f"explain failed: {type(exc).__name__}: {exc}", "graphs": 0}
+    rewritten = [g for g in report.graphs if g.rewritten]
+    info = {"graphs": len(report.graphs), "rewritten": len(rewritten), "fallbacks": report.fallbacks}
+    if not rewritten or any(g.flops_after is None for g in report.graphs):
+        why = "; ".join(sorted(set(report.fallbacks))) or "no graph was rewritten"
+        return {**info, "flops": None, "why": f"unavailable: {why}"}
+    return {**info, "flops": report.flops_after, "flops_before": report.flops_before, "why": None}
+
+
+def _graph_breaks() -> int:
+    """Graph breaks Dynamo has met so far in this process."""
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+def ddim_loop(fn: Callable, case: Case, noise: torch.Tensor, steps: int, guidance: float) -> tuple[list, torch.Tensor]:
+    """``steps`` DDIM steps with classifier-free guidance from ``noise``: (guided noise
+    prediction per step, final latent)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(**case.schedule)
+    scheduler.set_timesteps(steps)
+    latent = noise * scheduler.init_noise_sigma
+    predictions = []
+    for t in scheduler.timesteps:
+        both = torch.cat([latent, latent])
+        out = case.noise_prediction(forward(fn, case.step_inputs(both, t)))
+        uncond, cond = out.chunk(2)
+        eps = uncond + guidance * (cond - uncond)
+        predictions.append(eps)
+        latent = scheduler.step(eps, t, latent).prev_sample
+    return predictions, latent
+
+
+# --------------------------------------------------------------------------- the run
+@contextlib.contextmanager
+def _compile_cache(root: str, compiler: str):
+    """A fresh, empty Inductor cache dir (kept until ``root`` is removed: the compiled code stays loaded)."""
+    if compiler != "inductor":
+        yield
+        return
+    from torch._inductor.utils import fresh_cache
+
+    with fresh_cache(dir=root, delete=False):
+        yield
+
+
+def run_case(case: Case, ratios: Sequence[float], kinds: Sequence[str], rounds: int = 5, compiler: str = "inductor",
+             turbo_options: Optional[dict] = None, ddim_steps: int = 10, guidance: float = 7.5, seed: int = 0,
+             tomesd_shim: bool = True, log: Callable[[str], None] = timing.log) -> dict:
+    """Every measurement for one model; returns the JSON-ready result."""
+    configs, notes = configurations(kinds, ratios, case)
+    uses_tomesd = any(c.kind.startswith("tomesd") for c in configs)
+    if uses_tomesd:
+        notes.append("tomesd: tomesd.apply_patch(model, ratio=r), default options; "
+                     + ("compile shim on (its random offsets from the global RNG, its generator made before "
+                        "compiling: see tomesd_compile_shim)" if tomesd_shim else
+                        "compile shim OFF: tomesd's graph breaks make Dynamo skip the UNet's loop frames for "
+                        "every configuration in this process, so the compiled rows after it are fragmented too"))
+    with tomesd_compile_shim(uses_tomesd and tomesd_shim):
+        result = _run_case(case, configs, notes, ratios, kinds, rounds, compiler, dict(turbo_options or {}),
+                           ddim_steps, guidance, seed, log)
+    result["settings"]["tomesd_shim"] = tomesd_shim if uses_tomesd else None
+    return result
+
+
+def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_options, ddim_steps, guidance, seed, log):
+    base, inputs = case.model, case.inputs
+    log(f"{case.name}: {case.description}")
+    log("configurations: " + ", ".join(c.name for c in configs))
+    results: dict = {c.name: {"kind": c.kind, "ratio": c.ratio} for c in configs}
+
+    # 1. FLOPs, before anything is compiled (turbo_fx.explain resets Dynamo).
+    base_flops = eager_flops(base, inputs)
+    for c in configs:
+        entry = results[c.name]
+        if c.kind in ("eager", "inductor"):
+            entry.update(flops=base_flops, flops_note=None)
+        elif c.kind in ("tomesd", "tomesd-eager"):
+            tomesd_model, _ = make_model(Config(c.name, "tomesd-eager", c.ratio), base, compiler, {})
+            torch.manual_seed(seed)
+            entry.update(flops=eager_flops(tomesd_model, inputs), flops_note="tomesd's patched model, eager")
+        else:
+            info = turbo_flops(base, inputs, {**turbo_options, "ratio": c.ratio})
+            entry.update(flops=info.pop("flops"), flops_note=info.pop("why"), turbo_explain=info)
+        log(f"FLOPs {c.name}: " + (f"{entry['flops'] / 1e9:.2f} G" if entry["flops"] else str(entry["flops_note"])))
+    torch._dynamo.reset()
+
+    # 2. Compile: the first two calls of each configuration, each with its own empty cache dir.
+    if compiler == "inductor":
+        timing.no_compile_caches()
+    dynamo_config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+    cache_root = tempfile.mkdtemp(prefix="turbo-fx-diffusion-")
+    fns, first_calls, outputs = {}, {}, {}
+    try:
+        if compiler == "inductor":
+            log(f"warming up the compilers (untimed): {timing.warm_up_compilers(turbo=any(c.kind == 'turbo' for c in configs)):.1f} s")
+        from turbo_fx.report import recording
+
+        for c in configs:
+            fn, counter = make_model(c, base, compiler, turbo_options)
+            breaks_before = _graph_breaks()
+            torch.manual_seed(seed)  # tomesd's random offsets (through the shim) come from the global RNG
+            with _compile_cache(cache_root, compiler), recording() as rec:
+                start = time.perf_counter()
+                forward(fn, inputs)
+                first = time.perf_counter() - start
+                start = time.perf_counter()
+                outputs[c.name] = forward(fn, inputs)
+                second = time.perf_counter() - start
+            breaks_after = _graph_breaks()
+            fns[c.name] = fn
+            first_calls[c.name] = (first, second)
+            entry = results[c.name]
+            entry.update(first_call_s=first, second_call_s=second)
+            if c.kind not in ("eager", "tomesd-eager"):
+                entry.update(dynamo_graphs=counter.graphs, graph_breaks=breaks_after - breaks_before)
+            if c.kind == "turbo":
+                entry["turbo_report"] = [{"rewritten": g.rewritten, "merges": g.merges, "fallback": g.fallback_reason}
+                                         for g in rec.graphs]
+            log(f"first two calls {c.name}: {first:.1f} s + {second:.1f} s")
+
+        # 3. Steady state, interleaved.
+        log(f"timing: {rounds} interleaved rounds")
+        calls = {name: (lambda fn=fn: forward(fn, inputs)) for name, fn in fns.items()}
+        times = timing.interleaved(calls, (), rounds, warmup=0, progress=log)
+
+        # 5. DDIM loops (4. closeness uses the second call's outputs).
+        noise = torch.randn(case.latent_shape, generator=torch.Generator().manual_seed(seed + 2))
+        trajectories = {}
+        if ddim_steps > 0:
+            for c in configs:
+                torch.manual_seed(seed)
+                start = time.perf_counter()
+                trajectories[c.name] = ddim_loop(fns[c.name], case, noise, ddim_steps, guidance)
+                log(f"DDIM {ddim_steps} steps {c.name}: {time.perf_counter() - start:.1f} s")
+    finally:
+        shutil.rmtree(cache_root, ignore_errors=True)
+
+    inductor_median = timing.stats(times["inductor"])["median"]
+    reference = outputs["eager"]
+    for c in configs:
+        entry = results[c.name]
+        st = timing.stats(times[c.name])
+        first, second = first_calls[c.name]
+        entry["latency"] = st
+        entry["latency_s"] = times[c.name]
+        entry["speedup_vs_inductor"] = inductor_median / st["median"]
+        entry["compile_s"] = None if c.kind in ("eager", "tomesd-eager") else first + second - 2 * st["median"]
+        entry["flop_ratio"] = entry["flops"] / base_flops if entry["flops"] else None
+        entry["output"] = closeness(outputs[c.name], reference)
+        if trajectories:
+            ref_eps, ref_latent = trajectories["eager"]
+            eps, latent = trajectories[c.name]
+            entry["ddim"] = {"per_step": [closeness(a, b) for a, b in zip(eps, ref_eps)],
+                             "final_latent": closeness(latent, ref_latent)}
+        if c.kind == "turbo" and entry.get("turbo_report") is not None:
+            reports = entry["turbo_report"]
+            if not any(g["rewritten"] for g in reports):
+                reasons = sorted({g["fallback"] for g in reports if g["fallback"]})
+                note = f"{c.name} merged nothing (fell back: {'; '.join(reasons) or 'no merge site'})"
+                if note not in notes:
+                    notes.append(note)
+    return {"model": case.name, "kind": case.kind, "description": case.description, "random_weights": True,
+            "settings": {"ratios": list(ratios), "configs": list(kinds), "rounds": rounds, "compiler": compiler,
+                         "turbo_options": turbo_options, "ddim_steps": ddim_steps, "guidance": guidance,
+                         "seed": seed, "torch_threads": torch.get_num_threads()},
+            "baseline_flops": base_flops, "configs": results, "notes": notes}
+
+
+# --------------------------------------------------------------------------- output
+TABLE_HEADERS = ["config", "compile s", "median ms", "IQR ms", "speed-up vs Inductor", "Dynamo graphs",
+                 "graph breaks", "GFLOPs", "FLOP ratio", "output rel L2", "output cosine",
+                 "DDIM final rel L2", "DDIM final cosine"]
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def table_rows(run: dict) -> list[list[str]]:
+    rows = []
+    for name, e in run["configs"].items():
+        ddim = e.get("ddim") or {}
+        final = ddim.get("final_latent") or {}
+        flops = _fmt(e["flops"] / 1e9 if e["flops"] else None, ".3g", "unavailable")
+        rows.append([name, _fmt(e.get("compile_s"), ".1f"), _fmt(e["latency"]["median"] * 1e3, ".1f"),
+                     _fmt(e["latency"]["iqr"] * 1e3, ".1f"), f"{e['speedup_vs_inductor']:.2f}x",
+                     _fmt(e.get("dynamo_graphs"), "d"), _fmt(e.get("graph_breaks"), "d"), flops,
+                     _fmt(e.get("flop_ratio"), ".3f"), f"{e['output']['rel_l2']:.2e}", f"{e['output']['cosine']:.6f}",
+                     _fmt(final.get("rel_l2"), ".2e"), _fmt(final.get("cosine"), ".6f")])
+    return rows
+
+
+def ddim_rows(run: dict) -> list[list[str]]:
+    rows = []
+    for name, e in run["configs"].items():
+        steps = (e.get("ddim") or {}).get("per_step")
+        if steps and e["kind"] != "eager":
+            rows.append([name] + [f"{s['rel_l2']:.2e} / {s['cosine']:.4f}" for s in steps])
+    return rows
+
+
+def markdown(payload: dict) -> str:
+    machine = payload["machine"]
+    lines = ["# Diffusion speed: eager / Inductor / tomesd / turbo", "",
+             f"Machine: {timing.machine_line(machine)}; diffusers {machine.get('diffusers')}, "
+             f"tomesd {machine.get('tomesd')}.", f"Command: `{machine['command']}`", ""]
+    for run in payload["runs"]:
+        s = run["settings"]
+        lines += [f"## {run['model']}", "", f"{run['description']}.", "",
+                  f"Compiler {s['compiler']}, {s['rounds']} timed rounds (median), {s['torch_threads']} torch threads; "
+                  f"closeness against the eager unmerged model on the same inputs; DDIM {s['ddim_steps']} steps, "
+                  f"guidance {s['guidance']}, the same initial noise. Compile s: the first two calls minus two "
+                  f"medians, empty Inductor cache. Turbo options: {s['turbo_options'] or '{}'}.", ""]
+        lines.append(tabulate(table_rows(run), headers=TABLE_HEADERS, tablefmt="github"))
+        steps = ddim_rows(run)
+        if steps:
+            n = len(steps[0]) - 1
+            lines += ["", "Guided noise prediction per DDIM step, against the eager model's at that step "
+                      "(relative L2 / cosine):", ""]
+            lines.append(tabulate(steps, headers=["config"] + [f"step {i + 1}" for i in range(n)], tablefmt="github"))
+        if run["notes"]:
+            lines += [""] + [f"- {note}" for note in run["notes"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    info = timing.machine()
+    for module in ("diffusers", "tomesd"):
+        try:
+            info[module] = __import__(module).__version__ if module == "diffusers" else _tomesd_version()
+        except ImportError:
+            info[module] = None
+    return info
+
+
+def _tomesd_version() -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tomesd")
+    except PackageNotFoundError:
+        raise ImportError("tomesd") from None
+
+
+def write_results(payload: dict, out_dir: str, name: str) -> tuple[str, str]:
+    """``<out_dir>/<name>.json`` and ``.md``; returns both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, f"{name}.json")
+    md_path = os.path.join(out_dir, f"{name}.md")
+    with open(json_path, "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(md_path, "w") as f:
+        f.write(markdown(payload))
+    return json_path, md_path
+
+
+# --------------------------------------------------------------------------- command line
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--option expects KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"a ratio must be in [0, 1), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m turbo_fx.bench.diffusion_speed",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", choices=sorted(BUILDERS), default=["unet"])
+    p.add_argument("--small", action="store_true", help="tiny configurations of the same classes (a smoke test)")
+    p.add_argument("--ratio", nargs="+", type=_ratio, default=list(DEFAULT_RATIOS))
+    p.add_argument("--configs", nargs="+", choices=CONFIG_KINDS, default=list(DEFAULT_CONFIGS),
+                   help="eager and inductor always run")
+    p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="a turbo option for every turbo configuration, e.g. max_downsample=2 (repeatable)")
+    p.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds")
+    p.add_argument("--ddim-steps", type=int, default=10, help="0 skips the denoising loop")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compiler", choices=("inductor", "eager"), default="inductor",
+                   help="'eager': Dynamo's eager backend instead of Inductor (turbo inner_backend=eager)")
+    p.add_argument("--out", default=os.path.join("build", "bench_diffusion"))
+    p.add_argument("--name", default=None, help="file name stem (default diffusion_speed[_small])")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's). 1 suits --small: on 2 shared cores two "
+                        "threads made the tiny UNet 70x slower")
+    p.add_argument("--no-tomesd-shim", dest="tomesd_shim", action="store_false",
+                   help="compile tomesd as it is (graph breaks; they also fragment the other compiled rows)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = timing.log) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    machine = machine_info()
+    log(f"machine: {timing.machine_line(machine)}")
+    payload = {"benchmark": "diffusion_speed", "machine": machine, "runs": []}
+    for kind in args.model:
+        case = BUILDERS[kind](small=args.small, seed=args.seed)
+        payload["runs"].append(run_case(case, args.ratio, args.configs, rounds=args.rounds, compiler=args.compiler,
+                                        turbo_options=dict(args.option), ddim_steps=args.ddim_steps,
+                                        guidance=args.guidance, seed=args.seed, tomesd_shim=args.tomesd_shim,
+                                        log=log))
+        del case
+        torch._dynamo.reset()
+    name = args.name or ("diffusion_speed_small" if args.small else "diffusion_speed")
+    json_path, md_path = write_results(payload, args.out, name)
+    print(markdown(payload))
+    log(f"wrote {json_path} and {md_path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,191 @@
+"""The generation fidelity study: the Fashion-MNIST diffusion stand-in (weights trained here,
+``model_zoo.fashion_diffusion``) sampled unmerged, with tomesd and with turbo's
+merge-and-restore mode, every configuration from the same initial noise and labels.
+
+Rows:
+- ``baseline``: the unmerged UNet;
+- ``tomesd r``: ``tomesd.apply_patch(unet, ratio=r)`` with its defaults (self-attention only,
+  the top resolution, 2 x 2 cells, random destinations);
+- ``turbo-sa r``: turbo merging the same components as tomesd (self-attention, the top
+  resolution): the same FLOPs as tomesd at the same ratio, plus the semantic value and the
+  ``log(size)`` bias;
+- ``redundancy-sa r``: the same without the semantic value (``semantic=False``);
+- ``turbo r``: turbo's default, every component of the block (fewer FLOPs).
+
+Each row has FLOPs per UNet call, FD (DINOv2-S) against real test images, class accuracy by a
+DINOv2 probe, and PSNR / SSIM against the baseline image from the same noise, all with 95%
+intervals (``bench.diffusion_fidelity``); each turbo row is also compared, paired, with the
+tomesd row of the same ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from turbo_fx.bench import diffusion_fidelity as fid
+from turbo_fx.bench import stats
+from turbo_fx.bench.diffusion_speed import apply_tomesd, fresh_copy, machine_info
+
+SELF_ATTENTION_ONLY = {"merge_components": ("self-attention",)}
+
+
+def row_specs(ratios: Sequence[float], alpha: float) -> list[tuple[str, str, dict]]:
+    """(name, kind, turbo options) of every row, baseline first."""
+    rows = [("baseline", "baseline", {})]
+    for r in ratios:
+        rows += [
+            (f"tomesd {r}", "tomesd", {"ratio": r}),
+            (f"turbo-sa {r}", "turbo", {"ratio": r, "alpha": alpha, **SELF_ATTENTION_ONLY}),
+            (f"redundancy-sa {r}", "turbo", {"ratio": r, "semantic": False, **SELF_ATTENTION_ONLY}),
+            (f"turbo {r}", "turbo", {"ratio": r, "alpha": alpha}),
+        ]
+    return rows
+
+
+def build(kind: str, unet: torch.nn.Module, options: dict, seed: int) -> Callable:
+    """The UNet callable of one row (the rewritten graph runs eagerly: fidelity, not speed)."""
+    if kind == "baseline":
+        return unet
+    if kind == "tomesd":
+        model = apply_tomesd(fresh_copy(unet), options["ratio"])
+        model._tome_info["args"]["generator"] = torch.Generator().manual_seed(seed)
+        return model
+    torch._dynamo.reset()
+    return torch.compile(fresh_copy(unet), backend="turbo", options={**options, "inner_backend": "eager"})
+
+
+def unet_flops(fn: Callable, sample_input: tuple) -> int:
+    """FLOPs of one UNet call (turbo's rewritten graph runs under the counter like any module)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import turbo_fx.flops  # noqa: F401  (the CPU SDPA formula)
+
+    with torch.no_grad():
+        fn(*sample_input)  # compile first: Dynamo's tracing must not run under the counter
+        with FlopCounterMode(display=False) as counter:
+            fn(*sample_input)
+    return counter.get_total_flops()
+
+
+def paired_with(result: dict, other: dict, seed: int) -> dict:
+    """Row minus ``other`` on the same noise: accuracy (Newcombe interval, McNemar p), FD (the
+    bootstrap replicates of both drawn with the same indices) and PSNR."""
+    acc = stats.paired_proportions(result["correct"], other["correct"])
+    fd_diff = np.asarray(result["fd_replicates"]) - np.asarray(other["fd_replicates"])
+    psnr = stats.paired_bootstrap_mean(result["psnr_per_image"], other["psnr_per_image"], seed=seed)
+    return {
+        "accuracy": [acc.difference, acc.low, acc.high, acc.p_value],
+        "fd": [result["fd"] - other["fd"], *stats.percentile_interval(fd_diff)],
+        "psnr": [psnr.difference, psnr.low, psnr.high, psnr.p_value],
+    }
+
+
+def run(samples: int, steps: int, guidance: float, ratios: Sequence[float], alpha: float, seed: int,
+        batch: int, reference: Optional[fid.FidelityReference] = None, log: Callable[[str], None] = print) -> dict:
+    from turbo_fx.model_zoo import fashion_diffusion as fd
+
+    unet, tokens = fd.load_fashion_diffusion()
+    labels, noise = fd.balanced_labels(samples), fd.noise_for(samples, seed)
+    reference = fid.fashion_reference() if reference is None else reference
+    probe_input = (torch.cat([noise[:batch]] * 2), torch.full((2 * batch,), 500, dtype=torch.long),
+                   torch.cat([tokens(labels[:batch]), tokens(torch.full((batch,), fd.NULL_LABEL))]))
+    rows, images = {}, {}
+    for name, kind, options in row_specs(ratios, alpha):
+        started = time.perf_counter()
+        fn = build(kind, unet, options, seed)
+        flops = unet_flops(fn, probe_input)
+        with torch.no_grad():
+            images[name] = fid.generate(fn, tokens, labels, noise, steps, guidance, batch)
+        rows[name] = {"kind": kind, "options": options, "flops": flops, "seconds": time.perf_counter() - started}
+        log(f"{name}: {flops / 1e9:.2f} GFLOPs per UNet call, sampled in {rows[name]['seconds']:.0f} s")
+    for name, result in fid.evaluate_configurations(reference, images, labels, baseline="baseline", seed=seed).items():
+        feats = reference.featurize(images[name])
+        _, _, replicates = fid.frechet_bootstrap(fid.fd_part(feats, reference.fd_dims), reference.real_stats, seed=seed)
+        rows[name].update(result, fd_replicates=replicates.tolist())
+    for name, row in rows.items():
+        if row["kind"] == "turbo":
+            row["vs_tomesd"] = paired_with(row, rows[f"tomesd {row['options']['ratio']}"], seed)
+    return {"rows": rows, "images": images, "labels": labels.tolist(), "reference": reference.description,
+            "settings": {"samples": samples, "steps": steps, "guidance": guidance, "ratios": list(ratios),
+                         "alpha": alpha, "seed": seed}, "machine": machine_info()}
+
+
+def _ci(value: float, ci: Sequence[float], spec: str) -> str:
+    return f"{value:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]"
+
+
+def markdown(payload: dict) -> str:
+    rows = payload["rows"]
+    base_flops = rows["baseline"]["flops"]
+    table = []
+    for name, row in rows.items():
+        table.append([
+            name, f"{row['flops'] / 1e9:.2f} ({row['flops'] / base_flops:.3f})",
+            _ci(row["fd"], row["fd_ci"], ".1f"), _ci(100 * row["accuracy"], [100 * v for v in row["accuracy_ci"]], ".1f"),
+            _ci(row["psnr"], row["psnr_ci"], ".2f") if name != "baseline" else "-",
+            _ci(row["ssim"], row["ssim_ci"], ".3f") if name != "baseline" else "-",
+        ])
+    head = ["configuration", "GFLOPs per call (ratio)", "FD", "class accuracy %", "PSNR to baseline dB", "SSIM to baseline"]
+    paired = []
+    for name, row in rows.items():
+        if "vs_tomesd" in row:
+            v = row["vs_tomesd"]
+            paired.append([name, f"{100 * v['accuracy'][0]:+.1f} [{100 * v['accuracy'][1]:+.1f}, {100 * v['accuracy'][2]:+.1f}], "
+                           f"p={v['accuracy'][3]:.2f}", f"{v['fd'][0]:+.1f} [{v['fd'][1]:+.1f}, {v['fd'][2]:+.1f}]",
+                           f"{v['psnr'][0]:+.2f} [{v['psnr'][1]:+.2f}, {v['psnr'][2]:+.2f}], p={v['psnr'][3]:.3f}"])
+    s = payload["settings"]
+    lines = [
+        f"# Generation fidelity: Fashion-MNIST diffusion stand-in ({s['samples']} samples, {s['steps']} DDIM steps, "
+        f"guidance {s['guidance']}, alpha {s['alpha']})", "", payload["reference"], "",
+        tabulate(table, headers=head, tablefmt="github"), "",
+        "Paired with tomesd at the same ratio (row minus tomesd, 95% interval):", "",
+        tabulate(paired, headers=["configuration", "accuracy points", "FD", "PSNR dB"], tablefmt="github"), "",
+        f"Machine: {payload['machine'].get('cpu', '?')}, {payload['machine'].get('cores', '?')} cores.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write(payload: dict, out: str) -> None:
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {k: v for k, v in payload.items() if k != "images"}
+    data["rows"] = {name: {k: v for k, v in row.items() if k not in ("fd_replicates",)}
+                    for name, row in payload["rows"].items()}
+    (folder / "generation_fidelity.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
+    (folder / "generation_fidelity.md").write_text(markdown(payload))
+    labels = np.asarray(payload["labels"])
+    first = [int(np.flatnonzero(labels == c)[0]) for c in range(10)]
+    grid = {name: np.asarray(imgs)[first] for name, imgs in payload["images"].items()
+            if name == "baseline" or name.endswith(" 0.5")}
+    fid.save_grid(grid, str(folder / "generation_samples.png"))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m turbo_fx.bench.generation_eval", description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=2.5)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.6])
+    parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--out", default="bench/results/generation")
+    args = parser.parse_args(argv)
+    payload = run(args.samples, args.steps, args.guidance, args.ratios, args.alpha, args.seed, args.batch)
+    payload["command"] = "python -m turbo_fx.bench.generation_eval " + " ".join(argv or [])
+    write(payload, args.out)
+    print(markdown(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,195 @@
+"""bench/diffusion_speed.py on the tiny (--small) models: the harness end to end (Dynamo's eager
+backend instead of Inductor), the closeness metric, tomesd's patch and its compile shim, and the
+JSON / Markdown writer. No timing assertions."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+tomesd = pytest.importorskip("tomesd")
+
+from turbo_fx.bench import diffusion_speed as ds  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny models' ops are too small to split, and on 2 shared cores
+    two threads made a tiny UNet forward 70x slower (1.7 s instead of 24 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_unet():
+    return ds.build_unet(small=True, seed=0)
+
+
+def max_rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# --------------------------------------------------------------------------- closeness
+def test_closeness_of_identical_outputs_is_exact():
+    y = torch.randn(2, 4, 16, 16)
+    c = ds.closeness(y, y.clone())
+    assert c["rel_l2"] == 0.0 and c["cosine"] == 1.0
+
+
+def test_closeness_matches_a_hand_computation():
+    ref = torch.tensor([3.0, 0.0])
+    y = torch.tensor([3.0, 4.0])  # |y - ref| = 4, |ref| = 3, <y, ref> = 9, |y| = 5
+    c = ds.closeness(y, ref)
+    assert c["rel_l2"] == pytest.approx(4 / 3, abs=1e-12)
+    assert c["cosine"] == pytest.approx(9 / 15, abs=1e-12)
+    assert ds.closeness(-ref, ref)["cosine"] == -1.0
+
+
+def test_closeness_of_a_small_perturbation():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(1000, generator=gen, dtype=torch.float64)
+    noise = torch.randn(1000, generator=gen, dtype=torch.float64)
+    y = ref + 0.01 * noise
+    c = ds.closeness(y, ref)
+    assert c["rel_l2"] == pytest.approx((0.01 * noise).norm().item() / ref.norm().item(), rel=1e-12)
+    assert c["cosine"] == pytest.approx(torch.dot(y, ref).item() / (y.norm() * ref.norm()).item(), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- tomesd
+def test_tomesd_ratio_zero_is_the_unmerged_model_and_half_changes_it(small_unet):
+    reference = ds.forward(small_unet.model, small_unet.inputs)
+    plain = ds.fresh_copy(small_unet.model)
+    tomesd.apply_patch(plain, ratio=0.0)  # tomesd itself, no shim
+    assert type(plain.down_blocks[0].attentions[0].transformer_blocks[0]).__name__ == "ToMeBlock"
+    assert max_rel(ds.forward(plain, small_unet.inputs), reference) < 1e-5
+    with ds.tomesd_compile_shim():
+        zero = ds.apply_tomesd(ds.fresh_copy(small_unet.model), 0.0)
+        assert max_rel(ds.forward(zero, small_unet.inputs), reference) < 1e-5
+        half = ds.apply_tomesd(ds.fresh_copy(small_unet.model), 0.5)
+        assert max_rel(ds.forward(half, small_unet.inputs), reference) > 1e-3
+    # The copies share weights with the base model, which tomesd left unpatched.
+    assert type(small_unet.model.down_blocks[0].attentions[0].transformer_blocks[0]).__name__ == "BasicTransformerBlock"
+    assert half.conv_in.weight is small_unet.model.conv_in.weight
+
+
+def test_tomesd_compiles_to_one_graph_with_the_shim(small_unet):
+    import tomesd.merge
+
+    original = tomesd.merge.torch
+    with ds.tomesd_compile_shim():
+        config = ds.Config("tomesd r=0.5", "tomesd", 0.5)
+        fn, counter = ds.make_model(config, small_unet.model, "eager", {})
+        breaks = ds._graph_breaks()
+        torch.manual_seed(0)
+        compiled = ds.forward(fn, small_unet.inputs)
+        ds.forward(fn, small_unet.inputs)
+        assert counter.graphs == 1 and ds._graph_breaks() == breaks
+        eager = ds.apply_tomesd(ds.fresh_copy(small_unet.model), 0.5)
+        torch.manual_seed(0)
+        assert max_rel(compiled, ds.forward(eager, small_unet.inputs)) < 1e-5  # same offsets, same output
+    assert tomesd.merge.torch is original
+
+
+def test_tomesd_is_not_run_on_dit():
+    dit = ds.build_dit(small=True)
+    configs, notes = ds.configurations(["eager", "inductor", "tomesd", "turbo"], [0.5], dit)
+    assert [c.name for c in configs] == ["eager", "inductor", "turbo r=0.5"]
+    assert any("tomesd does not apply to DiT" in n for n in notes)
+
+
+# --------------------------------------------------------------------------- the harness
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("diffusion")
+    payload = ds.main(["--small", "--compiler", "eager", "--model", "unet", "dit", "--ratio", "0.5",
+                       "--configs", "eager", "inductor", "tomesd", "turbo",
+                       "--rounds", "1", "--ddim-steps", "2", "--out", str(out), "--name", "t"],
+                      log=lambda _: None)
+    torch._dynamo.reset()
+    return payload, out
+
+
+def test_harness_runs_end_to_end(small_run):
+    payload, out = small_run
+    assert [run["model"] for run in payload["runs"]] == ["unet-small", "dit-small"]
+    unet, dit = payload["runs"]
+    assert list(unet["configs"]) == ["eager", "inductor", "tomesd r=0.5", "turbo r=0.5"]
+    assert list(dit["configs"]) == ["eager", "inductor", "turbo r=0.5"]
+    for run in payload["runs"]:
+        for name, e in run["configs"].items():
+            assert e["latency"]["n"] == 1 and e["latency"]["median"] > 0
+            assert len(e["ddim"]["per_step"]) == 2
+            assert 0 <= e["output"]["rel_l2"] and -1 <= e["output"]["cosine"] <= 1
+            if e["kind"] in ("eager", "tomesd-eager"):
+                assert e["compile_s"] is None and "dynamo_graphs" not in e
+            else:
+                assert e["dynamo_graphs"] >= 1
+        # Dynamo's eager backend runs the same ops as the eager model: exactly the reference.
+        ind = run["configs"]["inductor"]
+        assert ind["output"] == {"rel_l2": 0.0, "cosine": 1.0}
+        assert ind["ddim"]["final_latent"] == {"rel_l2": 0.0, "cosine": 1.0}
+        assert ind["dynamo_graphs"] == 1 and ind["graph_breaks"] == 0
+        assert ind["flops"] == run["baseline_flops"] > 0
+    tm = unet["configs"]["tomesd r=0.5"]
+    assert tm["dynamo_graphs"] == 1 and tm["graph_breaks"] == 0
+    assert tm["output"]["rel_l2"] > 1e-3 and 0 < tm["flops"] < unet["baseline_flops"]
+    turbo = unet["configs"]["turbo r=0.5"]
+    assert turbo["flops"] is not None or turbo["flops_note"].startswith(("unavailable", "explain failed"))
+    assert unet["settings"]["tomesd_shim"] is True and dit["settings"]["tomesd_shim"] is None
+    assert any("tomesd does not apply to DiT" in n for n in dit["notes"])
+    machine = payload["machine"]
+    assert machine["cpu"] and machine["logical_cpus"] >= 1 and machine["diffusers"] and machine["tomesd"] == "0.1.3"
+
+
+def test_written_files(small_run):
+    payload, out = small_run
+    with open(out / "t.json") as f:
+        stored = json.load(f)
+    assert stored["runs"][0]["configs"].keys() == payload["runs"][0]["configs"].keys()
+    text = (out / "t.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| config") and "compile s" in line)
+    assert [h.strip() for h in header.strip("|").split("|")] == ds.TABLE_HEADERS
+    for name in ["eager", "inductor", "tomesd r=0.5", "turbo r=0.5", "## unet-small", "## dit-small",
+                 "step 1", "step 2", "RANDOM weights"]:
+        assert name in text
+
+
+def fake_entry(kind, ratio=None, flops=100, compile_s=None, graphs=None):
+    e = {"kind": kind, "ratio": ratio, "flops": flops, "flops_note": None if flops else "unavailable: fell back",
+         "latency": {"median": 0.5, "iqr": 0.01, "n": 3}, "speedup_vs_inductor": 1.25, "compile_s": compile_s,
+         "flop_ratio": flops / 100 if flops else None, "output": {"rel_l2": 0.0125, "cosine": 0.99875},
+         "ddim": {"per_step": [{"rel_l2": 0.5, "cosine": 0.75}], "final_latent": {"rel_l2": 0.25, "cosine": 0.5}}}
+    if graphs is not None:
+        e.update(dynamo_graphs=graphs, graph_breaks=0)
+    return e
+
+
+def test_markdown_columns_and_missing_values():
+    run = {"model": "m", "description": "a model", "notes": ["a note"], "baseline_flops": 100,
+           "settings": {"compiler": "inductor", "rounds": 3, "torch_threads": 2, "ddim_steps": 1, "guidance": 7.5,
+                        "turbo_options": {}},
+           "configs": {"eager": fake_entry("eager"), "turbo r=0.5": fake_entry("turbo", 0.5, None, 12.25, 1)}}
+    machine = {"cpu": "cpu x", "usable_cpus": 2, "torch_threads": 2, "load_average_at_start": None, "torch": "t",
+               "timm": None, "date_utc": "d", "command": "c", "diffusers": "0.42.1", "tomesd": "0.1.3"}
+    rows = ds.table_rows(run)
+    assert len(rows) == 2 and all(len(r) == len(ds.TABLE_HEADERS) for r in rows)
+    eager, turbo = (dict(zip(ds.TABLE_HEADERS, r)) for r in rows)
+    assert eager["compile s"] == "-" and eager["Dynamo graphs"] == "-" and eager["GFLOPs"] == "1e-07"
+    assert turbo["compile s"] == "12.2" and turbo["GFLOPs"] == "unavailable" and turbo["FLOP ratio"] == "-"
+    assert turbo["median ms"] == "500.0" and turbo["speed-up vs Inductor"] == "1.25x"
+    assert turbo["output rel L2"] == "1.25e-02" and turbo["DDIM final cosine"] == "0.500000"
+    assert ds.ddim_rows(run) == [["turbo r=0.5", "5.00e-01 / 0.7500"]]
+    text = ds.markdown({"machine": machine, "runs": [run]})
+    assert "## m" in text and "- a note" in text and "tomesd 0.1.3" in text and "| step 1" in text
+
+
+def test_fresh_copy_shares_weights_not_modules(small_unet):
+    copy = ds.fresh_copy(small_unet.model)
+    assert copy is not small_unet.model and copy.conv_in is not small_unet.model.conv_in
+    assert all(a is b for a, b in zip(copy.parameters(), small_unet.model.parameters()))
+    assert math.isclose(max_rel(ds.forward(copy, small_unet.inputs), ds.forward(small_unet.model, small_unet.inputs)), 0.0)
