@@ -25,6 +25,7 @@ inference never writes to them, and tomesd's class swap only touches its own cop
 - ``tomesd-eager r=R`` (opt in with ``--configs``): tomesd without torch.compile, how it is
   normally used;
 - ``turbo r=R``: ``torch.compile(model, backend="turbo", options={"ratio": R, **--option})``.
+- ``turbo-sa r=R``: the same with ``merge_components=("self-attention",)``, tomesd's default.
 Every compiled configuration gets its own backend callable (``GraphCounter``, which delegates to
 the backend of that name), so none reuses another's compiled frames and each counts its graphs.
 ``--compiler eager`` replaces Inductor by Dynamo's ``eager`` backend everywhere (and turbo's
@@ -86,7 +87,9 @@ from turbo_fx.bench import timing
 
 DEFAULT_RATIOS = (0.3, 0.5, 0.6)
 DEFAULT_CONFIGS = ("eager", "inductor", "tomesd", "turbo")
-CONFIG_KINDS = ("eager", "inductor", "tomesd", "tomesd-eager", "turbo")
+CONFIG_KINDS = ("eager", "inductor", "tomesd", "tomesd-eager", "turbo", "turbo-sa")
+# turbo-sa merges what tomesd merges by default (self-attention only), for equal-FLOP comparisons.
+TURBO_KINDS = ("turbo", "turbo-sa")
 TOMESD_ON_DIT = ("tomesd does not apply to DiT: it is written for UNets (it infers each block's "
                  "downsampling from the latent size, so with patch size 2 every DiT block counts as "
                  "downsample 2 and, at its default max_downsample=1, merges nothing); not run")
@@ -264,7 +267,7 @@ def configurations(kinds: Sequence[str], ratios: Sequence[float], case: Case) ->
     configs, notes = [], []
     for kind in ("eager", "inductor"):
         configs.append(Config(kind, kind))
-    for kind in ("tomesd", "tomesd-eager", "turbo"):
+    for kind in ("tomesd", "tomesd-eager", "turbo", "turbo-sa"):
         if kind not in kinds:
             continue
         if kind.startswith("tomesd") and case.tomesd_note:
@@ -306,8 +309,10 @@ def make_model(config: Config, base: torch.nn.Module, compiler: str, turbo_optio
     if config.kind in ("eager", "tomesd-eager"):
         return model, None
     lookup = torch._dynamo.lookup_backend
-    if config.kind == "turbo":
+    if config.kind in TURBO_KINDS:
         options = {**turbo_options, "ratio": config.ratio}
+        if config.kind == "turbo-sa":
+            options["merge_components"] = ("self-attention",)
         if compiler == "eager":
             options.setdefault("inner_backend", "eager")
         counter = GraphCounter(lookup("turbo"), options=options)
@@ -431,7 +436,8 @@ def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_optio
             torch.manual_seed(seed)
             entry.update(flops=eager_flops(tomesd_model, inputs), flops_note="tomesd's patched model, eager")
         else:
-            info = turbo_flops(base, inputs, {**turbo_options, "ratio": c.ratio})
+            extra = {"merge_components": ("self-attention",)} if c.kind == "turbo-sa" else {}
+            info = turbo_flops(base, inputs, {**turbo_options, "ratio": c.ratio, **extra})
             entry.update(flops=info.pop("flops"), flops_note=info.pop("why"), turbo_explain=info)
         log(f"FLOPs {c.name}: " + (f"{entry['flops'] / 1e9:.2f} G" if entry["flops"] else str(entry["flops_note"])))
     torch._dynamo.reset()
@@ -447,7 +453,7 @@ def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_optio
     fns, first_calls, outputs = {}, {}, {}
     try:
         if compiler == "inductor":
-            log(f"warming up the compilers (untimed): {timing.warm_up_compilers(turbo=any(c.kind == 'turbo' for c in configs)):.1f} s")
+            log(f"warming up the compilers (untimed): {timing.warm_up_compilers(turbo=any(c.kind in TURBO_KINDS for c in configs)):.1f} s")
         from turbo_fx.report import recording
 
         for c in configs:
@@ -468,7 +474,7 @@ def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_optio
             entry.update(first_call_s=first, second_call_s=second)
             if c.kind not in ("eager", "tomesd-eager"):
                 entry.update(dynamo_graphs=counter.graphs, graph_breaks=breaks_after - breaks_before)
-            if c.kind == "turbo":
+            if c.kind in TURBO_KINDS:
                 entry["turbo_report"] = [{"rewritten": g.rewritten, "merges": g.merges, "fallback": g.fallback_reason}
                                          for g in rec.graphs]
             log(f"first two calls {c.name}: {first:.1f} s + {second:.1f} s")
@@ -507,7 +513,7 @@ def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_optio
             eps, latent = trajectories[c.name]
             entry["ddim"] = {"per_step": [closeness(a, b) for a, b in zip(eps, ref_eps)],
                              "final_latent": closeness(latent, ref_latent)}
-        if c.kind == "turbo" and entry.get("turbo_report") is not None:
+        if c.kind in TURBO_KINDS and entry.get("turbo_report") is not None:
             reports = entry["turbo_report"]
             if not any(g["rewritten"] for g in reports):
                 reasons = sorted({g["fallback"] for g in reports if g["fallback"]})
