@@ -30,7 +30,7 @@ import torch
 from tabulate import tabulate
 
 from turbo_fx.bench import diffusion_fidelity as fid
-from turbo_fx.bench import stats
+from turbo_fx.bench import stats, timing
 from turbo_fx.bench.diffusion_speed import apply_tomesd, fresh_copy, machine_info
 
 SELF_ATTENTION_ONLY = {"merge_components": ("self-attention",)}
@@ -61,14 +61,20 @@ def build(kind: str, unet: torch.nn.Module, options: dict, seed: int) -> Callabl
     return torch.compile(fresh_copy(unet), backend="turbo", options={**options, "inner_backend": "eager"})
 
 
-def unet_flops(fn: Callable, sample_input: tuple) -> int:
-    """FLOPs of one UNet call (turbo's rewritten graph runs under the counter like any module)."""
+def unet_flops(fn: Callable, sample_input: tuple, kind: str) -> int:
+    """FLOPs of one UNet call. A turbo model is counted by the backend on its rewritten graph
+    (``recording(count_flops=True)`` at the first call): calling a compiled model under
+    FlopCounterMode makes Dynamo run it eagerly, unmerged, from then on in the process."""
     from torch.utils.flop_counter import FlopCounterMode
 
     import turbo_fx.flops  # noqa: F401  (the CPU SDPA formula)
+    from turbo_fx.report import recording
 
     with torch.no_grad():
-        fn(*sample_input)  # compile first: Dynamo's tracing must not run under the counter
+        if kind == "turbo":
+            with recording(count_flops=True) as rec:
+                fn(*sample_input)
+            return sum(g.flops_after or 0 for g in rec.graphs)
         with FlopCounterMode(display=False) as counter:
             fn(*sample_input)
     return counter.get_total_flops()
@@ -100,18 +106,23 @@ def run(samples: int, steps: int, guidance: float, ratios: Sequence[float], alph
     for name, kind, options in row_specs(ratios, alpha):
         started = time.perf_counter()
         fn = build(kind, unet, options, seed)
-        flops = unet_flops(fn, probe_input)
+        flops = unet_flops(fn, probe_input, kind)
         with torch.no_grad():
             images[name] = fid.generate(fn, tokens, labels, noise, steps, guidance, batch)
         rows[name] = {"kind": kind, "options": options, "flops": flops, "seconds": time.perf_counter() - started}
         log(f"{name}: {flops / 1e9:.2f} GFLOPs per UNet call, sampled in {rows[name]['seconds']:.0f} s")
-    for name, result in fid.evaluate_configurations(reference, images, labels, baseline="baseline", seed=seed).items():
-        feats = reference.featurize(images[name])
+    for name, imgs in images.items():
+        feats = reference.featurize(imgs)
+        baseline = images["baseline"] if name != "baseline" else None
+        result = fid.evaluate_images(reference, imgs, labels, baseline, features=feats, seed=seed)
         _, _, replicates = fid.frechet_bootstrap(fid.fd_part(feats, reference.fd_dims), reference.real_stats, seed=seed)
         rows[name].update(result, fd_replicates=replicates.tolist())
+        log(fid.summary_line(name, result))
     for name, row in rows.items():
         if row["kind"] == "turbo":
             row["vs_tomesd"] = paired_with(row, rows[f"tomesd {row['options']['ratio']}"], seed)
+        if name.startswith("turbo-sa "):
+            row["vs_redundancy"] = paired_with(row, rows[name.replace("turbo-sa", "redundancy-sa")], seed)
     return {"rows": rows, "images": images, "labels": labels.tolist(), "reference": reference.description,
             "settings": {"samples": samples, "steps": steps, "guidance": guidance, "ratios": list(ratios),
                          "alpha": alpha, "seed": seed}, "machine": machine_info()}
@@ -135,9 +146,11 @@ def markdown(payload: dict) -> str:
     head = ["configuration", "GFLOPs per call (ratio)", "FD", "class accuracy %", "PSNR to baseline dB", "SSIM to baseline"]
     paired = []
     for name, row in rows.items():
-        if "vs_tomesd" in row:
-            v = row["vs_tomesd"]
-            paired.append([name, f"{100 * v['accuracy'][0]:+.1f} [{100 * v['accuracy'][1]:+.1f}, {100 * v['accuracy'][2]:+.1f}], "
+        for key, other in (("vs_tomesd", "tomesd"), ("vs_redundancy", "redundancy-sa")):
+            if key not in row:
+                continue
+            v = row[key]
+            paired.append([f"{name} - {other}", f"{100 * v['accuracy'][0]:+.1f} [{100 * v['accuracy'][1]:+.1f}, {100 * v['accuracy'][2]:+.1f}], "
                            f"p={v['accuracy'][3]:.2f}", f"{v['fd'][0]:+.1f} [{v['fd'][1]:+.1f}, {v['fd'][2]:+.1f}]",
                            f"{v['psnr'][0]:+.2f} [{v['psnr'][1]:+.2f}, {v['psnr'][2]:+.2f}], p={v['psnr'][3]:.3f}"])
     s = payload["settings"]
@@ -145,9 +158,11 @@ def markdown(payload: dict) -> str:
         f"# Generation fidelity: Fashion-MNIST diffusion stand-in ({s['samples']} samples, {s['steps']} DDIM steps, "
         f"guidance {s['guidance']}, alpha {s['alpha']})", "", payload["reference"], "",
         tabulate(table, headers=head, tablefmt="github"), "",
-        "Paired with tomesd at the same ratio (row minus tomesd, 95% interval):", "",
-        tabulate(paired, headers=["configuration", "accuracy points", "FD", "PSNR dB"], tablefmt="github"), "",
-        f"Machine: {payload['machine'].get('cpu', '?')}, {payload['machine'].get('cores', '?')} cores.",
+        "Paired on the same noise and labels, at the same ratio (first minus second, 95% interval; "
+        "accuracy: Newcombe interval and exact McNemar p; FD: the two bootstraps drawn with the same "
+        "indices; PSNR to baseline: paired bootstrap):", "",
+        tabulate(paired, headers=["comparison", "accuracy points", "FD", "PSNR dB"], tablefmt="github"), "",
+        f"Machine: {timing.machine_line(payload['machine'])}. Command: `{payload.get('command', '')}`.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -169,15 +184,18 @@ def write(payload: dict, out: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m turbo_fx.bench.generation_eval", description=__doc__.split("\n")[0])
-    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=2.5)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.6])
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (on 2 shared cores one thread sampled this model 2-3x faster than two)")
     parser.add_argument("--out", default="bench/results/generation")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     payload = run(args.samples, args.steps, args.guidance, args.ratios, args.alpha, args.seed, args.batch)
     payload["command"] = "python -m turbo_fx.bench.generation_eval " + " ".join(argv or [])
     write(payload, args.out)
