@@ -64,7 +64,7 @@ def test_stable_diffusion_loop_compiles_once(tmp_path):
     # Four steps, each with a new timestep tensor and a batch of 4 (2 prompts x guidance): one graph.
     assert turbo_fx.counters["graphs"] == 1 and turbo_fx.counters["graphs_rewritten"] == 1
     report = rec.graphs[0]
-    assert [c.tokens_merged for c in report.components if c.decision == "merges"] == [128] * 9  # 3 blocks at 16 x 16
+    assert [c.tokens_merged for c in report.components if c.decision == "merges"] == [128] * 3  # the self-attention of the 3 blocks at 16 x 16 (the default)
     assert got.shape == want.shape == (2, 3, 32, 32) and torch.isfinite(got).all()
     assert not torch.equal(got, want)
     torch._dynamo.reset()
@@ -89,7 +89,8 @@ def test_dit_pipeline_runs_merged():
                         generator=torch.Generator().manual_seed(0), output_type="np").images
 
     want = run()
-    pipe.transformer = torch.compile(transformer, backend="turbo", options={"ratio": 0.5, "inner_backend": "eager"})
+    options = {"ratio": 0.5, "inner_backend": "eager", "merge_components": ("self-attention", "feed-forward")}
+    pipe.transformer = torch.compile(transformer, backend="turbo", options=options)
     with turbo_fx.recording() as rec:
         got = run()
     assert turbo_fx.counters["graphs"] == 1

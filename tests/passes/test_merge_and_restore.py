@@ -11,6 +11,8 @@ from turbo_fx.report import recording
 
 diffusers = pytest.importorskip("diffusers")
 
+ALL = ("self-attention", "cross-attention", "feed-forward")
+
 
 def transformer2d(layers: int = 2) -> torch.nn.Module:
     torch.manual_seed(0)
@@ -59,7 +61,7 @@ def test_duplicated_cells_give_the_unmerged_output(turbo, use_rand):
     x, text = cell_duplicated(2, 16, 8, 8), torch.randn(2, 5, 12)
     with torch.no_grad():
         want = model(x, encoder_hidden_states=text).sample
-    compiled = turbo(model, ratio=0.5, use_rand=use_rand)
+    compiled = turbo(model, ratio=0.5, use_rand=use_rand, merge_components=ALL)
     got = compiled(x, encoder_hidden_states=text).sample
     report = compiled.report
     assert [c.tokens_merged for c in report.components] == [32] * 6
@@ -71,7 +73,7 @@ def test_duplicates_need_the_size_bias(turbo):
     x, text = cell_duplicated(2, 16, 8, 8), torch.randn(2, 5, 12)
     with torch.no_grad():
         want = model(x, encoder_hidden_states=text).sample
-    got = turbo(model, ratio=0.5, prop_attn=False)(x, encoder_hidden_states=text).sample
+    got = turbo(model, ratio=0.5, prop_attn=False, merge_components=ALL)(x, encoder_hidden_states=text).sample
     assert (got - want).abs().max() > 1e-3
 
 
@@ -106,7 +108,7 @@ def test_graph_pass_matches_the_eager_reference(turbo):
     with torch.no_grad():
         want = reference_block(model, x, text, 0.5)
         unmerged = model(x, encoder_hidden_states=text).sample
-    got = turbo(model, ratio=0.5, use_rand=False, semantic=False)(x, encoder_hidden_states=text).sample
+    got = turbo(model, ratio=0.5, use_rand=False, semantic=False, merge_components=ALL)(x, encoder_hidden_states=text).sample
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert relative_error(got, unmerged) > 1e-3  # the reference is not the unmerged model
 
@@ -125,7 +127,7 @@ def test_ratio_zero_leaves_the_unet_exact(turbo):
 
 def test_unet_tokens_per_component(turbo):
     unet = small_unet()
-    compiled = turbo(unet, ratio=0.5)
+    compiled = turbo(unet, ratio=0.5, merge_components=ALL)
     compiled(*unet_inputs())
     components = compiled.report.components
     # down block 0 and up block 1 run at 16 x 16, the mid block at 8 x 8.
@@ -145,8 +147,17 @@ def test_max_downsample_and_components_choose_what_merges(turbo):
     assert merging == [("self-attention", 128), ("self-attention", 32), ("self-attention", 128), ("self-attention", 128)]
 
 
+def test_default_merges_self_attention_only(turbo):
+    compiled = turbo(small_unet(), ratio=0.5)
+    compiled(*unet_inputs())
+    merging = {c.kind for c in compiled.report.components if c.decision == "merges"}
+    assert merging == {"self-attention"}
+    reasons = {c.reason for c in compiled.report.components if c.kind != "self-attention"}
+    assert reasons == {"'cross-attention' is not in merge_components", "'feed-forward' is not in merge_components"}
+
+
 def test_ratio_is_clamped_to_the_sources(turbo):
-    compiled = turbo(small_unet(), ratio=0.9)
+    compiled = turbo(small_unet(), ratio=0.9, merge_components=ALL)
     compiled(*unet_inputs())
     # 2 x 2 cells leave 192 of 256 tokens as sources: at most 192 merge, 64 stay.
     assert {c.tokens_merged for c in compiled.report.components if c.decision == "merges"} == {64}
@@ -164,8 +175,8 @@ def test_semantic_value_comes_from_the_latest_cross_attention_at_the_grid(turbo)
 def test_semantic_value_changes_the_merge(turbo):
     unet = small_unet()
     x, t, text = unet_inputs()
-    plain = turbo(unet, ratio=0.5, semantic=False)(x, t, text).sample
-    weighted = turbo(unet, ratio=0.5, alpha=5.0)(x, t, text).sample
+    plain = turbo(unet, ratio=0.5, semantic=False, merge_components=ALL)(x, t, text).sample
+    weighted = turbo(unet, ratio=0.5, alpha=5.0, merge_components=ALL)(x, t, text).sample
     assert not torch.allclose(plain, weighted)
 
 
@@ -188,7 +199,7 @@ def test_dit_merges_every_block(turbo):
     x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([3, 3]), torch.tensor([1, 2])
     with torch.no_grad():
         want = dit(x, timestep=t, class_labels=y).sample
-    compiled = turbo(dit, ratio=0.5)
+    compiled = turbo(dit, ratio=0.5, merge_components=ALL)
     got = compiled(x, timestep=t, class_labels=y).sample
     components = compiled.report.components
     assert [c.kind for c in components] == ["self-attention", "feed-forward"] * 2
@@ -218,7 +229,7 @@ def test_explain_lists_components_and_flops():
     import turbo_fx
 
     x, t, text = unet_inputs()
-    text_report = str(turbo_fx.explain(small_unet(), x, t, text, ratio=0.5))
+    text_report = str(turbo_fx.explain(small_unet(), x, t, text, ratio=0.5, merge_components=ALL))
     assert "merge-and-restore: 9 of 12 generation components merge and restore" in text_report
     assert "semantic value" in text_report and "FLOPs:" in text_report
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1" in text_report
@@ -237,7 +248,7 @@ def test_sdxl_layout_merges_its_largest_attention_grid(turbo):
     ).eval()
     x, t, text = unet_inputs()
     added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
-    compiled = turbo(unet, ratio=0.5)
+    compiled = turbo(unet, ratio=0.5, merge_components=ALL)
     got = compiled(x, t, text, added_cond_kwargs=added).sample
     components = compiled.report.components
     merging = [(c.grid, c.tokens_merged) for c in components if c.decision == "merges"]
