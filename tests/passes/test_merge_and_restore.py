@@ -257,3 +257,33 @@ def test_sdxl_layout_merges_its_largest_attention_grid(turbo):
     assert merging == [((8, 8), 32)] * (3 * 2 + 3 * 2 * 2)
     assert all(c.grid == (4, 4) for c in components if c.decision == "untouched")
     assert torch.isfinite(got).all()
+
+
+def test_sd2_layout_merges_every_stacked_layer(turbo):
+    """Linear projections in and out of the grid and two transformer layers per block."""
+    unet = small_unet(use_linear_projection=True, transformer_layers_per_block=2)
+    x, t, text = unet_inputs()
+    compiled = turbo(unet, ratio=0.5)
+    compiled(x, t, text)
+    merging = [(c.kind, c.grid, c.tokens_merged) for c in compiled.report.components if c.decision == "merges"]
+    # 16 x 16: one attention in down block 0, two in up block 1, two layers each.
+    assert merging == [("self-attention", (16, 16), 128)] * (2 * 3)
+
+
+def test_pixart_adaptive_norm_blocks_merge(turbo):
+    torch.manual_seed(0)
+    model = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=16,
+        patch_size=2, cross_attention_dim=32, caption_channels=24, norm_num_groups=8).eval()
+    torch.manual_seed(5)
+    x, t, caption = torch.randn(2, 4, 16, 16), torch.tensor([3, 3]), torch.randn(2, 5, 24)
+    kwargs = dict(encoder_hidden_states=caption, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    with torch.no_grad():
+        want = model(x, **kwargs).sample
+    compiled = turbo(model, ratio=0.5, merge_components=ALL)
+    got = compiled(x, **kwargs).sample
+    components = compiled.report.components
+    assert [c.kind for c in components] == ["self-attention", "cross-attention", "feed-forward"] * 2
+    assert all(c.tokens_merged == 32 for c in components)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert torch.equal(turbo(model, ratio=0.0)(x, **kwargs).sample, want)
