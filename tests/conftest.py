@@ -44,3 +44,13 @@ def turbo():
         return Compiled(model, options)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-model tests: their ops are too small to split,
+    and on 2 shared cores two threads made a tiny UNet forward up to 70x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,7 +18,7 @@ from turbo_fx.passes.protected_tokens import count_protected_tokens
 from turbo_fx.passes.restore_outputs import restore_outputs
 from turbo_fx.passes.weight_token_means import weight_token_means
 from turbo_fx.passes.streams import StreamPlan, plan_streams
-from turbo_fx.report import GraphReport, SiteReport
+from turbo_fx.report import ComponentReport, GraphReport, SiteReport
 
 log = logging.getLogger("turbo_fx")
 
@@ -123,9 +123,7 @@ def rewrite_generation(gm: GraphModule, fake_mode, config: TurboConfig, report: 
     return work
 
 
-def _component_report(plan):
-    from turbo_fx.report import ComponentReport
-
+def _component_report(plan) -> ComponentReport:
     c = plan.component
     return ComponentReport(c.index, c.module, c.kind, c.block, c.grid, c.tokens, 0, "untouched", plan.reason)
 

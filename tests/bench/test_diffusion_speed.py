@@ -15,14 +15,7 @@ tomesd = pytest.importorskip("tomesd")
 from turbo_fx.bench import diffusion_speed as ds  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny models' ops are too small to split, and on 2 shared cores
-    two threads made a tiny UNet forward 70x slower (1.7 s instead of 24 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

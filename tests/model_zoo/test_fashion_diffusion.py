@@ -19,13 +19,7 @@ pytest.importorskip("safetensors")
 from turbo_fx.model_zoo import fashion_diffusion as fd  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the 2 shared cores two threads ran these small batches several times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
