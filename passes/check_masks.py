@@ -7,7 +7,9 @@ runs the part of the graph that builds each mask (usually a few ops on the input
 attention mask, before the first layer) on the real example inputs.
 
 Masks built from shapes alone (no input, no parameter) are evaluated too: one that allows
-every key is cleared, since merging drops it.
+every key is cleared, since merging drops it. That includes the masks of cross-attention
+sites (BLIP-2's Q-Former builds an all-ones mask over the image tokens from their shape),
+which can then read merged tokens.
 
 Guarantees: the graph is not modified; every site whose mask rows differ gets a problem
 (``AttentionSite.problems``), so its stream stays unmerged. A mask that cannot be evaluated
@@ -22,7 +24,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from . import graph_utils as gu
-from .find_attention import CONSTANT_BIAS_PROBLEM, AttentionSite
+from .find_attention import CONSTANT_BIAS_PROBLEM, CROSS_ATTENTION_PROBLEM, AttentionSite
 
 
 QUERY_DEPENDENT_PROBLEM = "attention mask varies by query (causal or banded); merging needs a key-padding mask"
@@ -40,8 +42,8 @@ def check_masks(gm: GraphModule, example_inputs: Sequence[Any], sites: list[Atte
 
     Returns the cleared sites' indices (``drop_cleared_masks`` repeats the clearing on a
     fresh copy of the sites)."""
-    constant = [s for s in sites if s.constant_mask and s.problems == [CONSTANT_BIAS_PROBLEM]
-                and _built_from_shapes_alone(s.mask)]
+    constant = [s for s in sites if isinstance(s.mask, Node) and _built_from_shapes_alone(s.mask) and (
+        (s.constant_mask and s.problems == [CONSTANT_BIAS_PROBLEM]) or s.problems == [CROSS_ATTENTION_PROBLEM])]
     from_input = [s for s in sites if not s.problems and isinstance(s.mask, Node)]
     if not constant and not from_input:
         return []
@@ -54,6 +56,8 @@ def check_masks(gm: GraphModule, example_inputs: Sequence[Any], sites: list[Atte
         value = values.get(site.mask)
         if site.index in cleared or not (isinstance(value, torch.Tensor) and _varies_by_query(value)):
             continue
+        if CROSS_ATTENTION_PROBLEM in site.problems:
+            continue  # a reader keeps its mask, and reader_problem names it
         site.problems = [p for p in site.problems if p != CONSTANT_BIAS_PROBLEM] + [QUERY_DEPENDENT_PROBLEM]
     drop_cleared_masks(sites, cleared)
     return cleared

@@ -28,6 +28,7 @@ from . import graph_utils as gu
 
 
 CONSTANT_BIAS_PROBLEM = "attention bias does not come from the input (e.g. a relative position bias)"
+CROSS_ATTENTION_PROBLEM = "cross-attention (keys come from another sequence)"
 
 
 @dataclass
@@ -169,11 +170,58 @@ def _swaps_last_two(node: Node) -> bool:
     return sorted(d % rank for d in dims) == [rank - 2, rank - 1]
 
 
+# Talking-heads attention (CaiT) mixes heads with a linear layer over the head axis, moved
+# last and back, just before and after the softmax. It mixes per (query, key) pair, so
+# a key's bias still adds before the softmax and the sites stay exact for duplicates.
+HEADS_LAST, HEADS_BACK = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+def _permute_dims(node: Node) -> Optional[tuple]:
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1:]
+    elif node.op == "call_function" and node.target is torch.permute:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
+    else:
+        return None
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = dims[0]
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def _head_mix_input(node: Node) -> Optional[Node]:
+    """For ``permute(linear(permute(x, 0,2,3,1)), 0,3,1,2)``, x; else None."""
+    if not isinstance(node, Node) or _permute_dims(node) != HEADS_BACK:
+        return None
+    linear = node.args[0]
+    if not (isinstance(linear, Node) and gu.is_call(linear, {torch.nn.functional.linear})):
+        return None
+    inner = linear.args[0]
+    if isinstance(inner, Node) and _permute_dims(inner) == HEADS_LAST and isinstance(inner.args[0], Node):
+        return inner.args[0]
+    return None
+
+
+def _head_mix_after(node: Node) -> Optional[Node]:
+    """The closing permute of a head mix that starts at ``node``'s only user, if any."""
+    users = list(node.users)
+    if len(users) != 1 or _permute_dims(users[0]) != HEADS_LAST or len(users[0].users) != 1:
+        return None
+    linear = next(iter(users[0].users))
+    if len(linear.users) != 1:
+        return None
+    closing = next(iter(linear.users))
+    return closing if _head_mix_input(closing) is node else None
+
+
 def _walk_back_to_matmul(node, depth: int):
     """From softmax's input back to the q @ k^T matmul; returns (matmul, mask_add, mask)."""
     mask_add = mask = None
     while isinstance(node, Node) and depth > 0:
         depth -= 1
+        mixed = _head_mix_input(node)
+        if mixed is not None:
+            node = mixed
+            continue
         if gu.is_matmul(node):
             return node, mask_add, mask
         if gu.is_add(node) and mask_add is None:
@@ -206,6 +254,10 @@ def _reaches_matmul(node: Node, depth: int) -> bool:
 def _walk_forward_to_matmul(node: Node, depth: int) -> Optional[Node]:
     while depth > 0:
         depth -= 1
+        mixed = _head_mix_after(node)
+        if mixed is not None:
+            node = mixed
+            continue
         users = list(node.users)
         if len(users) != 1:
             return None
@@ -257,7 +309,7 @@ def _check_site(site: AttentionSite) -> None:
         return
     if site.residual is not site.k and site.residual not in gu.ancestors(site.k):
         # Shape checks below compare against the site's own sequence; they mean nothing here.
-        site.problems.append("cross-attention (keys come from another sequence)")
+        site.problems.append(CROSS_ATTENTION_PROBLEM)
         return
     q_shape, k_shape = gu.tensor_shape(site.q), gu.tensor_shape(site.k)
     stream_shape = gu.tensor_shape(site.stream_out)

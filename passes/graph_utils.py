@@ -129,6 +129,11 @@ def ancestors(node: Node, stop: Optional[Callable[[Node], bool]] = None) -> set[
     return _reachable(node.all_input_nodes, lambda n: n.all_input_nodes, stop)
 
 
+def descendants(node: Node) -> set[Node]:
+    """Every node that depends on ``node`` (not including itself)."""
+    return _reachable(node.users, lambda n: n.users)
+
+
 def example_value(node: Any) -> Any:
     if isinstance(node, Node):
         return node.meta.get("example_value")

@@ -48,13 +48,13 @@ class MergeInsertion:
     padding: bool = False
 
 
-def plan_merges(sites: list[AttentionSite], config: TurboConfig, protected: int) -> list[BlockReport]:
+def plan_merges(sites: list[AttentionSite], config: TurboConfig, protected: int, tail: int = 0) -> list[BlockReport]:
     """Tokens in, requested and applied r for every site, from static shapes alone."""
     requested = config.r_per_block(len(sites))
     plans: list[BlockReport] = []
     n_tokens = gu.tensor_shape(sites[0].stream_out)[1]
     for site, r in zip(sites, requested):
-        applied = ops.merge_count(n_tokens, protected, r, config.min_tokens, config.keep_salient)
+        applied = ops.merge_count(n_tokens, protected, r, config.min_tokens, config.keep_salient, tail)
         plans.append(BlockReport(site.index, site.module, site.kind, n_tokens, r, applied))
         n_tokens -= applied
     return plans
@@ -66,11 +66,13 @@ def insert_merges(
     plans: list[BlockReport],
     config: TurboConfig,
     protected: int,
-    readers: Sequence[tuple[AttentionSite, int]] = (),
+    readers: Sequence[tuple[AttentionSite, int, tuple[int, int]]] = (),
+    tail: int = 0,
 ) -> MergeInsertion:
     """Insert the merges of ``plans`` into ``gm`` (see the module docstring). ``readers``:
     cross-attention sites of other sequences over the merged one, each with the index of
-    the merged sequence's site whose output they read."""
+    the merged sequence's site whose output they read and how many keys of other sequences
+    come before and after the merged ones (which get no bias)."""
     graph = gm.graph
     result = MergeInsertion(blocks=plans, padding=any(s.mask is not None for s in sites))
     merge_fn = ops.merge_block if config.fuse_merges else torch.ops.turbo_fx.merge_block.default
@@ -81,17 +83,18 @@ def insert_merges(
         result.touched.add(node)
         return node
 
-    def rebias(site: AttentionSite, bias: Optional[Node]) -> None:
-        if bias is not None and (config.prop_attn or result.padding):
+    def rebias(site: AttentionSite, bias: Optional[Node], proportional: bool = config.prop_attn) -> None:
+        if bias is not None and (proportional or result.padding):
             _apply_key_bias(graph, site, bias, result, call)
         elif bias is not None and site.dropped_mask is not None:
             _drop_mask(site, result)
 
     bias_after: dict[int, Optional[Node]] = {}
+    sizes_after: dict[int, Optional[Node]] = {}
     for site, plan in zip(sites, plans):
         rebias(site, bias)
         if plan.r_applied == 0:
-            bias_after[site.index] = bias
+            bias_after[site.index], sizes_after[site.index] = bias, sizes
             continue
         stream = site.stream_out
         with graph.inserting_before(stream.next):
@@ -103,7 +106,7 @@ def insert_merges(
                 plan.r_applied, protected, config.fusion, config.alpha, config.beta, config.gamma,
                 site.index, result.padding, config.prop_attn, _logit_dtype(site),
                 config.symbolic_tokens and not config.fuse_merges and plan.tokens_out >= 2,
-                config.redundancy, config.keep_salient,
+                config.redundancy, config.keep_salient, tail,
             )
             new_stream, sizes, assign, bias = (call(operator.getitem, merged, i) for i in range(4))
         inserted = set(result.touched)
@@ -111,11 +114,18 @@ def insert_merges(
         result.touched.update(new_stream.users)
         result.replaced[new_stream] = stream
         result.assign_by_count[plan.tokens_out] = assign
-        bias_after[site.index] = bias
+        bias_after[site.index], sizes_after[site.index] = bias, sizes
     # Cross-attention from other sequences over the merged tokens: the key bias of the
-    # merge state they read (the last merge at or before the site they read after).
-    for reader, after in readers:
-        rebias(reader, bias_after.get(after))
+    # merge state they read (the last merge at or before the site they read after), built
+    # afresh where cross_attention_bias differs from prop_attn.
+    for reader, after, (before, behind) in readers:
+        bias, sizes = bias_after.get(after), sizes_after.get(after)
+        with graph.inserting_before(reader.attn if reader.kind in ("sdpa", "packed") else reader.softmax):
+            if bias is not None and config.cross_attention_bias != config.prop_attn:
+                bias = call(ops.key_bias, sizes, _logit_dtype(reader), config.cross_attention_bias)
+            if bias is not None and (before or behind):
+                bias = call(ops.pad_key_bias, bias, before, behind)
+        rebias(reader, bias, config.cross_attention_bias)
     return result
 
 

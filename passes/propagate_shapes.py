@@ -25,7 +25,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from .graph_utils import is_merge
+from .graph_utils import depends_on_data, is_merge
 
 RESHAPE_METHODS = {"view", "reshape"}
 RESHAPE_FUNCTIONS = {torch.reshape}
@@ -46,11 +46,17 @@ def propagate_shapes(
     touched: Iterable[Node],
     protected: int,
     hints: Optional["ShapeHints"] = None,
+    tail: int = 0,
+    assign_by_count: Optional[dict[int, Node]] = None,
 ) -> set[Node]:
     """Re-run the nodes affected by ``touched`` (new or edited nodes) on fake tensors,
     rewriting shape arguments as described in the module docstring. Returns the
-    nodes whose output shape changed; ``hints`` learns the unbacked token counts."""
+    nodes whose output shape changed; ``hints`` learns the unbacked token counts.
+    ``tail``: protected tokens at the end (negative indices into them keep their meaning).
+    ``assign_by_count``: where each original token is, by merged token count; with it, a
+    per-token constant added to merged tokens is merged too (``merge_token_constant``)."""
     propagation = _Propagation(gm, fake_mode, old_values, protected, hints or ShapeHints())
+    propagation.tail, propagation.assign_by_count = tail, assign_by_count or {}
     shape_env = getattr(fake_mode, "shape_env", None)
     pending = list(shape_env.pending_fresh_unbacked_symbols) if shape_env is not None else []
     try:
@@ -186,6 +192,8 @@ class _Propagation:
         self.protected, self.hints = protected, hints
         self.env: dict[Node, Any] = {}
         self.changed: set[Node] = set()
+        self.tail = 0
+        self.assign_by_count: dict[int, Node] = {}
 
     def run(self, dirty: set[Node]) -> set[Node]:
         for node in list(self.gm.graph.nodes):
@@ -195,6 +203,7 @@ class _Propagation:
                 self.env[node] = _recorded_value(self.gm, node, self.fake_mode)
                 continue
             self.rewrite_shape_args(node)
+            self.merge_added_constant(node)
             value = self.evaluate(node)
             if is_merge(node):
                 self.learn_merged_count(node, value)
@@ -237,9 +246,57 @@ class _Propagation:
         elif is_method and node.target in EXPAND_METHODS:
             self.rewrite_expand(node, src, old.shape, new.shape, axes)
         elif not is_method and node.target is operator.getitem:
-            _check_and_fix_index(node, self.hints.shape(old.shape), axes, self.protected)
+            _check_and_fix_index(node, self.hints.shape(old.shape), axes, self.fixed_prefix(src), self.tail)
         else:
-            _check_axis_ops(node, old.shape, axes, self.protected)
+            _check_axis_ops(node, old.shape, axes, self.fixed_prefix(src))
+
+    def merge_added_constant(self, node: Node) -> None:
+        """``merged + constant`` where the constant still has one row per original token
+        (built from parameters only): the constant's rows are merged like the tokens."""
+        if not (node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2):
+            return
+        moved = [a for a in node.args if isinstance(a, Node) and a in self.changed]
+        fixed = [a for a in node.args if isinstance(a, Node) and a not in self.changed]
+        if len(moved) != 1 or len(fixed) != 1:
+            return
+        tokens, constant = moved[0], fixed[0]
+        old, new, value = self.old_values.get(tokens), self.env.get(tokens), self.env.get(constant)
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (old, new, value)):
+            return
+        old_n, new_n = self.hints(old.shape[1]), self.hints(new.shape[1])
+        if old_n == new_n or value.shape[1] != old_n or value.shape[1] == 1 or depends_on_data(constant):
+            return
+        assign = self.assign_by_count.get(new_n)
+        if assign is None:
+            raise CannotRewrite(f"{node.format_node()}: adds a per-token constant, and no merge state has "
+                                f"{new_n} tokens")
+        from turbo_fx import ops
+
+        merged = self.insert(node, ops.merge_token_constant, (constant, assign, tokens))
+        node.replace_input_with(constant, merged)
+
+    def fixed_prefix(self, node: Node, depth: int = 12) -> int:
+        """How many leading tokens of ``node`` are the same tokens as before merging: the
+        protected ones, after any tokens of another sequence that a token ``cat`` put in
+        front of the merged ones (CaiT's class token before the patches)."""
+        while isinstance(node, Node) and depth > 0:
+            depth -= 1
+            if _is_token_cat(node):
+                pieces = list(node.args[0])
+                lead = 0
+                for piece in pieces:
+                    if piece in self.changed:
+                        return lead + self.protected
+                    shape = getattr(self.env.get(piece), "shape", None)
+                    if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
+                        return self.protected
+                    lead += shape[1]
+                return self.protected
+            changed = [i for i in node.all_input_nodes if i in self.changed]
+            if len(changed) != 1:
+                return self.protected
+            node = changed[0]
+        return self.protected
 
     def new_size(self, node: Node, src: Node, axis: int, value: Any):
         """A plain int, or (for an unbacked token count) a sym_size node read from ``src``."""
@@ -308,7 +365,14 @@ class _Propagation:
         _set_shape_spec(node, spec, packed)
 
 
-def _check_and_fix_index(node: Node, old_h: tuple, axes, protected: int) -> None:
+def _is_token_cat(node: Node) -> bool:
+    if node.op != "call_function" or node.target not in (torch.cat, torch.concat, torch.concatenate):
+        return False
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return dim in (1, -2) and isinstance(node.args[0], (list, tuple))
+
+
+def _check_and_fix_index(node: Node, old_h: tuple, axes, protected: int, tail: int = 0) -> None:
     index = node.args[1]
     items = list(index) if isinstance(index, tuple) else [index]
     consuming = [i for i in items if i is not None and i is not Ellipsis]
@@ -324,30 +388,32 @@ def _check_and_fix_index(node: Node, old_h: tuple, axes, protected: int) -> None
             new_items.append(item)
             continue
         if axis in axes:
-            item = _token_axis_index(node, item, old_h[axis], protected)
+            item = _token_axis_index(node, item, old_h[axis], protected, tail)
         new_items.append(item)
         axis += 1
     node.args = (node.args[0], tuple(new_items) if isinstance(index, tuple) else new_items[0])
 
 
-def _token_axis_index(node: Node, item: Any, old_n: int, protected: int) -> Any:
+def _token_axis_index(node: Node, item: Any, old_n: int, protected: int, tail: int = 0) -> Any:
+    """The index as it reads the merged tokens: leading protected tokens by position,
+    trailing protected ones (``tail``) by negative position, the rest only whole."""
     where = f"{node.format_node()} indexes the token axis"
     if isinstance(item, int) and not isinstance(item, bool):
-        if 0 <= item < protected:
+        if 0 <= item < protected or -tail <= item < 0:
             return item
         raise CannotRewrite(f"{where} at {item}, which is not a protected token")
     if isinstance(item, slice):
         if item.step not in (None, 1):
             raise CannotRewrite(f"{where} with a step")
         start, stop = item.start, item.stop
-        if start is not None and not (isinstance(start, int) and 0 <= start <= protected):
+        if start is not None and not (isinstance(start, int) and (0 <= start <= protected or -tail <= start < 0)):
             raise CannotRewrite(f"{where} from {start}, inside the merged tokens")
         if stop is not None:
             if not isinstance(stop, int):
                 raise CannotRewrite(f"{where} with a symbolic end")
             if stop >= old_n:
                 stop = None
-            elif not 0 <= stop <= protected:
+            elif not (0 <= stop <= protected or -tail <= stop < 0):
                 raise CannotRewrite(f"{where} up to {stop}, inside the merged tokens")
         return slice(start, stop, item.step)
     raise CannotRewrite(f"{where} with {type(item).__name__}")

@@ -6,9 +6,12 @@ in timm, ``cat((cls_tokens, embeddings), 1)`` in transformers). Leading pieces
 that do not derive from the user's input are protected, as is a leading slice
 ``x[:, :k]`` of an already-protected prefix (register tokens inserted after CLS).
 
-Guarantees: the graph is not modified. When no such ``cat`` exists (text models,
-whose [CLS] comes from the tokenizer) the first token is protected, and the
-returned note says so.
+Guarantees: the graph is not modified. When no such ``cat`` exists the sequence's
+origin decides: tokens looked up in an embedding table (text, whose [CLS] comes from
+the tokenizer) protect the first token; tokens that come only from a convolution over
+the input (patch embeddings with no class token: SigLIP, MAP-pooled and CaiT-style
+ViTs) protect none and have no class token (``has_class_token`` is False), so no row
+of their attention can give a semantic value. The returned note says which.
 """
 from __future__ import annotations
 
@@ -22,15 +25,72 @@ from . import graph_utils as gu
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
 
+CONV_FUNCTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d,
+                  torch.nn.functional.conv2d, torch.nn.functional.conv3d, torch.convolution}
+EMBEDDING_FUNCTIONS = {torch.nn.functional.embedding, torch.embedding}
+NO_CLASS_TOKEN_NOTE = "none: the sequence holds only patch tokens (a convolution's output, no class token)"
+
+
 def count_protected_tokens(gm: GraphModule, stream: Node) -> tuple[int, str]:
     """(count, how it was found) for the sequence ``stream`` [B, N, C]."""
     shape = gu.tensor_shape(stream)
     if shape is None or len(shape) != 3:
         return 1, "first token (sequence shape unknown)"
     count = _prefix_count(stream, shape[1], depth=12)
-    if count is None:
-        return 1, "first token (no prepended parameter tokens found)"
-    return count, f"{count} prepended parameter token(s)"
+    if count is not None:
+        return count, f"{count} prepended parameter token(s)"
+    if not has_class_token(stream):
+        return 0, NO_CLASS_TOKEN_NOTE
+    return 1, "first token (no prepended parameter tokens found)"
+
+
+def count_trailing_tokens(stream: Node) -> int:
+    """Parameter tokens appended after the data tokens by the same ``cat`` (YOLOS's
+    detection tokens): they never merge either."""
+    shape = gu.tensor_shape(stream)
+    if shape is None or len(shape) != 3:
+        return 0
+    cat = _find_token_cat(stream, shape[1], depth=12)
+    if cat is None:
+        return 0
+    total = 0
+    for piece in reversed(list(cat.args[0])[1:]):
+        width = _token_width(piece)
+        if width is None or gu.depends_on_data(piece):
+            break
+        total += width
+    return total
+
+
+def _find_token_cat(node: Node, n_tokens: int, depth: int):
+    while isinstance(node, Node) and depth > 0:
+        depth -= 1
+        if _is_token_cat(node):
+            return node
+        node = _token_carrying_input(node, n_tokens)
+    return None
+
+
+def has_class_token(stream: Node) -> bool:
+    """False when the sequence is made of patch tokens only: no token ``cat`` builds it and
+    its origin is a convolution, with no embedding lookup (whose first token a tokenizer
+    fills with [CLS]) among its ancestors. Unknown origins count as having one."""
+    shape = gu.tensor_shape(stream)
+    if shape is not None and len(shape) == 3 and _prefix_count(stream, shape[1], depth=12) is not None:
+        return True
+    upstream = gu.ancestors(stream)
+    if any(_looks_up_input_ids(n) for n in upstream):
+        return True
+    return not any(gu.is_call(n, CONV_FUNCTIONS) for n in upstream)
+
+
+def _looks_up_input_ids(node: Node) -> bool:
+    """An embedding lookup whose indices come from the input (token ids), not from a buffer
+    of positions (SigLIP's patch positions are an nn.Embedding too)."""
+    if not gu.is_call(node, EMBEDDING_FUNCTIONS):
+        return False
+    indices = node.args[1] if node.target is torch.embedding else node.args[0]
+    return isinstance(indices, Node) and gu.depends_on_data(indices)
 
 
 def _prefix_count(node: Node, n_tokens: int, depth: int):

@@ -20,9 +20,11 @@ that merges instead.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch.fx import Node
 
 from . import graph_utils as gu
@@ -36,6 +38,9 @@ class Stream:
     readers: list[AttentionSite] = field(default_factory=list)  # sites of other streams that read its tokens
     # reader index -> the latest site of this stream whose output the reader's keys derive from
     read_after: dict[int, int] = field(default_factory=dict)
+    # reader index -> (tokens of other sequences before, after) the merged ones in its keys
+    # (CaiT's class attention attends over cat([class token, patches])), or why unknown
+    key_layout: dict[int, "tuple[int, int] | str"] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[str]:
@@ -51,8 +56,12 @@ class Stream:
                        f"count between sites ({sorted(counts)}): tokens are concatenated into it")
         read = [f"the sequence of site {first.index} ({first.module or first.kind}) is read by site {r.index} "
                 f"({r.module or r.kind}) of another sequence, which cannot take merged tokens: {why}"
-                for r in self.readers for why in [reader_problem(r)] if why]
+                for r in self.readers for why in [reader_problem(r) or self._layout_problem(r)] if why]
         return own + read
+
+    def _layout_problem(self, reader: AttentionSite) -> str:
+        layout = self.key_layout.get(reader.index, (0, 0))
+        return layout if isinstance(layout, str) else ""
 
     @property
     def mergeable(self) -> bool:
@@ -63,12 +72,23 @@ def reader_problem(site: AttentionSite) -> str:
     """Why a cross-attention site cannot attend over merged tokens ('' if it can): it needs
     keys whose token axis is the merged one and no mask of its own, so that the key-size
     bias can be its whole mask."""
-    if site.kind not in ("sdpa", "explicit"):
+    if site.kind not in ("sdpa", "explicit", "packed"):
         return f"{site.kind} attention as a reader is not supported yet"
     if site.mask is not None:
         return "it has its own attention mask over the merged tokens"
     if site.kind == "explicit" and site.softmax is None:
         return "no softmax to bias"
+    if site.kind == "packed":
+        # nn.MultiheadAttention (SigLIP's attention-pooling head): [tokens, batch, channels] keys.
+        args = gu.packed_attention_args(site.attn)
+        if args["key_padding_mask"] is not None:
+            return "it has its own key padding mask over the merged tokens"
+        shape = gu.tensor_shape(site.k)
+        if shape is None or len(shape) != 3:
+            return "its keys are not [tokens, batch, channels]"
+        if args["use_separate_proj_weight"] or args["bias_k"] is not None or args["add_zero_attn"]:
+            return "extra key/value bias, zero attention or separate projections"
+        return ""
     if gu.tensor_shape(site.k) is None or len(gu.tensor_shape(site.k)) != 4:
         return "its keys are not [batch, heads, tokens, dim]"
     return ""
@@ -124,7 +144,64 @@ def group_streams(sites: list[AttentionSite]) -> list[Stream]:
             if read:
                 stream.readers.append(site)
                 stream.read_after[site.index] = read[-1].index
+                stream.key_layout[site.index] = key_layout(site, read[-1].stream_out)
     return streams
+
+
+def key_layout(reader: AttentionSite, tokens: Node) -> "tuple[int, int] | str":
+    """Where the merged sequence ``tokens`` sits in ``reader``'s keys: (tokens before, tokens
+    after) it, put there by a ``cat`` along the token axis with tokens of other sequences;
+    (0, 0) when the keys are the sequence's tokens alone. A string says why it is unknown."""
+    k_shape, own = gu.tensor_shape(reader.k), gu.tensor_shape(tokens)
+    if k_shape is None or own is None or len(own) != 3 or len(k_shape) != (3 if reader.kind == "packed" else 4):
+        return "the token counts of its keys are unknown"
+    n_keys = k_shape[reader.k_token_axis]
+    derived = gu.descendants(tokens) | {tokens}
+    queue, seen = deque([reader.k]), set()
+    while queue:
+        node = queue.popleft()
+        if node in seen or not isinstance(node, Node):
+            continue
+        seen.add(node)
+        if node is tokens:
+            break
+        axis = _token_cat_axis(node)
+        if axis is not None:
+            pieces = list(node.args[0])
+            # torch.cat skips 1-D empty tensors: an empty key cache arrives as one.
+            widths = [(0,) * (axis + 1) if w == (0,) else w for w in map(gu.tensor_shape, pieces)]
+            if any(w is None or len(w) <= axis or not isinstance(w[axis], int) for w in widths):
+                return "its keys concatenate the merged tokens with pieces of unknown size"
+            widths = [w[axis] for w in widths]
+            # The piece that carries the sequence's own tokens (others may derive from it only
+            # through attention: CaiT's class token after a class-attention block).
+            carrying = [i for i, p in enumerate(pieces) if p in derived and widths[i] == own[1]]
+            if len(carrying) != 1:
+                return "its keys concatenate the merged tokens in a way that cannot be followed"
+            at = carrying[0]
+            before, after = sum(widths[:at]), sum(widths[at + 1:])
+            if before + own[1] + after != n_keys:
+                break
+            return before, after
+        queue.extend(i for i in node.all_input_nodes if i in derived)
+    if n_keys != own[1]:
+        return f"its keys hold {n_keys} tokens where the merged sequence has {own[1]}"
+    return 0, 0
+
+
+def _token_cat_axis(node: Node) -> Optional[int]:
+    """For a ``cat`` along a token axis ([B, N, C] tokens on axis 1, [B, H, N, D] keys on
+    axis 2: a key cache's past and new keys), that axis; None for any other node."""
+    if node.op != "call_function" or node.target not in (torch.cat, torch.concat, torch.concatenate):
+        return None
+    shape = gu.tensor_shape(node)
+    if shape is None or len(shape) not in (3, 4) or not isinstance(node.args[0], (list, tuple)):
+        return None
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    if not isinstance(dim, int):
+        return None
+    axis = dim % len(shape)
+    return axis if axis == len(shape) - 2 else None
 
 
 def plan_streams(sites: list[AttentionSite]) -> StreamPlan:

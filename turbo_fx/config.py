@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 FUSIONS = ("sub", "div", "mul", "layer")
 FUSION_ALIASES = {
@@ -89,6 +89,11 @@ class TurboConfig:
         ``semantic``.
     prop_attn: add log(size) to the attention logits of later blocks so a merged
         token is attended as often as the tokens it stands for.
+    cross_attention_bias: the same log(size) key bias for cross-attention of other sequences
+        that reads the merged tokens (a text decoder over merged image tokens). None (default)
+        follows ``prop_attn``; False lets them attend over the merged tokens as if each stood
+        for one token (an ablation), True keeps the bias there when ``prop_attn=False``.
+        Padding keys stay masked either way.
     min_tokens: never merge a sequence below this many tokens (the paper's threshold).
     protected: "auto" (prepended parameter tokens, such as CLS, distillation and
         register tokens; the first token when there are none) or a count of leading
@@ -139,6 +144,7 @@ class TurboConfig:
     redundancy: bool = True
     keep_salient: int = 0
     prop_attn: bool = True
+    cross_attention_bias: Optional[bool] = None
     min_tokens: int = 0
     protected: Union[str, int] = "auto"
     restore_outputs: bool = True
@@ -172,7 +178,9 @@ class TurboConfig:
         object.__setattr__(self, "fusion", fusion)
         _check_choice("metric", self.metric, METRICS)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
-        for name in ("semantic", "redundancy", "prop_attn", "restore_outputs", "fuse_merges", "symbolic_tokens"):
+        if self.cross_attention_bias is None:
+            object.__setattr__(self, "cross_attention_bias", self.prop_attn)
+        for name in ("semantic", "redundancy", "prop_attn", "cross_attention_bias", "restore_outputs", "fuse_merges", "symbolic_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise TurboConfigError(f"option '{name}' must be True or False, got {getattr(self, name)!r}")
         if not (self.semantic or self.redundancy):

@@ -6,12 +6,16 @@ inside the opaque merge op. Both get formulas here: 2 FLOPs per multiply-add.
 """
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 import torch
 from torch.fx import GraphModule
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
 from turbo_fx import ops  # noqa: F401  (defines torch.ops.turbo_fx.merge_block)
 
+log = logging.getLogger("turbo_fx")
 aten = torch.ops.aten
 _CPU_SDPA = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -42,8 +46,16 @@ def _merge_block_flop_formula(x_shape, size_shape, assign_shape, metric_shape, m
     return merge_block_flops(x_shape, metric_shape, metric_token_axis, semantic_q_shape, protected)
 
 
-def count_flops(gm: GraphModule, example_inputs: list) -> int:
-    """FLOPs of one run of ``gm`` on the example inputs."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        gm(*example_inputs)
+def count_flops(gm: GraphModule, example_inputs: list) -> Optional[int]:
+    """FLOPs of one run of ``gm`` on the example inputs; None (logged) when the counter
+    cannot run the graph: counting is a report, and must never stop a compile."""
+    # Inputs that require grad without being leaves (Dynamo lifts such tensors from the
+    # model, e.g. BLIP-2's expanded query tokens) make the counter's module tracker assert.
+    inputs = [t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t for t in example_inputs]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            gm(*inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure only costs the FLOP figure
+        log.warning("turbo: FLOPs not counted for this graph: %s: %s", type(exc).__name__, exc)
+        return None
     return counter.get_total_flops()

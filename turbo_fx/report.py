@@ -73,6 +73,7 @@ class GraphReport:
     components: list[ComponentReport] = field(default_factory=list)  # merge-and-restore mode
     protected: Optional[int] = None
     protected_note: str = ""
+    protected_tail: int = 0  # protected tokens at the end of the sequence (YOLOS's detection tokens)
     semantic_source: str = ""  # where the semantic value came from (merge mode)
     padding: bool = False
     outputs_restored: int = 0

@@ -14,7 +14,7 @@ from turbo_fx.passes.find_components import GridRun, find_grid_runs
 from turbo_fx.passes.merge_and_restore import insert_merge_and_restore, plan_components
 from turbo_fx.passes.insert_merges import insert_merges, plan_merges
 from turbo_fx.passes.propagate_shapes import CannotRewrite, ShapeHints, propagate_shapes
-from turbo_fx.passes.protected_tokens import count_protected_tokens
+from turbo_fx.passes.protected_tokens import count_protected_tokens, count_trailing_tokens, has_class_token
 from turbo_fx.passes.restore_outputs import restore_outputs
 from turbo_fx.passes.weight_token_means import weight_token_means
 from turbo_fx.passes.streams import StreamPlan, plan_streams
@@ -64,15 +64,24 @@ def rewrite_graph(
     if plan.chosen is None:
         raise CannotRewrite(plan.problems())
     sites = plan.chosen.sites
+    tail = 0
     if config.protected == "auto":
         protected, note = count_protected_tokens(gm, sites[0].residual)
+        tail = count_trailing_tokens(sites[0].residual)
+        if tail:
+            note += f"; and {tail} appended parameter token(s) at the end"
     else:
         protected, note = config.protected, "set by the 'protected' option"
-    report.protected, report.protected_note = protected, note
-    report.semantic_source = semantic_source(config, plan)
+    report.protected, report.protected_note, report.protected_tail = protected, note, tail
+    if config.semantic and not has_class_token(sites[0].residual):
+        config = _without_class_token(config)
+        report.semantic_source = ("off: the sequence has no class token (only patch tokens), so no attention "
+                                  "row ranks them; redundancy only")
+    else:
+        report.semantic_source = semantic_source(config, plan)
     report.padding = any(s.mask is not None for s in sites)
     try:
-        report.blocks = plan_merges(sites, config, protected)
+        report.blocks = plan_merges(sites, config, protected, tail)
     except ValueError as exc:  # a per-block r list of the wrong length
         raise CannotRewrite(str(exc)) from exc
     if not any(b.r_applied for b in report.blocks):
@@ -81,13 +90,14 @@ def rewrite_graph(
         raise CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")
 
     chosen = {s.index for s in sites}
-    readers = dict(plan.chosen.read_after)
-    rewritten = _build(gm, fake_mode, config.replace(symbolic_tokens=False), protected, report, chosen, cleared, readers)
+    readers = {i: (after, plan.chosen.key_layout.get(i, (0, 0))) for i, after in plan.chosen.read_after.items()}
+    rewritten = _build(gm, fake_mode, config.replace(symbolic_tokens=False), (protected, tail), report, chosen, cleared,
+                       readers)
     # Symbolic token counts only serve a compiler that generates kernels; "eager" runs the
     # graph as it is, so the second build would be wasted work.
     if config.symbolic_tokens and not config.fuse_merges and config.inner_backend != "eager":
         try:
-            rewritten = _build(gm, fake_mode, config, protected, report, chosen, cleared, readers)
+            rewritten = _build(gm, fake_mode, config, (protected, tail), report, chosen, cleared, readers)
         except CannotRewrite as exc:
             log.info("turbo: kept concrete token counts; symbolic ones failed: %s", exc)
     return rewritten
@@ -123,6 +133,14 @@ def rewrite_generation(gm: GraphModule, fake_mode, config: TurboConfig, report: 
     return work
 
 
+def _without_class_token(config: TurboConfig) -> TurboConfig:
+    """The ranking a sequence without a class token allows: redundancy alone."""
+    if not config.redundancy:
+        raise CannotRewrite("semantic-only ranking (redundancy=False) needs a class token, and this sequence "
+                            "has none (only patch tokens)")
+    return config.replace(semantic=False, keep_salient=0)
+
+
 def _component_report(plan) -> ComponentReport:
     c = plan.component
     return ComponentReport(c.index, c.module, c.kind, c.block, c.grid, c.tokens, 0, "untouched", plan.reason)
@@ -135,8 +153,8 @@ def _generation_untouched_reason(site, in_runs, plans) -> str:
     return next(p.reason for p in plans if p.component is component) or "untouched"
 
 
-def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: int, report: GraphReport,
-           chosen: set[int], cleared_masks: list[int], readers: dict[int, int]) -> GraphModule:
+def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: tuple[int, int], report: GraphReport,
+           chosen: set[int], cleared_masks: list[int], readers: dict[int, tuple]) -> GraphModule:
     """One rewrite of a fresh copy of ``gm``: insert merges at the ``chosen`` sites (one
     stream) and the key bias at the cross-attention sites that read it, re-propagate,
     restore outputs."""
@@ -144,13 +162,15 @@ def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: int, repo
     every_site = find_attention_sites(work)
     drop_cleared_masks(every_site, cleared_masks)
     sites = [s for s in every_site if s.index in chosen]
-    reading = [(every_site[i], after) for i, after in sorted(readers.items())]
+    reading = [(every_site[i], after, layout) for i, (after, layout) in sorted(readers.items())]
     old_values = {n: n.meta.get("example_value") for n in work.graph.nodes}
-    insertion = insert_merges(work, sites, report.blocks, config, protected, reading)
+    head, tail = protected
+    insertion = insert_merges(work, sites, report.blocks, config, head, reading, tail)
     for merged, original in insertion.replaced.items():
         old_values[merged] = old_values[original]
     hints = ShapeHints()
-    propagate_shapes(work, fake_mode, old_values, insertion.touched, protected, hints)
+    propagate_shapes(work, fake_mode, old_values, insertion.touched, head, hints, tail=tail,
+                     assign_by_count=insertion.assign_by_count)
     report.reductions_weighted, report.reductions_unweighted = weight_token_means(work, fake_mode, old_values, hints)
     if config.restore_outputs:
         report.outputs_restored = restore_outputs(work, fake_mode, old_values, insertion.assign_by_count, hints)

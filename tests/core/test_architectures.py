@@ -15,7 +15,11 @@ TIMM_CASES = {
     "deit_small_distilled_patch16_224": (dict(img_size=64, **SMALL_VIT), 64, "rewrite", 2),
     "vit_small_patch14_reg4_dinov2": (dict(img_size=56, **SMALL_VIT), 56, "rewrite", 5),
     "vit_base_patch16_clip_224": (dict(img_size=64, **SMALL_VIT), 64, "rewrite", 1),
-    "vit_medium_patch16_gap_256": (dict(img_size=64, **SMALL_VIT), 64, "rewrite", 1),
+    "vit_medium_patch16_gap_256": (dict(img_size=64, **SMALL_VIT), 64, "rewrite", 0),  # no class token
+    # No class token: patches only, redundancy ranking; the class-attention blocks (CaiT) and
+    # the attention-pooling head (SigLIP) read the merged patches.
+    "cait_xxs24_224": (dict(img_size=64, embed_dim=48, depth=2, num_heads=3, num_classes=10), 64, "rewrite", 0),
+    "vit_base_patch16_siglip_224": (dict(img_size=64, **SMALL_VIT), 64, "rewrite", 0),
     "beit_base_patch16_224": (dict(img_size=64, **SMALL_VIT), 64, "fallback", "does not come from the input"),
     "eva02_tiny_patch14_224": (dict(img_size=56, depth=2, num_classes=10), 56, "fallback", "fails after merging"),
     "swin_tiny_patch4_window7_224": (dict(img_size=56, depths=(1, 1), num_heads=(2, 4), embed_dim=32, num_classes=10), 56, "fallback", ""),
@@ -59,6 +63,10 @@ def hf_model(kind: str):
         return tf.CLIPTextModel(tf.CLIPTextConfig(vocab_size=100, max_position_embeddings=32, **common))
     if kind == "blip_vision":
         return tf.BlipVisionModel(tf.BlipVisionConfig(image_size=32, patch_size=4, **common))
+    if kind == "siglip_vision":
+        return tf.SiglipVisionModel(tf.SiglipVisionConfig(image_size=32, patch_size=4, **common))
+    if kind == "yolos":
+        return tf.YolosModel(tf.YolosConfig(image_size=[32, 32], patch_size=4, num_detection_tokens=5, **common))
     if kind == "roberta":
         return tf.RobertaModel(tf.RobertaConfig(vocab_size=100, **common))
     if kind == "distilbert":
@@ -71,6 +79,8 @@ def hf_model(kind: str):
     [
         ("clip_vision", "rewrite", 1),
         ("blip_vision", "rewrite", 1),
+        ("siglip_vision", "rewrite", 0),
+        ("yolos", "rewrite", 1),
         ("clip_text", "fallback", "varies by query"),
         ("roberta", "rewrite", 1),
         ("distilbert", "rewrite", 1),
@@ -78,7 +88,7 @@ def hf_model(kind: str):
 )
 def test_transformers_architectures(turbo, kind, outcome, expected):
     model = hf_model(kind).eval()
-    if kind in ("clip_vision", "blip_vision"):
+    if kind in ("clip_vision", "blip_vision", "siglip_vision", "yolos"):
         inputs = dict(pixel_values=images(2))
     else:
         ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))

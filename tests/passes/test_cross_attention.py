@@ -82,6 +82,15 @@ def test_cross_attention_over_merged_duplicates_gives_the_unmerged_result(turbo,
     # Without the size bias the text side weighs each merged token once: the result moves.
     unbiased = getattr(turbo(model, r=8, prop_attn=False)(**inputs), field)
     assert not torch.allclose(unbiased, plain, atol=1e-3)
+    # The two biases are separate options: the image tower's self-attention can go without
+    # while the text still reads the merged tokens in proportion (and the other way round).
+    text_only = turbo(model, r=8, prop_attn=False, cross_attention_bias=True)
+    image_only = turbo(model, r=8, cross_attention_bias=False)
+    text_only_out, image_only_out = getattr(text_only(**inputs), field), getattr(image_only(**inputs), field)
+    assert text_only.report.merges == image_only.report.merges == 2
+    # (Small for the ITM score, far above float32 noise.)
+    assert (text_only_out - unbiased).abs().max() > 2e-5
+    assert (image_only_out - unbiased).abs().max() > 2e-5
 
 
 class MaskedReader(nn.Module):
@@ -152,4 +161,36 @@ def test_the_qformer_reads_merged_image_tokens_and_duplicates_give_the_unmerged_
     assert decisions["qformer.encoder.layer.0.attention.attention"] == "untouched"
     with torch.no_grad():
         plain = model(pixels)
+    assert torch.allclose(out, plain, atol=1e-4), (out - plain).abs().max()
+
+
+def test_the_whole_blip2_model_merges_its_image_and_the_qformer_reads_it(turbo):
+    """``Blip2Model.forward`` in one graph: the Q-Former's cross-attention carries an all-ones
+    mask built from the image tokens' shape; it is cleared, so the Q-Former reads the merged
+    tokens, and the language model (causal) stays exact up to what the queries carry."""
+    torch.manual_seed(0)
+    small = dict(SMALL, initializer_range=0.02)
+    config = tf.Blip2Config(
+        vision_config=dict(small, image_size=32, patch_size=4),
+        qformer_config=dict(small, vocab_size=100, encoder_hidden_size=48, cross_attention_frequency=1,
+                            max_position_embeddings=32),
+        text_config=dict(model_type="opt", hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
+                         ffn_dim=96, vocab_size=100, max_position_embeddings=64, word_embed_proj_dim=48),
+        num_query_tokens=4, image_token_index=99)
+    model = tf.Blip2Model(config).eval()
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.zero_()
+    # The language model's input starts with one placeholder per query token.
+    ids = torch.cat([torch.full((2, 4), 99), text_ids()], dim=1)
+    inputs = dict(pixel_values=two_pattern_images(), input_ids=ids)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    compiled = turbo(model, r=8)
+    out = compiled(**inputs).logits
+    report = compiled.report
+    assert report.fallback_reason is None and report.tokens_per_block == [65, 57]
+    decisions = {s.module: s.decision for s in report.sites}
+    assert decisions["qformer.encoder.layer.0.crossattention.attention"] == "reads merged"
+    assert decisions["qformer.encoder.layer.1.crossattention.attention"] == "reads merged"
+    assert decisions["language_model.model.decoder.layers.0.self_attn"] == "untouched"
     assert torch.allclose(out, plain, atol=1e-4), (out - plain).abs().max()

@@ -17,7 +17,7 @@ traceable and Inductor can trace through them. Shapes use ``B`` (batch), ``H`` (
 ``N`` (tokens), ``C`` (channels). Every name is re-exported here: passes and tests write
 ``ops.merge_tokens``.
 """
-from .attention_bias import MASKED_BELOW, add_bias, check_key_padding_mask, key_bias, key_validity
+from .attention_bias import MASKED_BELOW, add_bias, pad_key_bias, check_key_padding_mask, key_bias, key_validity
 from .merge import (
     PAD_PAIR_SCORE,
     SALIENT_DEGREE,
@@ -34,15 +34,15 @@ from .grid_merge import cell_offsets, cross_attention_saliency, grid_merge, grid
 from .merge_step import MergeRecord, _is_fake, merge_block, merge_block_op, record_merges
 from .packed_attention import key_padding_bias, packed_cls_probs, packed_head_mean
 from .reductions import weighted_token_mean, weighted_token_sum
-from .restore import restore_tokens
+from .restore import merge_token_constant, restore_tokens
 from .semantic import cls_attention, cls_attention_from_probs
 
 __all__ = [
     "MASKED_BELOW", "PAD_PAIR_SCORE", "SALIENT_DEGREE", "SALIENT_PAIR_SCORE",
-    "add_bias", "check_key_padding_mask", "key_bias", "key_validity",
+    "add_bias", "pad_key_bias", "check_key_padding_mask", "key_bias", "key_validity",
     "compose_assign", "head_mean", "information_degree", "initial_assign", "initial_sizes",
     "merge_count", "merge_tokens", "MergeRecord", "merge_block", "merge_block_op", "record_merges",
-    "weighted_token_mean", "weighted_token_sum", "restore_tokens", "cls_attention",
+    "weighted_token_mean", "weighted_token_sum", "restore_tokens", "merge_token_constant", "cls_attention",
     "cls_attention_from_probs", "_is_fake", "key_padding_bias", "packed_cls_probs", "packed_head_mean",
     "cell_offsets", "cross_attention_saliency", "grid_merge", "grid_merge_plan", "grid_partition", "merge_by_plan",
 ]

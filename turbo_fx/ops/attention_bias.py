@@ -42,6 +42,12 @@ def key_bias(size: Tensor, dtype: torch.dtype, prop_attn: bool) -> Tensor:
     return bias.to(dtype)[:, None, None, :]
 
 
+def pad_key_bias(bias: Tensor, before: int, after: int) -> Tensor:
+    """A [B, 1, 1, N] key bias widened with zeros for ``before`` and ``after`` keys of another
+    sequence around the merged ones (each stands for itself)."""
+    return torch.nn.functional.pad(bias, (before, after))
+
+
 def add_bias(logits: Tensor, bias: Tensor) -> Tensor:
     """Logits plus a [B, 1, 1, N] bias (explicit attention)."""
     return logits + bias.to(logits.dtype)

@@ -21,11 +21,11 @@ SALIENT_PAIR_SCORE = -2.0e4
 SALIENT_DEGREE = -1.0e9
 
 
-def merge_count(n_tokens: int, protected: int, r: int, min_tokens: int, reserved: int = 0) -> int:
+def merge_count(n_tokens: int, protected: int, r: int, min_tokens: int, reserved: int = 0, tail: int = 0) -> int:
     """How many tokens one block can actually merge: r clamped to the bipartite
     limit (half the unprotected tokens, less ``reserved`` salient tokens that may not
-    merge) and to the ``min_tokens`` floor."""
-    mergeable = max(0, (n_tokens - protected) // 2 - reserved)
+    merge) and to the ``min_tokens`` floor. ``tail``: protected tokens at the end."""
+    mergeable = max(0, (n_tokens - protected - tail) // 2 - reserved)
     floor_room = max(0, n_tokens - min_tokens)
     return max(0, min(r, mergeable, floor_room))
 
@@ -88,6 +88,7 @@ def merge_tokens(
     padding: bool = False,
     use_redundancy: bool = True,
     keep_salient: int = 0,
+    tail: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Merge ``r`` tokens of x [B, N, C] by informativity-driven bipartite matching.
 
@@ -100,25 +101,27 @@ def merge_tokens(
     token attends to least merge, still into their most similar B partner.
     ``keep_salient``: the k unprotected tokens with the highest semantic value neither
     merge nor receive merges (attention sinks such as BERT's [SEP] keep their identity).
+    ``tail``: the last ``tail`` tokens never merge either (YOLOS's detection tokens).
 
     Returns (merged x [B, N-r, C], merged size [B, N-r], dest [B, N]).
     """
     batch, n_tokens, channels = x.shape
     if r <= 0:
         return x, size, initial_assign(x)
+    end = n_tokens - tail
     unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a, b = unit[:, protected::2], unit[:, protected + 1 :: 2]
+    a, b = unit[:, protected:end:2], unit[:, protected + 1 : end : 2]
     scores = a @ b.transpose(-1, -2)
     if padding:
-        valid_a = size[:, protected::2] > 0
-        valid_b = size[:, protected + 1 :: 2] > 0
+        valid_a = size[:, protected:end:2] > 0
+        valid_b = size[:, protected + 1 : end : 2] > 0
         both_pad = (~valid_a)[:, :, None] & (~valid_b)[:, None, :]
         crossing = valid_a[:, :, None] ^ valid_b[:, None, :]
         scores = torch.where(both_pad, PAD_PAIR_SCORE, torch.where(crossing, -PAD_PAIR_SCORE, scores))
     salient = None
     if keep_salient > 0 and semantic is not None:
-        salient = _most_salient(semantic, protected, keep_salient)
-        scores = scores.masked_fill(salient[:, None, protected + 1 :: 2], SALIENT_PAIR_SCORE)
+        salient = _most_salient(semantic, protected, keep_salient, tail)
+        scores = scores.masked_fill(salient[:, None, protected + 1 : end : 2], SALIENT_PAIR_SCORE)
     redundancy, match = scores.max(dim=-1)
 
     normalised = None
@@ -127,7 +130,7 @@ def merge_tokens(
             n_valid = (size > 0).sum(dim=-1, keepdim=True).to(torch.float32)
         else:
             n_valid = float(n_tokens)
-        normalised = (semantic.float() * n_valid)[:, protected::2]
+        normalised = (semantic.float() * n_valid)[:, protected:end:2]
     if use_redundancy:
         degree = information_degree(redundancy, normalised, fusion, alpha, beta, gamma, block)
     elif normalised is None:
@@ -135,7 +138,7 @@ def merge_tokens(
     else:
         degree = -normalised
     if salient is not None:
-        degree = degree.masked_fill(salient[:, protected::2], SALIENT_DEGREE)
+        degree = degree.masked_fill(salient[:, protected:end:2], SALIENT_DEGREE)
 
     chosen = degree.topk(r, dim=-1).indices
     src_tok = protected + 2 * chosen
@@ -159,11 +162,13 @@ def merge_tokens(
     return merged, new_size, dest
 
 
-def _most_salient(semantic: Tensor, protected: int, k: int) -> Tensor:
+def _most_salient(semantic: Tensor, protected: int, k: int, tail: int = 0) -> Tensor:
     """[B, N] bool: the k unprotected tokens with the highest semantic value."""
     value = semantic.float().clone()
     value[:, :protected] = float("-inf")
-    top = value.topk(min(k, value.shape[1] - protected), dim=-1).indices
+    if tail:
+        value[:, value.shape[1] - tail:] = float("-inf")
+    top = value.topk(min(k, value.shape[1] - protected - tail), dim=-1).indices
     return torch.zeros_like(value, dtype=torch.bool).scatter(1, top, True)
 
 

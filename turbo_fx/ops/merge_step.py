@@ -38,6 +38,7 @@ def merge_block(
     symbolic_tokens: bool = False,
     use_redundancy: bool = True,
     keep_salient: int = 0,
+    protected_tail: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Everything one attention block's merge needs, in one call: the metric (per-head
     features averaged over heads), the semantic value (from the CLS query row, or from
@@ -55,7 +56,7 @@ def merge_block(
         semantic = None
     merged, new_size, dest = merge_tokens(
         x, size, metric, semantic, r, protected, fusion, alpha, beta, gamma, block, padding, use_redundancy,
-        keep_salient,
+        keep_salient, protected_tail,
     )
     if r <= 0:
         # merge_tokens hands its inputs back when nothing merges; an op's outputs must not
@@ -115,7 +116,7 @@ merge_block_op = torch.library.custom_op("turbo_fx::merge_block", merge_block, m
 def _merge_block_fake(x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k,
                       semantic_mask, semantic_probs, scale, r, protected, fusion, alpha, beta, gamma,
                       block, padding, prop_attn, bias_dtype, symbolic_tokens=False, use_redundancy=True,
-                      keep_salient=0):
+                      keep_salient=0, protected_tail=0):
     batch, n_tokens, channels = x.shape
     kept = n_tokens - r
     if symbolic_tokens:
