@@ -2,7 +2,9 @@
 
 Matches
   * fused attention: ``scaled_dot_product_attention(q, k, v, attn_mask=..., scale=...)``;
-  * explicit attention: ``matmul(q, k^T) -> (scale) -> (+ mask) -> softmax -> (dropout, cast) -> matmul(., v)``;
+  * explicit attention: ``matmul(q, k^T) -> (scale) -> (+ mask) -> softmax -> (dropout, cast) -> matmul(., v)``,
+    also with talking heads (CaiT: a linear layer over the head axis just before and just
+    after the softmax);
   * packed attention: ``F.multi_head_attention_forward(query, key, value, ...)``, the single
     call that ``nn.MultiheadAttention`` (and so ``nn.TransformerEncoderLayer``, torchvision's
     ViT, OpenAI CLIP) leaves in Dynamo's graph; its tokens are [N, B, C].

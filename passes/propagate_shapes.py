@@ -8,7 +8,10 @@ the one recorded, maps each changed input axis onto the output axis that holds i
 (by running products of the recorded input and output shapes) and rewrites that
 entry. It never searches for the number itself, so a head dim equal to the token
 count is left alone. Indexing on a token axis is allowed only where it means the
-same after merging (protected tokens, full slices).
+same after merging (protected tokens at the front, tokens of another sequence put in front
+of them by a ``cat``, protected tokens at the end by negative index, full slices). A
+per-token constant added to merged tokens (one row per original token, built from
+parameters alone) is merged like them: each merged token gets its members' mean row.
 
 Guarantees: on success every node's ``meta["example_value"]`` holds its new fake
 value and the graph is consistent. On anything it cannot rewrite (a token axis

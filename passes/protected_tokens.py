@@ -76,7 +76,7 @@ def has_class_token(stream: Node) -> bool:
     its origin is a convolution, with no embedding lookup (whose first token a tokenizer
     fills with [CLS]) among its ancestors. Unknown origins count as having one."""
     shape = gu.tensor_shape(stream)
-    if shape is not None and len(shape) == 3 and _prefix_count(stream, shape[1], depth=12) is not None:
+    if shape is not None and len(shape) == 3 and (_prefix_count(stream, shape[1], depth=12) or 0) > 0:
         return True
     upstream = gu.ancestors(stream)
     if any(_looks_up_input_ids(n) for n in upstream):

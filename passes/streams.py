@@ -9,7 +9,10 @@ earlier site starts a new stream.
 A stream can merge when every one of its sites is mergeable and every site of another
 stream that reads its tokens (cross-attention: BLIP's text encoder over the image tokens)
 can take merged keys: such a *reader* then attends over the merged tokens with their
-``log(size)`` key bias, which for exact duplicates gives the unmerged result. Of the
+``log(size)`` key bias, which for exact duplicates gives the unmerged result. A reader's
+keys may concatenate the merged tokens with tokens of its own sequence (CaiT's class
+attention over ``cat([class token, patches])``); ``key_layout`` says how many come before
+and after, and those keys get no bias. Of the
 streams that can merge, the one with the most sites merges (the first one on a tie); the
 other streams run their own computation unchanged.
 

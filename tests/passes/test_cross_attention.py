@@ -123,22 +123,27 @@ def test_a_reader_with_its_own_mask_keeps_the_image_unmerged(turbo, caplog):
         assert torch.allclose(out, model(pixels, key_mask), atol=1e-6)
 
 
+def blip2_model() -> "tf.Blip2Model":
+    """A small BLIP-2 (4 query tokens; token id 99 marks their places in the text)."""
+    torch.manual_seed(0)
+    small = dict(SMALL, initializer_range=0.02)
+    config = tf.Blip2Config(
+        vision_config=dict(small, image_size=32, patch_size=4),
+        qformer_config=dict(small, vocab_size=100, encoder_hidden_size=48, cross_attention_frequency=1,
+                            max_position_embeddings=32),
+        text_config=dict(model_type="opt", hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
+                         ffn_dim=96, vocab_size=100, max_position_embeddings=64, word_embed_proj_dim=48),
+        num_query_tokens=4, image_token_index=99)
+    return tf.Blip2Model(config).eval()
+
+
 class QFormerFeatures(nn.Module):
     """BLIP-2's image side: the vision tower, then the Q-Former's learned queries
     cross-attending to its tokens (what ``Blip2Model`` hands the language model)."""
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        small = dict(SMALL, initializer_range=0.02)
-        config = tf.Blip2Config(
-            vision_config=dict(small, image_size=32, patch_size=4),
-            qformer_config=dict(small, vocab_size=100, encoder_hidden_size=48, cross_attention_frequency=1,
-                                max_position_embeddings=32),
-            text_config=dict(model_type="opt", hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
-                             ffn_dim=96, vocab_size=100, max_position_embeddings=64, word_embed_proj_dim=48),
-            num_query_tokens=4)
-        model = tf.Blip2Model(config)
+        model = blip2_model()
         self.vision, self.qformer, self.queries = model.vision_model, model.qformer, model.query_tokens
         with torch.no_grad():
             self.vision.embeddings.position_embedding.zero_()
@@ -168,16 +173,7 @@ def test_the_whole_blip2_model_merges_its_image_and_the_qformer_reads_it(turbo):
     """``Blip2Model.forward`` in one graph: the Q-Former's cross-attention carries an all-ones
     mask built from the image tokens' shape; it is cleared, so the Q-Former reads the merged
     tokens, and the language model (causal) stays exact up to what the queries carry."""
-    torch.manual_seed(0)
-    small = dict(SMALL, initializer_range=0.02)
-    config = tf.Blip2Config(
-        vision_config=dict(small, image_size=32, patch_size=4),
-        qformer_config=dict(small, vocab_size=100, encoder_hidden_size=48, cross_attention_frequency=1,
-                            max_position_embeddings=32),
-        text_config=dict(model_type="opt", hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
-                         ffn_dim=96, vocab_size=100, max_position_embeddings=64, word_embed_proj_dim=48),
-        num_query_tokens=4, image_token_index=99)
-    model = tf.Blip2Model(config).eval()
+    model = blip2_model()
     with torch.no_grad():
         model.vision_model.embeddings.position_embedding.zero_()
     # The language model's input starts with one placeholder per query token.
