@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from typing import Any, Optional, Sequence
 
@@ -85,6 +86,8 @@ def rewrite_graph(
     except ValueError as exc:  # a per-block r list of the wrong length
         raise CannotRewrite(str(exc)) from exc
     if not any(b.r_applied for b in report.blocks):
+        report.sites = [dataclasses.replace(s, decision="untouched", reason="the configuration merges no token "
+                                            "(r = 0 after clamping)") for s in report.sites]
         raise NothingToMerge("the configuration merges no token in this graph")
     if fake_mode is None:
         raise CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")

@@ -53,3 +53,11 @@ def test_explain_reports_a_fallback():
     report = turbo_fx.explain(mlp, torch.randn(2, 5, 16), r=4)
     assert report.fallbacks == ["no attention site found in the graph"]
     assert report.flops_before == report.flops_after == 2 * 2 * 5 * 16 * 16
+
+
+def test_a_configuration_that_merges_nothing_reports_every_site_untouched():
+    report = turbo_fx.explain(small_vit("vit"), images(2), r=0)
+    graph = report.graphs[0]
+    assert graph.merges == 0
+    assert {s.decision for s in graph.sites} == {"untouched"}
+    assert all("merges no token" in s.reason for s in graph.sites)
