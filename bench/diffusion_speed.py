@@ -65,11 +65,9 @@ also printed). The default ``--out`` is build/bench_diffusion (ignored by git).
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import copy
 import itertools
-import json
 import math
 import os
 import shutil
@@ -606,27 +604,10 @@ def _tomesd_version() -> Optional[str]:
 
 def write_results(payload: dict, out_dir: str, name: str) -> tuple[str, str]:
     """``<out_dir>/<name>.json`` and ``.md``; returns both paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, f"{name}.json")
-    md_path = os.path.join(out_dir, f"{name}.md")
-    with open(json_path, "w") as f:
-        json.dump(payload, f, indent=1)
-    with open(md_path, "w") as f:
-        f.write(markdown(payload))
-    return json_path, md_path
+    return timing.write_json_and_markdown(payload, out_dir, name, markdown)
 
 
 # --------------------------------------------------------------------------- command line
-def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--option expects KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
 def _ratio(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
@@ -643,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", nargs="+", type=_ratio, default=list(DEFAULT_RATIOS))
     p.add_argument("--configs", nargs="+", choices=CONFIG_KINDS, default=list(DEFAULT_CONFIGS),
                    help="eager and inductor always run")
-    p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+    p.add_argument("--option", action="append", type=timing.option_pair, default=[], metavar="KEY=VALUE",
                    help="a turbo option for every turbo configuration, e.g. max_downsample=2 (repeatable)")
     p.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds")
     p.add_argument("--ddim-steps", type=int, default=10, help="0 skips the denoising loop")

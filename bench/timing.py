@@ -18,8 +18,11 @@ steady-state latency (the forward pass the first call also did).
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import contextlib
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -200,3 +203,25 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def log(message: str) -> None:
     """A progress line with the wall-clock time, flushed at once."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def option_pair(text: str) -> tuple[str, object]:
+    """``--option KEY=VALUE`` for argparse: the value as a Python literal when it is one."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--option expects KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def write_json_and_markdown(payload: dict, out_dir: str, name: str, render: Callable[[dict], str]) -> tuple[str, str]:
+    """``<out_dir>/<name>.json`` and ``<name>.md`` (``render(payload)``); returns both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, md_path = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.md")
+    with open(json_path, "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(md_path, "w") as f:
+        f.write(render(payload))
+    return json_path, md_path
