@@ -22,9 +22,14 @@ def yolos() -> torch.nn.Module:
                             use_mid_position_embeddings=True, initializer_range=0.1)
     model = tf.YolosForObjectDetection(config).eval()
     with torch.no_grad():
-        for table in (model.vit.embeddings.position_embeddings, model.vit.encoder.interpolation.mid_position_embeddings):
+        for table in (model.vit.embeddings.position_embeddings, mid_positions(model)):
             table.normal_(0.0, 0.3)
     return model
+
+
+def mid_positions(model: torch.nn.Module) -> torch.nn.Parameter:
+    """YOLOS's mid-position table (transformers moved it between releases)."""
+    return next(p for name, p in model.named_parameters() if name.endswith("mid_position_embeddings"))
 
 
 def twin_patches(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +39,7 @@ def twin_patches(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     for col in range(0, 32, 8):
         x[..., col + 4:col + 8] = x[..., col:col + 4]
     with torch.no_grad():
-        for table in (model.vit.embeddings.position_embeddings, model.vit.encoder.interpolation.mid_position_embeddings):
+        for table in (model.vit.embeddings.position_embeddings, mid_positions(model)):
             patches = table[..., 1:1 + PATCHES, :]
             patches[..., 1::2, :] = patches[..., 0::2, :]
     return x
@@ -90,7 +95,7 @@ def test_yolos_over_twin_patches_gives_the_unmerged_detections(turbo):
     # The agreement above is not vacuous: once the twins differ (here in their mid-position
     # rows only) the merged model departs from the unmerged one.
     with torch.no_grad():
-        table = model.vit.encoder.interpolation.mid_position_embeddings
+        table = mid_positions(model)
         # Twins now differ in the mid-position rows only (not by a constant over channels,
         # which every LayerNorm would remove).
         table[..., 2:2 + PATCHES:2, :] += 0.5 * torch.randn(table[..., 2:2 + PATCHES:2, :].shape,
