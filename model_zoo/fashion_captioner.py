@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import training
 from .dinov2 import default_cache_dir
 
 # --------------------------------------------------------------------------- vocabulary and captions
@@ -341,10 +342,7 @@ def training_features(n: int = DEFAULT_TRAIN_IMAGES + DEFAULT_VALIDATION_IMAGES,
 
 def learning_rate(step: int, total: int, peak: float, warmup: int = WARMUP_STEPS) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 5% of ``peak`` at ``total``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return training.learning_rate(step, total, peak, warmup)
 
 
 @torch.no_grad()
@@ -419,15 +417,9 @@ def train(features: torch.Tensor, labels: torch.Tensor, steps: int = DEFAULT_STE
         record = TrainRecord(steps, batch_size, seed, lr, threads or old_threads, len(labels),
                              0 if validation is None else len(validation[1]),
                              parameters=sum(p.numel() for p in decoder.parameters()), decoder_config=asdict(cfg))
-        n, order, cursor = len(labels), torch.randperm(len(labels), generator=gen), 0
-        recent: list[float] = []
-        all_losses: list[float] = []
-        started = time.perf_counter()
-        for step in range(steps):
-            if cursor + batch_size > n:  # a new epoch: reshuffle
-                order, cursor = torch.randperm(n, generator=gen), 0
-            idx = order[cursor: cursor + batch_size]
-            cursor += batch_size
+        batches = training.shuffled_batches(len(labels), batch_size, gen)
+        losses = training.LossLog(steps, log_every, log)
+        for step, idx in zip(range(steps), batches):
             input_ids, targets = teacher_forcing(sequences[idx])
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, steps, lr, warmup)
@@ -436,17 +428,8 @@ def train(features: torch.Tensor, labels: torch.Tensor, steps: int = DEFAULT_STE
             loss.backward()
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
             optimizer.step()
-            value = float(loss.detach())
-            recent.append(value)
-            all_losses.append(value)
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                elapsed = time.perf_counter() - started
-                record.losses.append([step + 1, round(float(np.mean(recent)), 5)])
-                log(f"step {step + 1}/{steps}  loss {np.mean(recent):.4f}  {elapsed:.0f} s "
-                    f"(about {elapsed / (step + 1) * (steps - step - 1):.0f} s left)")
-                recent = []
-        record.seconds = round(time.perf_counter() - started, 1)
-        record.final_loss = round(float(np.mean(all_losses[-50:])), 5) if all_losses else math.nan
+            losses.add(step, loss)
+        record.losses, record.seconds, record.final_loss = losses.losses, losses.seconds, losses.final_loss
         decoder.eval()
         if validation is not None:
             record.validation = score_features(decoder, *validation)

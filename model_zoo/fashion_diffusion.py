@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from .dinov2 import default_cache_dir
+from . import training
 from .registry import require
 
 NUM_CLASSES = 10
@@ -202,10 +202,7 @@ def drop_labels(labels: torch.Tensor, p: float, generator: torch.Generator, null
 
 def learning_rate(step: int, total: int, peak: float, warmup: int = WARMUP_STEPS) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 5% of ``peak`` at ``total``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return training.learning_rate(step, total, peak, warmup)
 
 
 class EMA:
@@ -295,15 +292,8 @@ def _train(steps, batch_size, lr, seed, images, labels, label_dropout, ema_decay
     ema = EMA([unet, tokens], ema_decay)
     gen = torch.Generator().manual_seed(seed + 1)
     record = TrainRecord(steps, batch_size, seed, lr, label_dropout, ema_decay, 0, len(images))
-    n, order, cursor = len(images), torch.randperm(len(images), generator=gen), 0
-    recent: list[float] = []
-    all_losses: list[float] = []
-    started = time.perf_counter()
-    for step in range(steps):
-        if cursor + batch_size > n:  # a new epoch: reshuffle
-            order, cursor = torch.randperm(n, generator=gen), 0
-        idx = order[cursor: cursor + batch_size]
-        cursor += batch_size
+    batches, losses = training.shuffled_batches(len(images), batch_size, gen), training.LossLog(steps, log_every, log)
+    for step, idx in zip(range(steps), batches):
         x0, y = images[idx], drop_labels(labels[idx], label_dropout, gen)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
@@ -315,17 +305,8 @@ def _train(steps, batch_size, lr, seed, images, labels, label_dropout, ema_decay
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         ema.update()
-        value = float(loss.detach())
-        recent.append(value)
-        all_losses.append(value)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            elapsed = time.perf_counter() - started
-            record.losses.append([step + 1, round(float(np.mean(recent)), 5)])
-            log(f"step {step + 1}/{steps}  loss {np.mean(recent):.4f}  {elapsed:.0f} s "
-                f"(about {elapsed / (step + 1) * (steps - step - 1):.0f} s left)")
-            recent = []
-    record.seconds = round(time.perf_counter() - started, 1)
-    record.final_loss = round(float(np.mean(all_losses[-50:])), 5) if all_losses else math.nan
+        losses.add(step, loss)
+    record.losses, record.seconds, record.final_loss = losses.losses, losses.seconds, losses.final_loss
     ema.copy_to_model()
     return unet.eval(), tokens.eval(), record
 

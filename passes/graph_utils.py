@@ -129,6 +129,29 @@ def ancestors(node: Node, stop: Optional[Callable[[Node], bool]] = None) -> set[
     return _reachable(node.all_input_nodes, lambda n: n.all_input_nodes, stop)
 
 
+CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def token_cat_axis(node: Node) -> Optional[int]:
+    """For a ``cat`` along a token axis ([B, N, C] tokens on axis 1, [B, H, N, D] keys on
+    axis 2: a key cache's past and new keys), that axis; None for any other node."""
+    if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
+        return None
+    shape = tensor_shape(node)
+    if shape is None or len(shape) not in (3, 4) or not isinstance(node.args[0], (list, tuple)):
+        return None
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    if not isinstance(dim, int):
+        return None
+    axis = dim % len(shape)
+    return axis if axis == len(shape) - 2 else None
+
+
+def is_token_cat(node: Node) -> bool:
+    """A ``cat`` of [B, N, C] sequences along the token axis."""
+    return token_cat_axis(node) == 1
+
+
 def descendants(node: Node) -> set[Node]:
     """Every node that depends on ``node`` (not including itself)."""
     return _reachable(node.users, lambda n: n.users)

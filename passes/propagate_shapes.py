@@ -28,7 +28,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from .graph_utils import depends_on_data, is_merge
+from .graph_utils import depends_on_data, is_merge, is_token_cat
 
 RESHAPE_METHODS = {"view", "reshape"}
 RESHAPE_FUNCTIONS = {torch.reshape}
@@ -284,7 +284,7 @@ class _Propagation:
         front of the merged ones (CaiT's class token before the patches)."""
         while isinstance(node, Node) and depth > 0:
             depth -= 1
-            if _is_token_cat(node):
+            if is_token_cat(node):
                 pieces = list(node.args[0])
                 lead = 0
                 for piece in pieces:
@@ -366,13 +366,6 @@ class _Propagation:
                 continue
             raise CannotRewrite(f"{node.format_node()}: cannot map expand size {entry!r} on token axis {a}")
         _set_shape_spec(node, spec, packed)
-
-
-def _is_token_cat(node: Node) -> bool:
-    if node.op != "call_function" or node.target not in (torch.cat, torch.concat, torch.concatenate):
-        return False
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-    return dim in (1, -2) and isinstance(node.args[0], (list, tuple))
 
 
 def _check_and_fix_index(node: Node, old_h: tuple, axes, protected: int, tail: int = 0) -> None:

@@ -22,7 +22,6 @@ from torch.fx import GraphModule, Node
 
 from . import graph_utils as gu
 
-CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
 
 CONV_FUNCTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d,
@@ -65,7 +64,7 @@ def count_trailing_tokens(stream: Node) -> int:
 def _find_token_cat(node: Node, n_tokens: int, depth: int):
     while isinstance(node, Node) and depth > 0:
         depth -= 1
-        if _is_token_cat(node):
+        if gu.is_token_cat(node):
             return node
         node = _token_carrying_input(node, n_tokens)
     return None
@@ -96,18 +95,10 @@ def _looks_up_input_ids(node: Node) -> bool:
 def _prefix_count(node: Node, n_tokens: int, depth: int):
     while isinstance(node, Node) and depth > 0:
         depth -= 1
-        if _is_token_cat(node):
+        if gu.is_token_cat(node):
             return _cat_prefix(node, n_tokens, depth)
         node = _token_carrying_input(node, n_tokens)
     return None
-
-
-def _is_token_cat(node: Node) -> bool:
-    if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
-        return False
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-    shape = gu.tensor_shape(node)
-    return shape is not None and len(shape) == 3 and dim in (1, -2)
 
 
 def _cat_prefix(cat: Node, n_tokens: int, depth: int) -> int:

@@ -27,7 +27,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from torch.fx import Node
 
 from . import graph_utils as gu
@@ -168,7 +167,7 @@ def key_layout(reader: AttentionSite, tokens: Node) -> "tuple[int, int] | str":
         seen.add(node)
         if node is tokens:
             break
-        axis = _token_cat_axis(node)
+        axis = gu.token_cat_axis(node)
         if axis is not None:
             pieces = list(node.args[0])
             # torch.cat skips 1-D empty tensors: an empty key cache arrives as one.
@@ -190,21 +189,6 @@ def key_layout(reader: AttentionSite, tokens: Node) -> "tuple[int, int] | str":
     if n_keys != own[1]:
         return f"its keys hold {n_keys} tokens where the merged sequence has {own[1]}"
     return 0, 0
-
-
-def _token_cat_axis(node: Node) -> Optional[int]:
-    """For a ``cat`` along a token axis ([B, N, C] tokens on axis 1, [B, H, N, D] keys on
-    axis 2: a key cache's past and new keys), that axis; None for any other node."""
-    if node.op != "call_function" or node.target not in (torch.cat, torch.concat, torch.concatenate):
-        return None
-    shape = gu.tensor_shape(node)
-    if shape is None or len(shape) not in (3, 4) or not isinstance(node.args[0], (list, tuple)):
-        return None
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-    if not isinstance(dim, int):
-        return None
-    axis = dim % len(shape)
-    return axis if axis == len(shape) - 2 else None
 
 
 def plan_streams(sites: list[AttentionSite]) -> StreamPlan:
