@@ -109,6 +109,11 @@ class TurboConfig:
         as a symbolic (unbacked) size, so blocks that differ only in token count share
         shape-generic kernels and compile once (default True); False compiles kernels
         specialised to every block's token count.
+    explicit_as_sdpa: explicit attention (``softmax(q @ k^T * c + mask) @ v``) of the merged
+        sequence and of its readers is emitted as one ``scaled_dot_product_attention`` call
+        (default True), so the key bias rides in its mask and Inductor keeps its fused
+        attention kernel; paths SDPA does not compute (talking heads, active dropout,
+        probabilities read elsewhere) stay explicit. False keeps every explicit site as it is.
 
     Merge-and-restore mode (generation models: blocks whose tokens return to a spatial grid,
     such as diffusion UNets and DiTs; chosen from the graph, and ``r`` does not apply there):
@@ -151,6 +156,7 @@ class TurboConfig:
     inner_backend: str = "inductor"
     fuse_merges: bool = False
     symbolic_tokens: bool = True
+    explicit_as_sdpa: bool = True
     ratio: float = 0.5
     max_downsample: int = 1
     merge_components: tuple = ("self-attention",)
@@ -180,7 +186,8 @@ class TurboConfig:
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if self.cross_attention_bias is None:
             object.__setattr__(self, "cross_attention_bias", self.prop_attn)
-        for name in ("semantic", "redundancy", "prop_attn", "cross_attention_bias", "restore_outputs", "fuse_merges", "symbolic_tokens"):
+        for name in ("semantic", "redundancy", "prop_attn", "cross_attention_bias", "restore_outputs", "fuse_merges", "symbolic_tokens",
+                     "explicit_as_sdpa"):
             if not isinstance(getattr(self, name), bool):
                 raise TurboConfigError(f"option '{name}' must be True or False, got {getattr(self, name)!r}")
         if not (self.semantic or self.redundancy):

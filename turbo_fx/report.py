@@ -76,6 +76,7 @@ class GraphReport:
     protected_tail: int = 0  # protected tokens at the end of the sequence (YOLOS's detection tokens)
     semantic_source: str = ""  # where the semantic value came from (merge mode)
     padding: bool = False
+    sdpa_sites: list[int] = field(default_factory=list)  # explicit attention sites emitted as one SDPA call
     outputs_restored: int = 0
     reductions_weighted: int = 0  # token-axis means/sums made size-weighted
     reductions_unweighted: int = 0  # token-axis means/sums over merged tokens left unweighted
@@ -154,6 +155,8 @@ class GraphReport:
             lines.append(f"  semantic value: {self.semantic_source}")
         if self.padding:
             lines.append("  padding mask: followed through merges (padding never merges into real tokens)")
+        if self.sdpa_sites:
+            lines.append(f"  explicit attention emitted as scaled_dot_product_attention: site(s) {self.sdpa_sites}")
         if self.reductions_weighted or self.reductions_unweighted:
             lines.append(
                 f"  token-axis means/sums: {self.reductions_weighted} size-weighted, "

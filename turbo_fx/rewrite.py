@@ -10,6 +10,7 @@ from torch.fx import GraphModule
 
 from turbo_fx.config import TurboConfig
 from turbo_fx.passes.check_masks import check_masks, drop_cleared_masks
+from turbo_fx.passes.explicit_as_sdpa import explicit_as_sdpa
 from turbo_fx.passes.find_attention import find_attention_sites
 from turbo_fx.passes.find_components import GridRun, find_grid_runs
 from turbo_fx.passes.merge_and_restore import insert_merge_and_restore, plan_components
@@ -163,6 +164,8 @@ def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: tuple[int
     restore outputs."""
     work = copy_graph_module(gm)
     every_site = find_attention_sites(work)
+    if config.explicit_as_sdpa:
+        every_site = _explicit_sites_as_sdpa(work, every_site, chosen | set(readers), report)
     drop_cleared_masks(every_site, cleared_masks)
     sites = [s for s in every_site if s.index in chosen]
     reading = [(every_site[i], after, layout) for i, (after, layout) in sorted(readers.items())]
@@ -180,6 +183,20 @@ def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: tuple[int
     work.graph.lint()
     work.recompile()
     return work
+
+
+def _explicit_sites_as_sdpa(work: GraphModule, every_site, wanted: set[int], report: GraphReport):
+    """Emit the ``wanted`` explicit sites that SDPA can express as SDPA calls and find the
+    sites again (the converted ones are now "sdpa" sites with the same indices)."""
+    converted = explicit_as_sdpa(work, [s for s in every_site if s.index in wanted])
+    report.sdpa_sites = converted
+    if not converted:
+        return every_site
+    found = find_attention_sites(work)
+    if [s.module for s in found] != [s.module for s in every_site] or any(
+            found[i].kind != "sdpa" for i in converted):
+        raise CannotRewrite("emitting explicit attention as SDPA changed the attention sites found")
+    return found
 
 
 def semantic_source(config: TurboConfig, plan: StreamPlan) -> str:
