@@ -245,7 +245,8 @@ def site_table(report) -> list[dict]:
 def graph_summary(report) -> dict:
     return {"rewritten": report.rewritten, "merges": report.merges, "tokens_per_block": report.tokens_per_block,
             "fallback": report.fallback_reason, "outputs_restored": report.outputs_restored,
-            "flops_before": report.flops_before, "flops_after": report.flops_after}
+            "flops_before": report.flops_before, "flops_after": report.flops_after,
+            "sdpa_sites": list(report.sdpa_sites)}
 
 
 def turbo_explain(model: torch.nn.Module, inputs: dict, options: dict) -> dict:
@@ -379,16 +380,24 @@ def token_agreement(ids: torch.Tensor, reference: torch.Tensor, prompt: int = 1)
 
 def run_blip(case: BlipCase, batches: Sequence[int], r_values: Sequence[int], new_tokens: int = 20,
              rounds: int = 3, warmup: int = 1, compiler: str = "inductor", decoder: str = "compiled",
-             turbo_options: Optional[dict] = None, log: Callable[[str], None] = timing.log) -> dict:
+             turbo_options: Optional[dict] = None, compare_explicit: bool = False,
+             log: Callable[[str], None] = timing.log) -> dict:
     from turbo_fx.report import recording
 
     turbo_options = dict(turbo_options or {})
     base = case.model
     log(f"{case.name}: {case.description}")
     dec_name = "eager vision + compiled decoder"
-    vision_rows = ["inductor"] + [f"turbo r={r}" for r in r_values]
-    names = ["eager"] + ([dec_name] if decoder == "compiled" else []) + vision_rows
     r_of = {f"turbo r={r}": r for r in r_values}
+    # compare_explicit: each r once more with the tower's explicit attention kept explicit
+    # (explicit_as_sdpa=False), in the same process, to measure what emitting SDPA buys.
+    extra_of = {name: {} for name in r_of}
+    if compare_explicit:
+        for r in r_values:
+            r_of[f"turbo r={r} explicit"] = r
+            extra_of[f"turbo r={r} explicit"] = {"explicit_as_sdpa": False}
+    vision_rows = ["inductor"] + list(r_of)
+    names = ["eager"] + ([dec_name] if decoder == "compiled" else []) + vision_rows
 
     # 1. FLOPs at batch 1: the vision tower, and per caption.
     px1 = case.pixels(1)
@@ -398,7 +407,8 @@ def run_blip(case: BlipCase, batches: Sequence[int], r_values: Sequence[int], ne
     flops: dict = {}
     for name in names:
         if name in r_of:
-            info = turbo_explain(base.vision_model, {"pixel_values": px1}, {**turbo_options, "r": r_of[name]})
+            info = turbo_explain(base.vision_model, {"pixel_values": px1},
+                                 {**turbo_options, **extra_of[name], "r": r_of[name]})
             after = info["flops_after"]
             checks = check_sites(info["sites"][0] if info["sites"] else [], "encoder.layers.", None, r_of[name])
             flops[name] = {"vision_flops": after, "vision_flop_ratio": after / info["flops_before"] if after else None,
@@ -425,7 +435,8 @@ def run_blip(case: BlipCase, batches: Sequence[int], r_values: Sequence[int], ne
         models[dec_name].text_decoder = shared
     for name in vision_rows:
         model = fresh_copy(base)
-        counters[name] = _backend("turbo" if name in r_of else "inductor", compiler, turbo_options, r_of.get(name))
+        counters[name] = _backend("turbo" if name in r_of else "inductor", compiler,
+                                  {**turbo_options, **extra_of.get(name, {})}, r_of.get(name))
         model.vision_model = torch.compile(model.vision_model, backend=counters[name], dynamic=False)
         model.text_decoder = shared
         models[name] = model
@@ -493,6 +504,7 @@ def run_blip(case: BlipCase, batches: Sequence[int], r_values: Sequence[int], ne
     return {"model": case.name, "description": case.description, "random_weights": True,
             "settings": {"batches": list(batches), "r": list(r_values), "new_tokens": new_tokens, "rounds": rounds,
                          "warmup": warmup, "compiler": compiler, "decoder": decoder, "turbo_options": turbo_options,
+                         "compare_explicit": compare_explicit,
                          "torch_threads": torch.get_num_threads()},
             "flops": {"vision": vision_flops, "caption": caption_flops, "decoder_per_caption": decoder_flops},
             "vision_blocks": case.vision_blocks, "batches": per_batch}
@@ -663,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'eager': Dynamo's eager backend instead of Inductor (turbo inner_backend=eager)")
     p.add_argument("--option", action="append", type=timing.option_pair, default=[], metavar="KEY=VALUE",
                    help="a turbo option for every turbo row (repeatable)")
+    p.add_argument("--compare-explicit", action="store_true",
+                   help="BLIP: also a 'turbo r=R explicit' row per r (explicit_as_sdpa=False), to measure "
+                        "emitting the tower's explicit attention as SDPA")
     p.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("build", "bench_vlm"))
@@ -697,7 +712,8 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = timi
     if "blip" in args.part:
         case = build_blip(args.small, args.seed)
         run = run_blip(case, args.blip_batch, args.r, new_tokens=args.new_tokens, rounds=args.rounds or 3,
-                       warmup=args.warmup, compiler=args.compiler, decoder=args.decoder, turbo_options=options, log=log)
+                       warmup=args.warmup, compiler=args.compiler, decoder=args.decoder, turbo_options=options,
+                       compare_explicit=args.compare_explicit, log=log)
         payload = {"benchmark": "vlm_speed/blip", "machine": machine, "run": run}
         paths = timing.write_json_and_markdown(payload, args.out, f"blip_generate_{suffix}", blip_markdown)
         print(blip_markdown(payload))

@@ -89,6 +89,19 @@ def test_blip_rows_flop_ratios_reports_and_decoder_graphs(blip_run):
         assert merged["ms_per_caption"] == pytest.approx(merged["latency"]["median"] * 1e3 / entry["batch"])
 
 
+def test_compare_explicit_adds_an_explicit_row_per_r():
+    case = vs.build_blip(small=True)
+    run = vs.run_blip(case, [1], [8], new_tokens=2, rounds=1, warmup=0, compiler="eager", decoder="eager",
+                      compare_explicit=True, log=quiet)
+    configs = run["batches"][0]["configs"]
+    assert list(configs) == ["eager", "inductor", "turbo r=8", "turbo r=8 explicit"]
+    assert run["settings"]["compare_explicit"] is True
+    sdpa, explicit = configs["turbo r=8"], configs["turbo r=8 explicit"]
+    assert sdpa["merged"] and explicit["merged"]
+    assert sdpa["compiled_report"][0]["tokens_per_block"] == explicit["compiled_report"][0]["tokens_per_block"]
+    assert sdpa["compiled_report"][0]["sdpa_sites"] == [0, 1] and explicit["compiled_report"][0]["sdpa_sites"] == []
+
+
 def test_speedup_interval_brackets_the_ratio_of_medians():
     base = [1.0, 1.1, 0.9, 1.05, 0.95]
     fast = [0.5, 0.55, 0.45, 0.5, 0.52]
