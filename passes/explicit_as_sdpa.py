@@ -190,7 +190,8 @@ def _same_dtype_4d(q: Node, k: Node, v: Node, out: Node, mask: Optional[Node]) -
         return False
     if mask is not None:
         m = gu.example_value(mask)
-        if not isinstance(m, torch.Tensor) or m.dtype not in (values[0].dtype, torch.bool):
+        # An added bool mask adds 0/1; SDPA would read the same tensor as keep/drop.
+        if not isinstance(m, torch.Tensor) or m.dtype != values[0].dtype:
             return False
     return True
 

@@ -127,6 +127,13 @@ def test_paths_sdpa_does_not_compute_stay_explicit(style):
     assert sdpa_form(site) is None
 
 
+def test_an_added_bool_mask_stays_explicit():
+    """``scores + bool_mask`` adds 0 or 1; SDPA would read the same tensor as keep/drop."""
+    gm = dynamo_graph(Blocks("plain", depth=1).eval(), tokens(), torch.ones(2, 1, 1, TOKENS, dtype=torch.bool))
+    (site,) = find_attention_sites(gm)
+    assert site.mask is not None and sdpa_form(site) is None
+
+
 @pytest.mark.parametrize("style", ["plain", "divided", "scaled_q", "pre_transposed", "fp32_softmax"])
 def test_converted_model_matches_the_explicit_rewrite(turbo, style):
     model, x = Blocks(style).eval(), tokens()
