@@ -112,8 +112,8 @@ class TurboConfig:
     explicit_as_sdpa: explicit attention (``softmax(q @ k^T * c + mask) @ v``) of the merged
         sequence and of its readers is emitted as one ``scaled_dot_product_attention`` call
         (default True), so the key bias rides in its mask and Inductor keeps its fused
-        attention kernel; paths SDPA does not compute (talking heads, active dropout,
-        probabilities read elsewhere) stay explicit. False keeps every explicit site as it is.
+        attention kernel; paths SDPA does not compute (talking heads, active dropout, a
+        mask added before the scale) stay explicit. False keeps every explicit site as it is.
 
     Merge-and-restore mode (generation models: blocks whose tokens return to a spatial grid,
     such as diffusion UNets and DiTs; chosen from the graph, and ``r`` does not apply there):

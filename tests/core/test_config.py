@@ -25,6 +25,7 @@ from turbo_fx.config import resolve_config
         ({"fusion": "max"}, "option 'fusion' must be one of"),
         ({"metric": "values"}, "option 'metric' must be one of ('keys', 'queries')"),
         ({"semantic": "yes"}, "option 'semantic' must be True or False"),
+        ({"explicit_as_sdpa": 1}, "option 'explicit_as_sdpa' must be True or False"),
         ({"semantic": False, "redundancy": False}, "nothing left to rank tokens by"),
         ({"keep_salient": 1, "semantic": False}, "it needs semantic=True"),
         ({"keep_salient": -1}, "option 'keep_salient' must be an int >= 0"),
