@@ -33,6 +33,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from turbo_fx.bench import timing
+
 COMPONENTS = ("attn1", "attn2", "ff")
 
 
@@ -167,17 +169,6 @@ def amdahl(total: float, parts: Sequence[tuple[float, float]]) -> float:
     return total / (total - sum(t * (1 - 1 / s) for t, s in parts))
 
 
-def _lscpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in text.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -240,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     title = "Tiny UNet (smoke test)" if args.small else "SD-1.5-sized UNet"
     lines = [f"# {title}: eager CPU time shares and Amdahl bounds for token merging", ""]
-    lines += [f"Machine: {_lscpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); "
+    lines += [f"Machine: {timing.cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); "
               f"`uptime` before: `{uptime_before}`; after: `{uptime_after}`.",
               f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}.",
               f"Model: {case.description}; eval, no_grad, eager.",

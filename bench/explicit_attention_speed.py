@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -72,8 +73,6 @@ def fused_attention_calls(fn: Callable, x: torch.Tensor) -> int:
 
 def run(kind: str, r_values: Sequence[int], batch: int = 2, rounds: int = 9, compiler: str = "inductor",
         small: bool = False, log: Callable[[str], None] = timing.log) -> dict:
-    from turbo_fx.report import recording
-
     model, pixels, desc = build_tower(kind, small)
     x = pixels.expand(batch, -1, -1, -1).contiguous()
     log(f"{kind}: {desc}; batch {batch}")
@@ -84,8 +83,28 @@ def run(kind: str, r_values: Sequence[int], batch: int = 2, rounds: int = 9, com
     if compiler == "inductor":
         timing.no_compile_caches()
         warm_up_once(log)
-    rows, calls = {}, {}
     cache_root = tempfile.mkdtemp(prefix="turbo-fx-explicit-")
+    try:
+        rows, calls = _compile_rows(model, x, configs, compiler, cache_root, log)
+        times = timing.interleaved(calls, x, rounds, warmup=1, progress=log)
+    finally:
+        shutil.rmtree(cache_root, ignore_errors=True)
+    for name, row in rows.items():
+        st = timing.stats(times[name])
+        row.update(latency=st, latency_s=times[name], compile_s=row["first_call_s"] - st["median"],
+                   vs_inductor=speedup_interval(times["inductor"], times[name]))
+        if name.startswith("turbo") and not name.endswith("explicit"):
+            row["vs_explicit"] = speedup_interval(times[f"{name} explicit"], times[name])
+    torch._dynamo.reset()
+    return {"model": kind, "description": desc, "batch": batch, "rounds": rounds, "compiler": compiler,
+            "torch_threads": torch.get_num_threads(), "configs": rows}
+
+
+def _compile_rows(model, x, configs: dict, compiler: str, cache_root: str, log) -> tuple[dict, dict]:
+    """Compile every configuration (first call timed, fused-attention calls counted): rows and calls."""
+    from turbo_fx.report import recording
+
+    rows, calls = {}, {}
     for name, options in configs.items():
         torch._dynamo.reset()
         if options is None:
@@ -105,16 +124,7 @@ def run(kind: str, r_values: Sequence[int], batch: int = 2, rounds: int = 9, com
                       "fallback": report.fallback_reason if report else None, "output_shape": list(out.shape)}
         calls[name] = call
         log(f"first call {name}: {first:.1f} s; fused attention calls {rows[name]['fused_attention_calls']}")
-    times = timing.interleaved(calls, x, rounds, warmup=1, progress=log)
-    for name, row in rows.items():
-        st = timing.stats(times[name])
-        row.update(latency=st, latency_s=times[name], compile_s=row["first_call_s"] - st["median"],
-                   vs_inductor=speedup_interval(times["inductor"], times[name]))
-        if name.startswith("turbo") and not name.endswith("explicit"):
-            row["vs_explicit"] = speedup_interval(times[f"{name} explicit"], times[name])
-    torch._dynamo.reset()
-    return {"model": kind, "description": desc, "batch": batch, "rounds": rounds, "compiler": compiler,
-            "torch_threads": torch.get_num_threads(), "configs": rows}
+    return rows, calls
 
 
 def _interval(v: Optional[dict]) -> str:

@@ -92,3 +92,18 @@ def tiny_timm_vit(depth: int) -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=depth,
                              num_classes=0, embed_dim=48, num_heads=3)
+
+
+def dynamo_graph(model: torch.nn.Module, *args, **kwargs):
+    """The one torch-level graph (with example values) that Dynamo hands a backend for ``model(*args)``."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(*args, **kwargs)
+    assert len(graphs) == 1, f"Dynamo made {len(graphs)} graphs"
+    return graphs[0]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_builders import padded_batch, small_hf
+from model_builders import dynamo_graph, padded_batch, small_hf
 from turbo_fx.passes.explicit_as_sdpa import sdpa_form
 from turbo_fx.passes.find_attention import find_attention_sites
 
@@ -78,21 +78,6 @@ class Blocks(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return x[:, 0]
-
-
-def dynamo_graph(model: nn.Module, *inputs):
-    """The torch-level graph Dynamo hands a backend (with example values)."""
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture)(*inputs)
-    assert len(graphs) == 1
-    return graphs[0]
 
 
 def tokens(batch: int = 2) -> torch.Tensor:

@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+from model_builders import dynamo_graph
 from turbo_fx.passes.find_attention import find_attention_sites
 from turbo_fx.passes.graph_utils import readable_module_path
 from turbo_fx.report import recording
@@ -30,17 +31,7 @@ def test_readable_module_path(dynamo_path, expected):
 
 
 def _sites_of(model, *args, **kwargs):
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture)(*args, **kwargs)
-    assert len(graphs) == 1
-    return find_attention_sites(graphs[0])
+    return find_attention_sites(dynamo_graph(model, *args, **kwargs))
 
 
 def _small_unet():
