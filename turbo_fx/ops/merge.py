@@ -153,10 +153,12 @@ def merge_tokens(
     # (s_d x_d + sum_i s_i x_i) / S_d = x_d + sum_i s_i (x_i - x_d) / S_d, with S_d the merged size.
     weight = size.to(torch.float32)
     src_weight = weight.gather(1, src_tok)
-    new_size = weight.gather(1, kept_index).scatter_add(1, dst_new, src_weight)
+    sample = torch.arange(batch, device=x.device)[:, None]
+    # index_put, not scatter_add: Inductor generates a kernel for an accumulating index_put,
+    # where it leaves a float scatter_add of this size to an ATen fallback call.
+    new_size = weight.gather(1, kept_index).index_put((sample.expand_as(dst_new), dst_new), src_weight, accumulate=True)
     coef = src_weight / new_size.gather(1, dst_new).clamp_min(1e-6)
     # Row selection by advanced indexing: on CPU it is several times faster than gather.
-    sample = torch.arange(batch, device=x.device)[:, None]
     delta = (x[sample, src_tok].float() - x[sample, dst_tok].float()) * coef[:, :, None]
     merged = x[sample, kept_index].index_put((sample.expand_as(dst_new), dst_new), delta.to(x.dtype), accumulate=True)
     return merged, new_size, dest
