@@ -1,0 +1,74 @@
+"""How many ATen ops one warm forward dispatches, plain Inductor against turbo's two merge
+paths, counted by the profiler. On a GPU each dispatched op costs a launch and host time, so
+this count shows whether the merge step is host-bound before any GPU is at hand.
+
+    python -m turbo_fx.bench.dispatch_count --model deit_tiny_patch16_224 --r 13 --batch 2
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+from typing import Callable, Optional, Sequence
+
+import torch
+
+# Ops that make the host wait for the device, or give outputs whose shape depends on data.
+HOST_SYNCING = frozenset({
+    "aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique2",
+    "aten::unique_consecutive", "aten::masked_select", "aten::is_nonzero", "aten::equal",
+})
+
+
+def top_level_aten_ops(fn: Callable, *args) -> collections.Counter:
+    """ATen ops of one warm call ``fn(*args)``, each counted once where user or compiled code
+    called it; ops that another ATen op dispatches inside itself are not counted again."""
+    with torch.no_grad():
+        fn(*args)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn(*args)
+    counts: collections.Counter = collections.Counter()
+    for event in prof.events():
+        parent = event.cpu_parent
+        if event.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::")):
+            counts[event.name] += 1
+    return counts
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import timm
+
+    from turbo_fx.report import recording
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="deit_tiny_patch16_224", help="a timm model name (random weights)")
+    p.add_argument("--r", type=int, default=13)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval()
+    size = model.default_cfg["input_size"]
+    x = torch.randn(args.batch, *size)
+
+    torch._dynamo.reset()
+    base = top_level_aten_ops(torch.compile(model, backend="inductor"), x)
+    print(f"inductor: {sum(base.values())} ATen calls per forward")
+    for fuse in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="turbo", options={"r": args.r, "fuse_merges": fuse})
+        with recording() as rec:
+            counts = top_level_aten_ops(compiled, x)
+        merges = sum(g.merges for g in rec.graphs)
+        added = counts - base
+        extra = sum(added.values())
+        per_block = extra / merges if merges else float("nan")
+        syncing = sorted(HOST_SYNCING & set(counts))
+        print(f"turbo fuse_merges={fuse}: {sum(counts.values())} calls, {extra} over Inductor for {merges} "
+              f"merging blocks ({per_block:.1f} per block); host-syncing: {syncing or 'none'}")
+        print("  added: " + ", ".join(f"{name} x{n}" for name, n in added.most_common()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
