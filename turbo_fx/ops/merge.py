@@ -155,7 +155,8 @@ def merge_tokens(
     src_weight = weight.gather(1, src_tok)
     sample = torch.arange(batch, device=x.device)[:, None]
     # index_put, not scatter_add: Inductor generates a kernel for an accumulating index_put,
-    # where it leaves a float scatter_add of this size to an ATen fallback call.
+    # where on CPU with more than one thread it leaves scatter_add to an ATen call
+    # (torch._inductor.utils.use_scatter_fallback, config.cpp.fallback_scatter_reduce_sum).
     new_size = weight.gather(1, kept_index).index_put((sample.expand_as(dst_new), dst_new), src_weight, accumulate=True)
     coef = src_weight / new_size.gather(1, dst_new).clamp_min(1e-6)
     # Row selection by advanced indexing: on CPU it is several times faster than gather.
