@@ -34,10 +34,20 @@ def top_level_aten_ops(fn: Callable, *args) -> collections.Counter:
     return counts
 
 
+def turbo_aten_ops(model: torch.nn.Module, *args, **options) -> tuple[collections.Counter, list]:
+    """``top_level_aten_ops`` of ``model`` compiled with turbo and ``options``, and the
+    ``GraphReport`` of every graph that compile made."""
+    from turbo_fx.report import recording
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="turbo", options=options)
+    with recording() as rec:
+        counts = top_level_aten_ops(compiled, *args)
+    return counts, rec.graphs
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import timm
-
-    from turbo_fx.report import recording
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="deit_tiny_patch16_224", help="a timm model name (random weights)")
@@ -55,11 +65,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = top_level_aten_ops(torch.compile(model, backend="inductor"), x)
     print(f"inductor: {sum(base.values())} ATen calls per forward")
     for fuse in (False, True):
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend="turbo", options={"r": args.r, "fuse_merges": fuse})
-        with recording() as rec:
-            counts = top_level_aten_ops(compiled, x)
-        merges = sum(g.merges for g in rec.graphs)
+        counts, reports = turbo_aten_ops(model, x, r=args.r, fuse_merges=fuse)
+        merges = sum(g.merges for g in reports)
         added = counts - base
         extra = sum(added.values())
         per_block = extra / merges if merges else float("nan")

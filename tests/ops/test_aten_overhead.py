@@ -15,13 +15,11 @@ import pytest
 import torch
 
 from model_builders import images, small_vit
-from turbo_fx.bench.dispatch_count import HOST_SYNCING, top_level_aten_ops
-from turbo_fx.report import recording
+from turbo_fx.bench.dispatch_count import HOST_SYNCING, top_level_aten_ops, turbo_aten_ops
 
 
 @pytest.fixture(scope="module")
 def model_and_input():
-    torch.manual_seed(0)
     return small_vit("vit", patch_size=4).eval(), images(2)
 
 
@@ -32,20 +30,12 @@ def inductor_ops(model_and_input):
     return top_level_aten_ops(torch.compile(model, backend="inductor"), x)
 
 
-def turbo_ops(model, x, **options):
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="turbo", options=options)
-    with recording() as rec:
-        counts = top_level_aten_ops(compiled, x)
-    (report,) = rec.graphs
-    assert report.fallback_reason is None
-    return counts, report.merges
-
-
 def test_fused_merge_adds_at_most_three_ops_per_block(model_and_input, inductor_ops):
     model, x = model_and_input
-    counts, merges = turbo_ops(model, x, r=4, fuse_merges=True)
+    counts, (report,) = turbo_aten_ops(model, x, r=4, fuse_merges=True)
     added = counts - inductor_ops
+    assert report.fallback_reason is None
+    merges = report.merges
     assert merges == 4
     assert sum(added.values()) <= 3 * merges, added
     assert not HOST_SYNCING & set(counts), counts
@@ -53,8 +43,10 @@ def test_fused_merge_adds_at_most_three_ops_per_block(model_and_input, inductor_
 
 def test_opaque_merge_never_syncs_the_host(model_and_input, inductor_ops):
     model, x = model_and_input
-    counts, merges = turbo_ops(model, x, r=4)
+    counts, (report,) = turbo_aten_ops(model, x, r=4)
     added = counts - inductor_ops
+    assert report.fallback_reason is None
+    merges = report.merges
     assert merges == 4
     # The opaque op does run: its ATen calls show up, which the fused path avoids.
     assert sum(added.values()) > 3 * merges

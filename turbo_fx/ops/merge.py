@@ -154,14 +154,15 @@ def merge_tokens(
     weight = size.to(torch.float32)
     src_weight = weight.gather(1, src_tok)
     sample = torch.arange(batch, device=x.device)[:, None]
+    dst_rows = (sample.expand_as(dst_new), dst_new)
     # index_put, not scatter_add: Inductor generates a kernel for an accumulating index_put,
     # where on CPU with more than one thread it leaves scatter_add to an ATen call
     # (torch._inductor.utils.use_scatter_fallback, config.cpp.fallback_scatter_reduce_sum).
-    new_size = weight.gather(1, kept_index).index_put((sample.expand_as(dst_new), dst_new), src_weight, accumulate=True)
+    new_size = weight.gather(1, kept_index).index_put(dst_rows, src_weight, accumulate=True)
     coef = src_weight / new_size.gather(1, dst_new).clamp_min(1e-6)
     # Row selection by advanced indexing: on CPU it is several times faster than gather.
     delta = (x[sample, src_tok].float() - x[sample, dst_tok].float()) * coef[:, :, None]
-    merged = x[sample, kept_index].index_put((sample.expand_as(dst_new), dst_new), delta.to(x.dtype), accumulate=True)
+    merged = x[sample, kept_index].index_put(dst_rows, delta.to(x.dtype), accumulate=True)
     return merged, new_size, dest
 
 
