@@ -5,7 +5,7 @@ FLOPs, decides whether merging pays there.
 - ``fuse_merges=True``: Inductor generates the merge itself; per merging block only the
   similarity ``bmm``, the ``topk`` ranking and the ``cumsum`` of the kept positions remain as
   library calls, so at most 3 extra ATen ops.
-- Default (opaque op): tens of ops per block (measured: about 72 on DeiT-Tiny at r=13), which is
+- Default (opaque op): tens of ops per block (measured: about 71 on DeiT-Tiny at r=13), which is
   why it is host-bound on a GPU. It is held only to the rule every merge path keeps: no
   host-syncing or data-dependent-shape op.
 """
