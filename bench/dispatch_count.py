@@ -1,4 +1,4 @@
-"""How many ATen ops one warm forward dispatches, plain Inductor against turbo's two merge
+"""How many ATen ops one warm forward dispatches, plain Inductor against turbo's three merge
 paths, counted by the profiler. On a GPU each dispatched op costs a launch and host time, so
 this count shows whether the merge step is host-bound before any GPU is at hand.
 
@@ -17,6 +17,15 @@ HOST_SYNCING = frozenset({
     "aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique2",
     "aten::unique_consecutive", "aten::masked_select", "aten::is_nonzero", "aten::equal",
 })
+
+
+# The three ways a merge step runs: the opaque op as ATen calls (the default), the opaque op
+# through one shared compile of the step, and the step traced into the model's own graph.
+MERGE_PATHS = {
+    "opaque op": {},
+    "compile_merge_step=True": {"compile_merge_step": True},
+    "fuse_merges=True": {"fuse_merges": True},
+}
 
 
 def top_level_aten_ops(fn: Callable, *args) -> collections.Counter:
@@ -64,14 +73,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch._dynamo.reset()
     base = top_level_aten_ops(torch.compile(model, backend="inductor"), x)
     print(f"inductor: {sum(base.values())} ATen calls per forward")
-    for fuse in (False, True):
-        counts, reports = turbo_aten_ops(model, x, r=args.r, fuse_merges=fuse)
+    for label, options in MERGE_PATHS.items():
+        counts, reports = turbo_aten_ops(model, x, r=args.r, **options)
         merges = sum(g.merges for g in reports)
         added = counts - base
         extra = sum(added.values())
         per_block = extra / merges if merges else float("nan")
         syncing = sorted(HOST_SYNCING & set(counts))
-        print(f"turbo fuse_merges={fuse}: {sum(counts.values())} calls, {extra} over Inductor for {merges} "
+        print(f"turbo {label}: {sum(counts.values())} calls, {extra} over Inductor for {merges} "
               f"merging blocks ({per_block:.1f} per block); host-syncing: {syncing or 'none'}")
         print("  added: " + ", ".join(f"{name} x{n}" for name, n in added.most_common()))
     return 0

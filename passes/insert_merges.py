@@ -105,8 +105,9 @@ def insert_merges(
                 merge_fn, stream, sizes, assign, *_metric_args(site, config, call), *_semantic_args(site, config, call),
                 plan.r_applied, protected, config.fusion, config.alpha, config.beta, config.gamma,
                 site.index, result.padding, config.prop_attn, _logit_dtype(site),
-                config.symbolic_tokens and not config.fuse_merges and plan.tokens_out >= 2,
-                config.redundancy, config.keep_salient, tail,
+                config.symbolic_tokens and plan.tokens_out >= 2,
+                config.redundancy, config.keep_salient, tail, config.fuse_merges,
+                config.compile_merge_step,
             )
             new_stream, sizes, assign, bias = (call(operator.getitem, merged, i) for i in range(4))
         inserted = set(result.touched)

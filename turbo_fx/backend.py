@@ -56,7 +56,7 @@ def turbo_backend(
 
 def _rewrite_or_fallback(gm: GraphModule, example_inputs: list, config: TurboConfig, report: GraphReport) -> GraphModule:
     fake_mode = graph_fake_mode(gm)
-    if fake_mode is not None and config.symbolic_tokens and not config.fuse_merges:
+    if fake_mode is not None and config.symbolic_tokens:
         allow_unbacked_token_counts(fake_mode)
     try:
         with torch_meta_errors_silenced():

@@ -99,7 +99,7 @@ def rewrite_graph(
                        readers)
     # Symbolic token counts only serve a compiler that generates kernels; "eager" runs the
     # graph as it is, so the second build would be wasted work.
-    if config.symbolic_tokens and not config.fuse_merges and config.inner_backend != "eager":
+    if config.symbolic_tokens and config.inner_backend != "eager":
         try:
             rewritten = _build(gm, fake_mode, config, (protected, tail), report, chosen, cleared, readers)
         except CannotRewrite as exc:

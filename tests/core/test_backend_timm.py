@@ -22,6 +22,7 @@ OPTION_SETS = [
     dict(r=6, min_tokens=12),
     dict(r=3, protected=2, alpha=1.0),
     dict(r=4, fuse_merges=True),
+    dict(r=4, compile_merge_step=True),
 ]
 
 
@@ -121,12 +122,13 @@ def test_fused_and_opaque_merges_agree(turbo):
     assert (a - b).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("symbolic_tokens", [True, False])
-def test_inductor_and_a_second_batch_size(turbo, symbolic_tokens):
+@pytest.mark.parametrize("symbolic_tokens, fuse_merges", [(True, False), (False, False), (True, True)],
+                         ids=["opaque symbolic", "opaque static", "fused symbolic"])
+def test_inductor_and_a_second_batch_size(turbo, symbolic_tokens, fuse_merges):
     """The default inner compiler (Inductor), with symbolic (unbacked) or static token counts,
     then another batch size (Dynamo recompiles with a SymInt batch)."""
     model = small_vit("vit", patch_size=8, depth=3)
-    compiled = turbo(model, r=3, inner_backend="inductor", symbolic_tokens=symbolic_tokens)
+    compiled = turbo(model, r=3, inner_backend="inductor", symbolic_tokens=symbolic_tokens, fuse_merges=fuse_merges)
     for batch in (2, 3):
         x = images(batch, seed=batch)
         out = compiled(x)

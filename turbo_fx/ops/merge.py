@@ -8,6 +8,8 @@ tokens have size 0: a size-weighted average then ignores them, and the attention
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -47,7 +49,9 @@ def initial_sizes(x: Tensor, valid: Tensor | None = None) -> Tensor:
 
 def initial_assign(x: Tensor) -> Tensor:
     """Each original token is where it started."""
-    return torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+    # Materialised, not an expand: every later assign is contiguous, and one layout for all
+    # blocks lets one compiled merge step serve them all.
+    return torch.arange(x.shape[1], device=x.device).unsqueeze(0).repeat(x.shape[0], 1)
 
 
 def information_degree(
@@ -89,6 +93,8 @@ def merge_tokens(
     use_redundancy: bool = True,
     keep_salient: int = 0,
     tail: int = 0,
+    traced: bool = False,
+    kept_rows: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Merge ``r`` tokens of x [B, N, C] by informativity-driven bipartite matching.
 
@@ -102,6 +108,10 @@ def merge_tokens(
     ``keep_salient``: the k unprotected tokens with the highest semantic value neither
     merge nor receive merges (attention sinks such as BERT's [SEP] keep their identity).
     ``tail``: the last ``tail`` tokens never merge either (YOLOS's detection tokens).
+    ``traced``: the code will be traced and compiled (``fuse_merges``): kept positions are
+    counted by a comparison the compiler fuses instead of a ``cumsum`` library call.
+    ``kept_rows``: applied to the [B, N-r] index of surviving tokens before anything is
+    gathered with it; every merged output takes its token count from that index.
 
     Returns (merged x [B, N-r, C], merged size [B, N-r], dest [B, N]).
     """
@@ -129,7 +139,7 @@ def merge_tokens(
         if padding:
             n_valid = (size > 0).sum(dim=-1, keepdim=True).to(torch.float32)
         else:
-            n_valid = float(n_tokens)
+            n_valid = n_tokens  # not float(): under a symbolic token count that would specialise it
         normalised = (semantic.float() * n_valid)[:, protected:end:2]
     if use_redundancy:
         degree = information_degree(redundancy, normalised, fusion, alpha, beta, gamma, block)
@@ -144,10 +154,12 @@ def merge_tokens(
     src_tok = protected + 2 * chosen
     dst_tok = protected + 1 + 2 * match.gather(1, chosen)
     kept = torch.ones(batch, n_tokens, dtype=torch.bool, device=x.device).scatter(1, src_tok, False)
-    position = kept.cumsum(dim=1) - 1
+    position = _kept_positions(src_tok, n_tokens) if traced else kept.cumsum(dim=1) - 1
     dst_new = position.gather(1, dst_tok)
     dest = position.scatter(1, src_tok, dst_new)
     kept_index = _kept_index(kept, position, n_tokens - r)
+    if kept_rows is not None:
+        kept_index = kept_rows(kept_index)
 
     # Survivors are gathered once; only the r destination rows are then corrected:
     # (s_d x_d + sum_i s_i x_i) / S_d = x_d + sum_i s_i (x_i - x_d) / S_d, with S_d the merged size.
@@ -174,6 +186,15 @@ def _most_salient(semantic: Tensor, protected: int, k: int, tail: int = 0) -> Te
         value[:, value.shape[1] - tail:] = float("-inf")
     top = value.topk(min(k, value.shape[1] - protected - tail), dim=-1).indices
     return torch.zeros_like(value, dtype=torch.bool).scatter(1, top, True)
+
+
+def _kept_positions(src_tok: Tensor, n_tokens: int) -> Tensor:
+    """[B, N]: each token's index among the kept tokens (its own index less the merged-away
+    tokens before it); meaningful for kept tokens only. A [B, N, r] comparison that Inductor
+    reduces in one kernel, where a cumsum over the kept mask is a library call."""
+    index = torch.arange(n_tokens, device=src_tok.device)
+    removed_before = (src_tok[:, None, :] < index[None, :, None]).sum(dim=-1)
+    return index[None, :] - removed_before
 
 
 def _kept_index(kept: Tensor, position: Tensor, n_kept: int) -> Tensor:

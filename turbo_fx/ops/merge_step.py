@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -12,6 +13,69 @@ from torch import Tensor
 from .attention_bias import key_bias
 from .merge import compose_assign, head_mean, merge_tokens
 from .semantic import cls_attention, cls_attention_from_probs
+
+log = logging.getLogger("turbo_fx")
+
+
+def merge_step_outputs(
+    x: Tensor,
+    size: Tensor,
+    assign: Tensor,
+    metric_source: Tensor,
+    metric_token_axis: int,
+    semantic_q: Tensor | None,
+    semantic_k: Tensor | None,
+    semantic_mask: Tensor | None,
+    semantic_probs: Tensor | None,
+    scale: float | None,
+    r: int,
+    protected: int,
+    fusion: str,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    block: int,
+    padding: bool,
+    prop_attn: bool,
+    bias_dtype: torch.dtype,
+    symbolic_tokens: bool = False,
+    use_redundancy: bool = True,
+    keep_salient: int = 0,
+    protected_tail: int = 0,
+    traced: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Everything one attention block's merge needs, in one call: the metric (per-head
+    features averaged over heads), the semantic value (from the CLS query row, or from
+    materialised probabilities; none when both are None), the merge itself, the new
+    assign map and the key bias the next attention blocks use.
+
+    Returns (merged x, merged size, new assign, key bias [B, 1, 1, N-r]).
+    ``traced``: this call is traced into the compiled graph (``fuse_merges``) rather than run
+    by the opaque op. ``symbolic_tokens`` then routes the index of surviving tokens through
+    ``token_rows``, so the merged count is symbolic and later blocks share kernels; for the
+    opaque op it only matters to the shape function."""
+    metric = head_mean(metric_source, metric_token_axis)
+    if semantic_probs is not None:
+        semantic = cls_attention_from_probs(semantic_probs)
+    elif semantic_q is not None:
+        semantic = cls_attention(semantic_q, semantic_k, scale, semantic_mask)
+    else:
+        semantic = None
+    kept_rows = None
+    if traced and symbolic_tokens and r > 0:
+        low, high = _lower_bound(x.shape[1]) - r, assign.shape[1]
+        if isinstance(high, int) and low >= 2:
+            kept_rows = lambda index: torch.ops.turbo_fx.token_rows(index, low, high)  # noqa: E731
+    merged, new_size, dest = merge_tokens(
+        x, size, metric, semantic, r, protected, fusion, alpha, beta, gamma, block, padding, use_redundancy,
+        keep_salient, protected_tail, traced, kept_rows,
+    )
+    if r <= 0:
+        # merge_tokens hands its inputs back when nothing merges; an op's outputs must not
+        # alias its inputs (functionalization and CUDA-graph memory pools rely on that).
+        merged, new_size = merged.clone(), new_size.clone()
+    new_assign = compose_assign(assign, dest)
+    return merged, new_size, new_assign, key_bias(new_size, bias_dtype, prop_attn)
 
 
 def merge_block(
@@ -39,35 +103,67 @@ def merge_block(
     use_redundancy: bool = True,
     keep_salient: int = 0,
     protected_tail: int = 0,
+    traced: bool = False,
+    compiled: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Everything one attention block's merge needs, in one call: the metric (per-head
-    features averaged over heads), the semantic value (from the CLS query row, or from
-    materialised probabilities; none when both are None), the merge itself, the new
-    assign map and the key bias the next attention blocks use.
-
-    Returns (merged x, merged size, new assign, key bias [B, 1, 1, N-r]).
-    ``symbolic_tokens`` only matters to the opaque op's shape function."""
-    metric = head_mean(metric_source, metric_token_axis)
-    if semantic_probs is not None:
-        semantic = cls_attention_from_probs(semantic_probs)
-    elif semantic_q is not None:
-        semantic = cls_attention(semantic_q, semantic_k, scale, semantic_mask)
-    else:
-        semantic = None
-    merged, new_size, dest = merge_tokens(
-        x, size, metric, semantic, r, protected, fusion, alpha, beta, gamma, block, padding, use_redundancy,
-        keep_salient, protected_tail,
-    )
-    if r <= 0:
-        # merge_tokens hands its inputs back when nothing merges; an op's outputs must not
-        # alias its inputs (functionalization and CUDA-graph memory pools rely on that).
-        merged, new_size = merged.clone(), new_size.clone()
-    new_assign = compose_assign(assign, dest)
+    """``merge_step_outputs``, recorded for ``record_merges``. ``compiled`` (the opaque op's
+    ``compile_merge_step`` option): run the step through ``run_compiled_step``, so a merge is a
+    few generated kernels instead of tens of ATen calls. The "layer" fusion weighs each block
+    by its own float, which would recompile per block, so it always runs eagerly."""
+    args = (x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k, semantic_mask,
+            semantic_probs, scale, r, protected, fusion, alpha, beta, gamma, block if fusion == "layer" else 0,
+            padding, prop_attn, bias_dtype)
+    outputs = None
+    if compiled and not traced and r > 0 and fusion != "layer" and not _is_fake(x):
+        outputs = run_compiled_step(*args, False, use_redundancy, keep_salient, protected_tail, True)
+    if outputs is None:
+        outputs = merge_step_outputs(*args, symbolic_tokens, use_redundancy, keep_salient, protected_tail, traced)
+    merged, new_size, new_assign, _ = outputs
     if _MERGE_RECORDERS and not _is_fake(new_assign):
         _MERGE_RECORDERS[-1].append(
             MergeRecord(block, x.shape[1], merged.shape[1], new_assign.detach().cpu(), new_size.detach().cpu())
         )
-    return merged, new_size, new_assign, key_bias(new_size, bias_dtype, prop_attn)
+    return outputs
+
+
+_COMPILED_STEP: list = []
+COMPILED_STEP_VARIANTS = 64
+
+
+def run_compiled_step(*args):
+    """``merge_step_outputs(*args)`` compiled once by Inductor with dynamic shapes (batch, token
+    count, channels, r and the protected counts symbolic), one compile shared by every block
+    and every model of the process; Inductor's cache keeps it for later processes. Returns None
+    when that compile failed once (the caller then runs the step eagerly; the failure is
+    logged once, and the model's output is the same either way)."""
+    if not _COMPILED_STEP:
+        _COMPILED_STEP.append(torch.compile(merge_step_outputs, dynamic=True, fullgraph=True))
+    step = _COMPILED_STEP[0]
+    if step is None:
+        return None
+    try:
+        # The op's kernel is entered below autograd on some call paths and not on others;
+        # Dynamo's guards see the difference and would recompile. One dispatch state for all.
+        # Floats (alpha, the attention scale) stay constants: as 0-d tensor inputs each call
+        # would build them anew, three more library calls per block. Every configuration a
+        # process runs (dtype, padding, mask or none, token-count parity) is one more variant
+        # of this one function: room for many, where Dynamo's default would stop at 8.
+        with torch._C._AutoDispatchBelowADInplaceOrView(), torch._dynamo.config.patch(
+                specialize_float=True, recompile_limit=COMPILED_STEP_VARIANTS):
+            return step(*args)
+    except Exception as exc:  # a compile failure must not break the user's model
+        _COMPILED_STEP[0] = None
+        log.warning("turbo: the compiled merge step failed (%s: %s); merges run eagerly from now on",
+                    type(exc).__name__, exc)
+        return None
+
+
+def _lower_bound(n) -> int:
+    """A token count's least possible value: itself when static; for a symbolic count (the
+    previous block's ``token_rows``), the lower end of its value range."""
+    if isinstance(n, int):
+        return n
+    return int(n.node.shape_env.bound_sympy(n.node.expr).lower)
 
 
 @dataclass(frozen=True)
@@ -116,7 +212,7 @@ merge_block_op = torch.library.custom_op("turbo_fx::merge_block", merge_block, m
 def _merge_block_fake(x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k,
                       semantic_mask, semantic_probs, scale, r, protected, fusion, alpha, beta, gamma,
                       block, padding, prop_attn, bias_dtype, symbolic_tokens=False, use_redundancy=True,
-                      keep_salient=0, protected_tail=0):
+                      keep_salient=0, protected_tail=0, traced=False, compiled=False):
     batch, n_tokens, channels = x.shape
     kept = n_tokens - r
     if symbolic_tokens:
@@ -127,3 +223,20 @@ def _merge_block_fake(x, size, assign, metric_source, metric_token_axis, semanti
         assign.new_empty(assign.shape),
         x.new_empty(batch, 1, 1, kept, dtype=bias_dtype),
     )
+
+
+@torch.library.custom_op("turbo_fx::token_rows", mutates_args=())
+def token_rows(index: Tensor, low: int, high: int) -> Tensor:
+    """The [B, N] index of the tokens that survive a merge, unchanged (a copy: an op's output
+    may not alias its input). Its shape function reports N as a new symbolic size between
+    ``low`` and ``high``, so that a traced merge (``fuse_merges``) hands the blocks after it a
+    symbolic token count: Inductor then compiles their kernels once for every block instead
+    of once per token count. ``low`` is the true count; the bounds let the compiler prove
+    that later merges fit (r <= half the tokens) and keep 32-bit indexing."""
+    return index.clone()
+
+
+@token_rows.register_fake
+def _token_rows_fake(index, low, high):
+    rows = torch.library.get_ctx().new_dynamic_size(min=low, max=high)
+    return index.new_empty(index.shape[0], rows)

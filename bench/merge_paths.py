@@ -1,0 +1,96 @@
+"""The three ways a merge step can run, side by side on one timm model: compile seconds, steady
+latency and ATen calls per forward, against plain Inductor.
+
+- the opaque op running ATen calls (the default);
+- ``compile_merge_step=True``: the opaque op running one shared Inductor compile of the step;
+- ``fuse_merges=True``: the step traced into the model's own graph.
+
+    python -m turbo_fx.bench.merge_paths --model deit_tiny_patch16_224 --r 13 --batch 8 --threads 1
+
+Every configuration compiles in a fresh Inductor cache (compile seconds as ``bench.timing``
+defines them); latencies are interleaved rounds in one process, medians with IQR.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Optional, Sequence
+
+import torch
+
+from . import timing
+from .dispatch_count import MERGE_PATHS, top_level_aten_ops
+
+
+def measure(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int) -> dict:
+    """Compile seconds, latency stats, ATen calls per forward and max |difference| to the
+    default path, for Inductor and each of ``MERGE_PATHS``."""
+    from turbo_fx.report import recording
+
+    configs = {"Inductor, no merging": None, **{k: dict(r=r, **v) for k, v in MERGE_PATHS.items()}}
+    compiled, first, outputs, fallbacks = {}, {}, {}, {}
+    for label, options in configs.items():
+        torch._dynamo.reset()
+        fn = (torch.compile(copy.deepcopy(model), backend="inductor") if options is None
+              else torch.compile(copy.deepcopy(model), backend="turbo", options=options))
+        with timing.fresh_cache(), recording() as rec:
+            first[label] = timing.time_first_call(fn, x)
+        with torch.no_grad():
+            outputs[label] = fn(x)
+        fallbacks[label] = [g.fallback_reason for g in rec.graphs if g.fallback_reason]
+        compiled[label] = fn
+        timing.log(f"{label}: first call {first[label]:.1f} s")
+    times = timing.interleaved(compiled, x, rounds, progress=None)
+    rows = []
+    for label in configs:
+        st = timing.stats(times[label])
+        calls = sum(top_level_aten_ops(compiled[label], x).values())
+        rows.append({
+            "path": label, "compile_s": first[label] - st["median"], "median_ms": 1e3 * st["median"],
+            "q1_ms": 1e3 * st["q1"], "q3_ms": 1e3 * st["q3"], "aten_calls": calls,
+            "max_abs_diff_to_default": timing.max_abs_diff(outputs[label], outputs["opaque op"]),
+            "fallbacks": fallbacks[label],
+        })
+    return {"rows": rows}
+
+
+def render(payload: dict) -> str:
+    lines = [f"# Merge paths: {payload['model']}, r={payload['r']}, batch {payload['batch']}", "",
+             timing.machine_line(payload["machine"]), "",
+             "| path | compile s | median ms (IQR) | ATen calls per forward | max abs diff to the default |",
+             "|---|---|---|---|---|"]
+    for row in payload["rows"]:
+        lines.append(f"| {row['path']} | {row['compile_s']:.1f} | {row['median_ms']:.0f} "
+                     f"({row['q1_ms']:.0f}-{row['q3_ms']:.0f}) | {row['aten_calls']} | "
+                     f"{row['max_abs_diff_to_default']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import timm
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="deit_tiny_patch16_224", help="a timm model name (random weights)")
+    p.add_argument("--r", type=int, default=13)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--out", default="bench/results/merge_paths")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    timing.no_compile_caches()
+    timing.warm_up_compilers()
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval()
+    x = torch.randn(args.batch, *model.default_cfg["input_size"])
+    payload = {"model": args.model, "r": args.r, "batch": args.batch, "machine": timing.machine(),
+               **measure(model, x, args.r, args.rounds)}
+    name = f"{args.model}_r{args.r}_b{args.batch}"
+    json_path, md_path = timing.write_json_and_markdown(payload, args.out, name, render)
+    print(render(payload))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
