@@ -6,6 +6,7 @@ latency and ATen calls per forward, against plain Inductor.
 - ``fuse_merges=True``: the step traced into the model's own graph.
 
     python -m turbo_fx.bench.merge_paths --model deit_tiny_patch16_224 --r 13 --batch 8 --threads 1
+    python -m turbo_fx.bench.merge_paths --model vit_base_patch16_224 --r 13 --batch 256 --device cuda --dtype bf16
 
 Every configuration compiles in a fresh Inductor cache (compile seconds as ``bench.timing``
 defines them); latencies are interleaved rounds in one process, medians with IQR.
@@ -40,7 +41,7 @@ def measure(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int) -> dic
         fallbacks[label] = [g.fallback_reason for g in rec.graphs if g.fallback_reason]
         compiled[label] = fn
         timing.log(f"{label}: first call {first[label]:.1f} s")
-    times = timing.interleaved(compiled, x, rounds, progress=None)
+    times = timing.interleaved({k: synchronised(fn, x.device) for k, fn in compiled.items()}, x, rounds)
     rows = []
     for label in configs:
         st = timing.stats(times[label])
@@ -54,8 +55,26 @@ def measure(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int) -> dic
     return {"rows": rows}
 
 
+def synchronised(fn, device: torch.device):
+    """``fn`` that returns only once the device has finished its work (a GPU runs ahead of the
+    host, so an unsynchronised call times the launches, not the forward)."""
+    if device.type != "cuda":
+        return fn
+
+    def call(*args):
+        out = fn(*args)
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def render(payload: dict) -> str:
-    lines = [f"# Merge paths: {payload['model']}, r={payload['r']}, batch {payload['batch']}", "",
+    lines = [f"# Merge paths: {payload['model']}, r={payload['r']}, batch {payload['batch']}, "
+             f"{payload.get('device', 'cpu')} {payload.get('dtype', 'fp32')}", "",
              timing.machine_line(payload["machine"]), "",
              "| path | compile s | median ms (IQR) | ATen calls per forward | max abs diff to the default |",
              "|---|---|---|---|---|"]
@@ -75,17 +94,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--out", default="bench/results/merge_paths")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     torch.set_num_threads(args.threads)
     timing.no_compile_caches()
     timing.warm_up_compilers()
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
-    x = torch.randn(args.batch, *model.default_cfg["input_size"])
-    payload = {"model": args.model, "r": args.r, "batch": args.batch, "machine": timing.machine(),
-               **measure(model, x, args.r, args.rounds)}
-    name = f"{args.model}_r{args.r}_b{args.batch}"
+    dtype = DTYPES[args.dtype]
+    model = timm.create_model(args.model, pretrained=False).eval().to(args.device, dtype)
+    x = torch.randn(args.batch, *model.default_cfg["input_size"], device=args.device, dtype=dtype)
+    payload = {"model": args.model, "r": args.r, "batch": args.batch, "device": args.device, "dtype": args.dtype,
+               "machine": timing.machine(), **measure(model, x, args.r, args.rounds)}
+    if args.device == "cuda":
+        payload["gpu"] = torch.cuda.get_device_name()
+    name = f"{args.model}_r{args.r}_b{args.batch}" + ("" if args.device == "cpu" else f"_{args.device}_{args.dtype}")
     json_path, md_path = timing.write_json_and_markdown(payload, args.out, name, render)
     print(render(payload))
     print(f"wrote {json_path} and {md_path}")

@@ -4,6 +4,7 @@ tests/ops/test_aten_overhead.py, which shares its counter."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from turbo_fx.bench import merge_paths, timing
 
@@ -23,3 +24,11 @@ def test_table_has_one_row_per_path_with_its_figures():
 def test_bad_arguments_exit():
     with pytest.raises(SystemExit):
         merge_paths.main(["--r", "many"])
+
+
+def test_cuda_without_a_gpu_is_refused_clearly(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit):
+        merge_paths.main(["--device", "cuda"])
+    assert "no CUDA device is available" in capsys.readouterr().err
