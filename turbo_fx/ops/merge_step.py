@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -78,52 +79,48 @@ def merge_step_outputs(
     return merged, new_size, new_assign, key_bias(new_size, bias_dtype, prop_attn)
 
 
-def merge_block(
-    x: Tensor,
-    size: Tensor,
-    assign: Tensor,
-    metric_source: Tensor,
-    metric_token_axis: int,
-    semantic_q: Tensor | None,
-    semantic_k: Tensor | None,
-    semantic_mask: Tensor | None,
-    semantic_probs: Tensor | None,
-    scale: float | None,
-    r: int,
-    protected: int,
-    fusion: str,
-    alpha: float,
-    beta: float,
-    gamma: float,
-    block: int,
-    padding: bool,
-    prop_attn: bool,
-    bias_dtype: torch.dtype,
-    symbolic_tokens: bool = False,
-    use_redundancy: bool = True,
-    keep_salient: int = 0,
-    protected_tail: int = 0,
-    traced: bool = False,
-    compiled: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``merge_step_outputs``, recorded for ``record_merges``. ``compiled`` (the opaque op's
-    ``compile_merge_step`` option): run the step through ``run_compiled_step``, so a merge is a
-    few generated kernels instead of tens of ATen calls. The "layer" fusion weighs each block
-    by its own float, which would recompile per block, so it always runs eagerly."""
-    args = (x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k, semantic_mask,
-            semantic_probs, scale, r, protected, fusion, alpha, beta, gamma, block if fusion == "layer" else 0,
-            padding, prop_attn, bias_dtype)
+def _signature_with_compiled(step: inspect.Signature) -> inspect.Signature:
+    """``merge_step_outputs``'s signature and one more parameter, ``compiled``: the opaque op's
+    schema, spelled once (the op, its shape function and the step share it)."""
+    compiled = inspect.Parameter("compiled", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=False, annotation="bool")
+    return step.replace(parameters=[*step.parameters.values(), compiled])
+
+
+_BLOCK_SIGNATURE = _signature_with_compiled(inspect.signature(merge_step_outputs))
+
+
+def _block_arguments(args: tuple, kwargs: dict) -> dict:
+    """A ``merge_block`` call's arguments by name, defaults filled in, in signature order."""
+    bound = _BLOCK_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def merge_block(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``merge_step_outputs`` (same arguments, plus ``compiled``), recorded for
+    ``record_merges``. ``compiled`` (the opaque op's ``compile_merge_step`` option): run the
+    step through ``run_compiled_step``, so a merge is a few generated kernels instead of tens
+    of ATen calls. The "layer" fusion weighs each block by its own float, which would
+    recompile per block, so it always runs eagerly."""
+    step = _block_arguments(args, kwargs)
+    compiled, block, x = step.pop("compiled"), step["block"], step["x"]
+    if step["fusion"] != "layer":
+        step["block"] = 0  # only the "layer" fusion reads it: one compiled variant for all blocks
     outputs = None
-    if compiled and not traced and r > 0 and fusion != "layer" and not _is_fake(x):
-        outputs = run_compiled_step(*args, False, use_redundancy, keep_salient, protected_tail, True)
+    if compiled and not step["traced"] and step["r"] > 0 and step["fusion"] != "layer" and not _is_fake(x):
+        outputs = run_compiled_step(*{**step, "symbolic_tokens": False, "traced": True}.values())
     if outputs is None:
-        outputs = merge_step_outputs(*args, symbolic_tokens, use_redundancy, keep_salient, protected_tail, traced)
+        outputs = merge_step_outputs(*step.values())
     merged, new_size, new_assign, _ = outputs
     if _MERGE_RECORDERS and not _is_fake(new_assign):
         _MERGE_RECORDERS[-1].append(
             MergeRecord(block, x.shape[1], merged.shape[1], new_assign.detach().cpu(), new_size.detach().cpu())
         )
     return outputs
+
+
+# torch.library reads the op's schema from this.
+merge_block.__signature__ = _BLOCK_SIGNATURE
 
 
 _COMPILED_STEP: list = []
@@ -209,19 +206,18 @@ merge_block_op = torch.library.custom_op("turbo_fx::merge_block", merge_block, m
 
 
 @merge_block_op.register_fake
-def _merge_block_fake(x, size, assign, metric_source, metric_token_axis, semantic_q, semantic_k,
-                      semantic_mask, semantic_probs, scale, r, protected, fusion, alpha, beta, gamma,
-                      block, padding, prop_attn, bias_dtype, symbolic_tokens=False, use_redundancy=True,
-                      keep_salient=0, protected_tail=0, traced=False, compiled=False):
+def _merge_block_fake(*args, **kwargs):
+    step = _block_arguments(args, kwargs)
+    x, r = step["x"], step["r"]
     batch, n_tokens, channels = x.shape
     kept = n_tokens - r
-    if symbolic_tokens:
+    if step["symbolic_tokens"]:
         kept = torch.library.get_ctx().new_dynamic_size(min=2)
     return (
         x.new_empty(batch, kept, channels),
         x.new_empty(batch, kept, dtype=torch.float32),
-        assign.new_empty(assign.shape),
-        x.new_empty(batch, 1, 1, kept, dtype=bias_dtype),
+        step["assign"].new_empty(step["assign"].shape),
+        x.new_empty(batch, 1, 1, kept, dtype=step["bias_dtype"]),
     )
 
 
