@@ -25,6 +25,7 @@ MERGE_PATHS = {
     "opaque op": {},
     "compile_merge_step=True": {"compile_merge_step": True},
     "fuse_merges=True": {"fuse_merges": True},
+    "compile_blocks=True": {"compile_blocks": True},
 }
 
 

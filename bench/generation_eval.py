@@ -10,7 +10,9 @@ Rows:
   resolution): the same FLOPs as tomesd at the same ratio, plus the semantic value and the
   ``log(size)`` bias;
 - ``redundancy-sa r``: the same without the semantic value (``semantic=False``);
-- ``turbo r``: turbo's default, every component of the block (fewer FLOPs).
+- ``turbo-all r``: the paper's choice, every component of the block (fewer FLOPs);
+- ``turbo-sa r alpha a`` (``--alpha-sweep``, at ``--sweep-ratio``): ``turbo-sa`` with another
+  weight on the semantic value, paired with ``redundancy-sa`` of the same ratio.
 
 Each row has FLOPs per UNet call, FD (DINOv2-S) against real test images, class accuracy by a
 DINOv2 probe, and PSNR / SSIM against the baseline image from the same noise, all with 95%
@@ -34,19 +36,34 @@ from turbo_fx.bench import stats, timing
 from turbo_fx.bench.diffusion_speed import apply_tomesd, fresh_copy, machine_info
 
 SELF_ATTENTION_ONLY = {"merge_components": ("self-attention",)}
+ALL_COMPONENTS = {"merge_components": ("self-attention", "cross-attention", "feed-forward")}
 
 
-def row_specs(ratios: Sequence[float], alpha: float) -> list[tuple[str, str, dict]]:
-    """(name, kind, turbo options) of every row, baseline first."""
+def row_specs(ratios: Sequence[float], alpha: float, alpha_sweep: Sequence[float] = (),
+              sweep_ratio: Optional[float] = None) -> list[tuple[str, str, dict]]:
+    """(name, kind, turbo options) of every row, baseline first. Every turbo row names its
+    components explicitly, so that a change of turbo's default cannot turn two rows into one."""
     rows = [("baseline", "baseline", {})]
     for r in ratios:
         rows += [
             (f"tomesd {r}", "tomesd", {"ratio": r}),
             (f"turbo-sa {r}", "turbo", {"ratio": r, "alpha": alpha, **SELF_ATTENTION_ONLY}),
             (f"redundancy-sa {r}", "turbo", {"ratio": r, "semantic": False, **SELF_ATTENTION_ONLY}),
-            (f"turbo {r}", "turbo", {"ratio": r, "alpha": alpha}),
+            (f"turbo-all {r}", "turbo", {"ratio": r, "alpha": alpha, **ALL_COMPONENTS}),
         ]
+    if alpha_sweep:
+        if sweep_ratio not in ratios:
+            raise ValueError(f"the alpha sweep's ratio {sweep_ratio} must be one of the ratios {list(ratios)}")
+        rows += [(f"turbo-sa {sweep_ratio} alpha {a}", "turbo",
+                  {"ratio": sweep_ratio, "alpha": a, **SELF_ATTENTION_ONLY}) for a in alpha_sweep if a != alpha]
     return rows
+
+
+def redundancy_partner(name: str, options: dict) -> Optional[str]:
+    """The ``redundancy-sa`` row a self-attention turbo row with the semantic value is paired with."""
+    if options.get("semantic", True) is False or options.get("merge_components") != SELF_ATTENTION_ONLY["merge_components"]:
+        return None
+    return f"redundancy-sa {options['ratio']}"
 
 
 def build(kind: str, unet: torch.nn.Module, options: dict, seed: int) -> Callable:
@@ -94,7 +111,8 @@ def paired_with(result: dict, other: dict, seed: int) -> dict:
 
 
 def run(samples: int, steps: int, guidance: float, ratios: Sequence[float], alpha: float, seed: int,
-        batch: int, reference: Optional[fid.FidelityReference] = None, log: Callable[[str], None] = print) -> dict:
+        batch: int, reference: Optional[fid.FidelityReference] = None, log: Callable[[str], None] = print,
+        alpha_sweep: Sequence[float] = (), sweep_ratio: Optional[float] = None) -> dict:
     from turbo_fx.model_zoo import fashion_diffusion as fd
 
     unet, tokens = fd.load_fashion_diffusion()
@@ -103,7 +121,7 @@ def run(samples: int, steps: int, guidance: float, ratios: Sequence[float], alph
     probe_input = (torch.cat([noise[:batch]] * 2), torch.full((2 * batch,), 500, dtype=torch.long),
                    torch.cat([tokens(labels[:batch]), tokens(torch.full((batch,), fd.NULL_LABEL))]))
     rows, images = {}, {}
-    for name, kind, options in row_specs(ratios, alpha):
+    for name, kind, options in row_specs(ratios, alpha, alpha_sweep, sweep_ratio):
         started = time.perf_counter()
         fn = build(kind, unet, options, seed)
         flops = unet_flops(fn, probe_input, kind)
@@ -121,11 +139,13 @@ def run(samples: int, steps: int, guidance: float, ratios: Sequence[float], alph
     for name, row in rows.items():
         if row["kind"] == "turbo":
             row["vs_tomesd"] = paired_with(row, rows[f"tomesd {row['options']['ratio']}"], seed)
-        if name.startswith("turbo-sa "):
-            row["vs_redundancy"] = paired_with(row, rows[name.replace("turbo-sa", "redundancy-sa")], seed)
+        partner = redundancy_partner(name, row["options"]) if row["kind"] == "turbo" else None
+        if partner in rows:
+            row["vs_redundancy"] = paired_with(row, rows[partner], seed)
     return {"rows": rows, "images": images, "labels": labels.tolist(), "reference": reference.description,
             "settings": {"samples": samples, "steps": steps, "guidance": guidance, "ratios": list(ratios),
-                         "alpha": alpha, "seed": seed}, "machine": machine_info()}
+                         "alpha": alpha, "alpha_sweep": list(alpha_sweep), "sweep_ratio": sweep_ratio,
+                         "seed": seed}, "machine": machine_info()}
 
 
 def _ci(value: float, ci: Sequence[float], spec: str) -> str:
@@ -189,6 +209,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--guidance", type=float, default=2.5)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.6])
     parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--alpha-sweep", type=float, nargs="*", default=[],
+                        help="further alphas for the self-attention turbo row at --sweep-ratio")
+    parser.add_argument("--sweep-ratio", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1,
@@ -196,7 +219,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default="bench/results/generation")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    payload = run(args.samples, args.steps, args.guidance, args.ratios, args.alpha, args.seed, args.batch)
+    if args.alpha_sweep and args.sweep_ratio not in args.ratios:
+        parser.error(f"--sweep-ratio {args.sweep_ratio} must be one of --ratios {args.ratios}")
+    payload = run(args.samples, args.steps, args.guidance, args.ratios, args.alpha, args.seed, args.batch,
+                  alpha_sweep=args.alpha_sweep, sweep_ratio=args.sweep_ratio)
     payload["command"] = "python -m turbo_fx.bench.generation_eval " + " ".join(argv or [])
     write(payload, args.out)
     print(markdown(payload))

@@ -3,13 +3,18 @@ latency and ATen calls per forward, against plain Inductor.
 
 - the opaque op running ATen calls (the default);
 - ``compile_merge_step=True``: the opaque op running one shared Inductor compile of the step;
-- ``fuse_merges=True``: the step traced into the model's own graph.
+- ``fuse_merges=True``: the step traced into the model's own graph;
+- ``compile_blocks=True``: the default op, the graph compiled block by block (blocks share
+  compiled code through Inductor's FX graph cache).
 
     python -m turbo_fx.bench.merge_paths --model deit_tiny_patch16_224 --r 13 --batch 8 --threads 1
     python -m turbo_fx.bench.merge_paths --model vit_base_patch16_224 --r 13 --batch 256 --device cuda --dtype bf16
 
-Every configuration compiles in a fresh Inductor cache (compile seconds as ``bench.timing``
-defines them); latencies are interleaved rounds in one process, medians with IQR.
+Every configuration compiles in a fresh, empty Inductor cache (compile seconds as
+``bench.timing`` defines them), with Inductor's FX graph and AOT-autograd caches on, as torch
+has them by default: empty at each configuration's start, they let no configuration reuse
+another's work, and within one compile they are what ``compile_blocks`` shares blocks through.
+Latencies are interleaved rounds in one process, medians with IQR.
 """
 from __future__ import annotations
 
@@ -23,12 +28,15 @@ from . import timing
 from .dispatch_count import MERGE_PATHS, top_level_aten_ops
 
 
-def measure(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int) -> dict:
+def measure(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int,
+            paths: Optional[Sequence[str]] = None) -> dict:
     """Compile seconds, latency stats, ATen calls per forward and max |difference| to the
-    default path, for Inductor and each of ``MERGE_PATHS``."""
+    default path, for Inductor and each of ``paths`` (default: all of ``MERGE_PATHS``; the
+    default path, "opaque op", is always measured, as the reference of the differences)."""
     from turbo_fx.report import recording
 
-    configs = {"Inductor, no merging": None, **{k: dict(r=r, **v) for k, v in MERGE_PATHS.items()}}
+    chosen = ["opaque op", *[p for p in (paths or MERGE_PATHS) if p != "opaque op"]]
+    configs = {"Inductor, no merging": None, **{k: dict(r=r, **MERGE_PATHS[k]) for k in chosen}}
     compiled, first, outputs, fallbacks = {}, {}, {}, {}
     # Reset once, not per configuration: a reset drops the compiled code of the configurations
     # before it, which then recompile during the timed rounds' warm-up. Each torch.compile here
@@ -99,22 +107,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--paths", nargs="+", choices=list(MERGE_PATHS), default=None,
+                   help="merge paths to measure (default: all; Inductor and the opaque op always run)")
+    p.add_argument("--name", default=None, help="result file stem (default: model, r and batch)")
     p.add_argument("--out", default="bench/results/merge_paths")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     torch.set_num_threads(args.threads)
-    timing.no_compile_caches()
     timing.warm_up_compilers()
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
     model = timm.create_model(args.model, pretrained=False).eval().to(args.device, dtype)
     x = torch.randn(args.batch, *model.default_cfg["input_size"], device=args.device, dtype=dtype)
     payload = {"model": args.model, "r": args.r, "batch": args.batch, "device": args.device, "dtype": args.dtype,
-               "machine": timing.machine(), **measure(model, x, args.r, args.rounds)}
+               "machine": timing.machine(), **measure(model, x, args.r, args.rounds, args.paths)}
     if args.device == "cuda":
         payload["gpu"] = torch.cuda.get_device_name()
-    name = f"{args.model}_r{args.r}_b{args.batch}" + ("" if args.device == "cpu" else f"_{args.device}_{args.dtype}")
+    name = args.name or (f"{args.model}_r{args.r}_b{args.batch}"
+                         + ("" if args.device == "cpu" else f"_{args.device}_{args.dtype}"))
     json_path, md_path = timing.write_json_and_markdown(payload, args.out, name, render)
     print(render(payload))
     print(f"wrote {json_path} and {md_path}")

@@ -126,12 +126,42 @@ def _compile_inner(rewritten, original, example_inputs, config: TurboConfig, mod
     compiler = inner_compiler(config.inner_backend, mode)
     if rewritten is original:
         return compiler(original, example_inputs)
+    if config.compile_blocks and report.blocks:
+        compiled = _compile_by_block(rewritten, example_inputs, mode, report)
+        if compiled is not None:
+            return compiled
     try:
         return compiler(rewritten, example_inputs)
     except Exception as exc:
         log.debug("turbo: inner compiler failed on the rewritten graph", exc_info=True)
         _fallback(original, report, f"{config.inner_backend} failed on the rewritten graph: {type(exc).__name__}: {exc}")
         return compiler(original, example_inputs)
+
+
+def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport) -> Optional[Callable]:
+    """``rewritten`` compiled piece by piece (``compile_blocks``), or None after the one
+    warning that says why it is compiled whole instead."""
+    from turbo_fx.block_compile import BlockCompileStats, BlockCompileUnsupported, compile_by_block
+
+    piece_compiler = inner_compiler("inductor", mode)
+    stats = BlockCompileStats()
+    try:
+        if mode and torch._inductor.list_mode_options(mode).get("triton.cudagraphs"):
+            raise BlockCompileUnsupported(f"mode={mode!r} captures CUDA graphs, which this split does not support yet")
+        compiled = compile_by_block(rewritten, example_inputs, piece_compiler, stats)
+    except BlockCompileUnsupported as exc:
+        reason = str(exc)
+    except Exception as exc:  # a failed split must not break the user's model
+        log.debug("turbo: block-by-block compile failed", exc_info=True)
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+    else:
+        report.block_compile = stats.summary()
+        counters["block_pieces_generated"] += stats.generated
+        counters["block_pieces_cached"] += stats.cached
+        return compiled
+    report.block_compile = f"compiled whole: {reason}"
+    log.warning("turbo: graph %d compiled whole, not block by block (compile_blocks): %s", report.graph_index, reason)
+    return None
 
 
 def inner_compiler(name: str, mode: Optional[str] = None) -> Callable:

@@ -81,6 +81,7 @@ class GraphReport:
     reductions_weighted: int = 0  # token-axis means/sums made size-weighted
     reductions_unweighted: int = 0  # token-axis means/sums over merged tokens left unweighted
     fallback_reason: Optional[str] = None
+    block_compile: str = ""  # compile_blocks: the pieces compiled, or why the graph was compiled whole
     flops_before: Optional[int] = None
     flops_after: Optional[int] = None
     rewrite_seconds: float = 0.0

@@ -1,4 +1,4 @@
-"""The merge-path benchmark's table (bench/merge_paths.py). Its measurements compile four
+"""The merge-path benchmark's table (bench/merge_paths.py). Its measurements compile five
 configurations with fresh Inductor caches (minutes); the counts it reports are held by
 tests/ops/test_aten_overhead.py, which shares its counter."""
 from __future__ import annotations
@@ -15,15 +15,17 @@ def test_table_has_one_row_per_path_with_its_figures():
             for i, name in enumerate(["Inductor, no merging", *merge_paths.MERGE_PATHS])]
     text = merge_paths.render({"model": "m", "r": 13, "batch": 8, "machine": timing.machine(), "rows": rows})
     lines = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(lines) == 5  # header + Inductor + three merge paths
+    assert len(lines) == 6  # header + Inductor + four merge paths
     assert lines[2] == "| opaque op | 11.0 | 101 (90-110) | 63 | 1.0e-07 |"
     assert [line.split(" | ")[0][2:] for line in lines[1:]] == ["Inductor, no merging", "opaque op",
-                                                                 "compile_merge_step=True", "fuse_merges=True"]
+                                                                 "compile_merge_step=True", "fuse_merges=True",
+                                                                 "compile_blocks=True"]
 
 
-def test_bad_arguments_exit():
+@pytest.mark.parametrize("argv", [["--r", "many"], ["--paths", "no-such-path"]])
+def test_bad_arguments_exit(argv):
     with pytest.raises(SystemExit):
-        merge_paths.main(["--r", "many"])
+        merge_paths.main(argv)
 
 
 def test_cuda_without_a_gpu_is_refused_clearly(capsys):

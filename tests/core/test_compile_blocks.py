@@ -1,0 +1,118 @@
+"""compile_blocks: the merged graph compiled piece by piece, blocks sharing compiled code through
+Inductor's FX graph cache, against the reference implementation; graphs it cannot take are
+compiled whole with a warning that says why."""
+from __future__ import annotations
+
+import logging
+import operator
+
+import pytest
+import torch
+
+import turbo_fx
+from turbo_fx import block_compile
+from model_builders import images, padded_batch, small_hf, small_vit
+from turbo_fx.config import TurboConfig, TurboConfigError
+from turbo_fx.reference import reference_forward
+
+DEPTH, R = 6, 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_vit("vit", patch_size=4, depth=DEPTH)  # 65 tokens: 62, 59, ... after each block
+
+
+def test_blocks_share_compiled_code_and_compute_the_reference(turbo, model):
+    x = images(2)
+    compiled = turbo(model, r=R, inner_backend="inductor", compile_blocks=True)
+    out = compiled(x)
+    with torch.no_grad():
+        expected = reference_forward(model, x, TurboConfig(r=R))
+    assert (out - expected).abs().max().item() < 1e-4
+    report = compiled.report
+    assert report.fallback_reason is None and report.merges == DEPTH
+    generated, cached = turbo_fx.counters["block_pieces_generated"], turbo_fx.counters["block_pieces_cached"]
+    # One compute piece before the first merge and one after each: stem + block 0's attention,
+    # then (MLP, next attention) five times, then the last MLP and the head.
+    assert generated + cached == DEPTH + 1
+    # The stem piece, the last piece and one shared block piece need code of their own; every
+    # other block's piece is the shared one (an earlier test in this process may have compiled
+    # some of them already, so only the upper bound is fixed).
+    assert generated <= 3 and cached >= DEPTH - 2
+    assert report.block_compile.startswith(f"{DEPTH + 1} compute pieces")
+    assert "[None, 62, 59, 56, 53, 50, 47]" in report.block_compile
+    # A second call runs the compiled pieces without compiling anything more.
+    out2 = compiled(x)
+    assert torch.equal(out, out2) and len(compiled.graphs) == 1
+
+
+def test_a_dynamic_batch_is_compiled_whole_and_says_why(turbo, model, caplog):
+    compiled = turbo(model, r=R, inner_backend="inductor", compile_blocks=True)
+    compiled(images(2))
+    with caplog.at_level(logging.WARNING, logger="turbo_fx"):
+        out = compiled(images(3, seed=3))  # Dynamo recompiles with a symbolic batch
+    with torch.no_grad():
+        expected = reference_forward(model, images(3, seed=3), TurboConfig(r=R))
+    assert (out - expected).abs().max().item() < 1e-4
+    assert compiled.report.block_compile.startswith("compiled whole")
+    assert "dynamic" in compiled.report.block_compile
+    assert any("compiled whole, not block by block" in r.getMessage() for r in caplog.records)
+
+
+def test_recorded_gradients_are_compiled_whole(model, caplog):
+    """With gradients recorded the split is refused before anything runs; the whole graph
+    then goes to Inductor, whose own fallback (the merge op has no backward) keeps the
+    unmerged model: the user's model still computes what it computed before."""
+    compiled = torch.compile(model, backend="turbo", options={"r": R, "compile_blocks": True})
+    x = images(2)
+    with caplog.at_level(logging.WARNING, logger="turbo_fx"):
+        out = compiled(x)
+    assert out.requires_grad
+    assert any("gradients are recorded" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        assert (out.detach() - model(x)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["bert", "dinov2"])
+def test_models_it_was_not_written_for_compute_what_the_whole_graph_does(turbo, kind):
+    """transformers encoders: BERT with padding (the merged-token mask crosses the pieces) and
+    DINOv2 (layer scale), block by block against the same rewrite compiled whole."""
+    model = small_hf(kind, layers=4)
+    if kind == "bert":
+        ids, mask = padded_batch([16, 9], 16)
+        inputs = dict(input_ids=ids, attention_mask=mask)
+    else:
+        inputs = dict(pixel_values=images(2))
+    blocks = turbo(model, r=2, inner_backend="inductor", compile_blocks=True)
+    out = blocks(**inputs).last_hidden_state
+    assert blocks.report.block_compile.startswith("5 compute pieces"), blocks.report.block_compile
+    torch._dynamo.reset()
+    whole = turbo(model, r=2, inner_backend="inductor")(**inputs).last_hidden_state
+    assert out.shape == whole.shape
+    assert (out - whole).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("options", [{"fuse_merges": True}, {"inner_backend": "eager"}])
+def test_compile_blocks_needs_opaque_merges_and_inductor(options):
+    with pytest.raises(TurboConfigError, match="compile_blocks"):
+        TurboConfig(compile_blocks=True, **options)
+
+
+@pytest.mark.parametrize("target, mutates", [
+    (operator.and_, False), (operator.or_, False), (operator.getitem, False), (operator.is_, False),
+    (operator.iadd, True), (operator.iand, True), (operator.setitem, True),
+    (torch.relu, False), (torch.relu_, True),
+    (torch.ops.aten.add.Tensor, False), (torch.ops.aten.add_.Tensor, True), (torch.ops.aten.copy_.default, True),
+], ids=lambda v: getattr(v, "__name__", str(v)))
+def test_in_place_updates_are_told_from_their_look_alikes(target, mutates):
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    assert block_compile._mutates(graph.call_function(target, (x, x))) is mutates
+
+
+@pytest.mark.parametrize("method, mutates", [("add_", True), ("copy_", True), ("add", False), ("__len__", False)])
+def test_in_place_methods_are_found_by_their_trailing_underscore(method, mutates):
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    assert block_compile._mutates(graph.call_method(method, (x, x))) is mutates

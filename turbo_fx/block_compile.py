@@ -1,0 +1,189 @@
+"""Compile a rewritten encoder graph block by block (the ``compile_blocks`` option).
+
+After merging, every block runs at its own token count. Compiled as one graph, Inductor
+either generates code per block (static counts) or reasons about a fresh unbacked size per
+block (``symbolic_tokens``); both cost about twice Inductor's own compile time on CPU. Here
+the graph is split at its merge ops (``passes.split_at_merges``) and each compute piece is
+compiled on its own, with its token count a *backed* symbolic size: the pieces of two
+blocks then have the same code and the same shape guards, and Inductor's FX graph cache
+hands the second block the first one's compiled code. The merge pieces run as they are
+(the opaque op needs no code generation).
+
+The pieces are compiled while the split module runs once on the compile call's own inputs
+(which gives each piece its real input shapes), so only graphs that this run cannot change
+are accepted: inference (no gradient to record), no in-place update of an input or buffer,
+and static shapes (a dynamic batch would need every piece generic in it too). Anything else
+raises ``BlockCompileUnsupported`` with the reason, and the caller compiles the graph whole.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from turbo_fx.passes.split_at_merges import is_merge, split_at_merges
+
+
+class BlockCompileUnsupported(Exception):
+    """This graph cannot be compiled block by block; the message says why."""
+
+
+@dataclass
+class BlockCompileStats:
+    pieces: int = 0  # compute pieces compiled
+    generated: int = 0  # of which Inductor generated code for (FX graph cache misses)
+    cached: int = 0  # of which came from Inductor's caches (AOT-autograd's or the FX graph cache)
+    token_counts: list = field(default_factory=list)  # each compute piece's token count (None: static)
+
+    def summary(self) -> str:
+        return (f"{self.pieces} compute pieces: {self.generated} generated, {self.cached} from Inductor's cache "
+                f"(token counts {self.token_counts})")
+
+
+def unsupported_reason(gm: GraphModule, example_inputs: Sequence[Any]) -> Optional[str]:
+    """Why ``gm`` cannot be compiled block by block, or None."""
+    if any(not isinstance(x, torch.Tensor) for x in example_inputs):
+        return "the graph takes non-tensor (symbolic) inputs: dynamic shapes"
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value")
+        if node.op == "placeholder" and isinstance(value, torch.Tensor) and any(
+                isinstance(s, torch.SymInt) for s in value.shape):
+            return f"input {node.name} has a dynamic shape"
+        if _mutates(node):
+            return f"node {node.name} ({node.target}) updates a tensor in place"
+    if torch.is_grad_enabled() and any(x.requires_grad for x in example_inputs):
+        return "gradients are recorded (block-by-block compile is for inference)"
+    if not any(is_merge(n) for n in gm.graph.nodes):
+        return "no merge op in the graph"
+    return None
+
+
+def _mutates(node: Node) -> bool:
+    """Whether ``node`` writes into a tensor: ``x.add_()``, ``torch.relu_(x)``, an op whose
+    schema says so, ``x[i] = v`` or ``x += y`` as Dynamo records them."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    name = getattr(node.target, "__name__", "")
+    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        # operator.and_ / or_ are not in place; operator.iadd, iand ... and setitem are.
+        return name in ("setitem", "delitem") or (
+            name.startswith("i") and (hasattr(operator, name[1:]) or hasattr(operator, name[1:] + "_")))
+    return name.endswith("_") and not name.endswith("__")
+
+
+def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_piece: Callable,
+                     stats: Optional[BlockCompileStats] = None) -> Callable:
+    """A callable computing ``gm`` whose compute pieces were each compiled by
+    ``compile_piece(piece, fake_inputs)`` (``compile_fx`` with the caller's patches)."""
+    reason = unsupported_reason(gm, example_inputs)
+    if reason is not None:
+        raise BlockCompileUnsupported(reason)
+    split = split_at_merges(gm)
+    stats = BlockCompileStats() if stats is None else stats
+    compute = set(split.compute)
+    module = split.module
+    merge_outputs: set[Node] = set()
+    token_counts: set[int] = set()
+
+    class CompileOnFirstRun(Interpreter):
+        def run_node(self, node: Node) -> Any:
+            self.node = node
+            result = super().run_node(node)
+            if node.op == "call_module" and node.target not in compute:
+                merge_outputs.add(node)
+                token_counts.update(_token_counts(result))
+            return result
+
+        def call_module(self, target, args, kwargs):
+            if target not in compute:
+                return getattr(module, target)(*args, **kwargs)
+            dynamic = [_token_dims(a, src, merge_outputs, token_counts) for a, src in zip(args, self.node.args)]
+            counts = {a.shape[d] for a, dims in zip(args, dynamic) for d in dims}
+            stats.token_counts.append(min(counts) if counts else None)
+            compiled = _compile_with_token_dims(compile_piece, getattr(module, target), args, dynamic, stats)
+            setattr(module, target, _Piece(compiled))
+            return compiled(*args)
+
+    with torch.no_grad():
+        CompileOnFirstRun(module).run(*example_inputs)
+    module.recompile()
+    return module.forward
+
+
+def _token_counts(result: Any) -> set[int]:
+    """The merged token counts a merge piece handed on (the token axis of its merged x)."""
+    values = result if isinstance(result, (tuple, list)) else (result,)
+    return {v.shape[1] for v in values if isinstance(v, torch.Tensor) and v.dim() == 3}
+
+
+def _token_dims(value: Any, source: Any, merge_outputs: set[Node], token_counts: set[int]) -> list[int]:
+    """Axes of a compute piece's input that carry a merged token count: any axis but the
+    batch whose size is one, on an input that a merge piece produced."""
+    if not isinstance(value, torch.Tensor) or not isinstance(source, Node):
+        return []
+    producer = source.args[0] if source.target is operator.getitem else source
+    if producer not in merge_outputs:
+        return []
+    return [d for d in range(1, value.dim()) if value.shape[d] in token_counts]
+
+
+def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: Sequence[Any],
+                             dynamic: list[list[int]], stats: BlockCompileStats) -> Callable:
+    from torch._dynamo.utils import counters
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    fake_args = []
+    for value, dims in zip(args, dynamic):
+        if not isinstance(value, torch.Tensor):
+            fake_args.append(value)
+            continue
+        sizes = [DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC for d in range(value.dim())]
+        context = StatelessSymbolicContext(dynamic_sizes=sizes, constraint_sizes=[None] * value.dim())
+        fake_args.append(fake_mode.from_tensor(value, symbolic_context=context))
+    def cache_hits() -> int:
+        return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+
+    hits = cache_hits()
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        record_example_values(piece, fake_mode, fake_args)
+        compiled = compile_piece(piece, fake_args)
+    stats.pieces += 1
+    if cache_hits() > hits:
+        stats.cached += 1
+    else:
+        stats.generated += 1
+    return compiled
+
+
+def record_example_values(piece: GraphModule, fake_mode, fake_args: Sequence[Any]) -> None:
+    """Give every node of ``piece`` its fake value as ``example_value``, as Dynamo's graphs
+    carry them: AOT-autograd's cache refuses method calls on values it cannot see are
+    tensors, and without that cache every block's piece would be traced anew."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    with torch.no_grad():
+        FakeTensorProp(piece, fake_mode).propagate_dont_convert_inputs(*fake_args)
+    for node in piece.graph.nodes:
+        if "val" in node.meta:
+            node.meta["example_value"] = node.meta["val"]
+
+
+class _Piece(torch.nn.Module):
+    """A compiled compute piece in the split module's place of the piece."""
+
+    def __init__(self, compiled: Callable):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args):
+        return self.compiled(*args)
