@@ -15,9 +15,11 @@ def explain(model: torch.nn.Module, *inputs: Any, model_kwargs: Optional[dict] =
     """Compile ``model`` with the turbo backend, run it once on ``inputs`` and report, per
     graph: attention sites, merges, tokens per block, FLOPs before and after, and any
     fallback reason. Unless ``inner_backend`` is given, the rewritten graph runs eagerly
-    (the report is about the rewrite, not Inductor's code)."""
+    (the report is about the rewrite, not Inductor's code); ``compile_blocks`` then has
+    nothing to split for, and the rewrite it reports is the same either way."""
     if config is None and "inner_backend" not in options:
         options["inner_backend"] = "eager"
+        options["compile_blocks"] = False
     config = resolve_config(config, **options)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=turbo_backend, options=config)

@@ -116,3 +116,10 @@ def test_in_place_methods_are_found_by_their_trailing_underscore(method, mutates
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
     assert block_compile._mutates(graph.call_method(method, (x, x))) is mutates
+
+
+def test_explain_accepts_the_option_and_reports_the_same_rewrite(model):
+    x = images(2)
+    with_option = turbo_fx.explain(model, x, r=R, compile_blocks=True)
+    without = turbo_fx.explain(model, x, r=R)
+    assert with_option.graphs[0].tokens_per_block == without.graphs[0].tokens_per_block == [65, 62, 59, 56, 53, 50]
