@@ -112,10 +112,26 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
             setattr(module, target, _Piece(compiled))
             return compiled(*args)
 
-    with torch.no_grad():
+    with torch.no_grad(), caches_on():
         CompileOnFirstRun(module).run(*example_inputs)
     module.recompile()
     return module.forward
+
+
+def caches_on():
+    """Inductor's FX graph cache and AOT-autograd's cache on while the pieces compile: the
+    sharing between blocks is those caches, so the option asks for them even where they were
+    turned off (a benchmark that wants every compile to pay full price gives each one an empty
+    cache directory instead; the blocks of one compile still share)."""
+    import contextlib
+
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(inductor_config.patch(fx_graph_cache=True))
+    stack.enter_context(functorch_config.patch(enable_autograd_cache=True))
+    return stack
 
 
 def _token_counts(result: Any) -> set[int]:

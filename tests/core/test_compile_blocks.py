@@ -23,7 +23,18 @@ def model():
     return small_vit("vit", patch_size=4, depth=DEPTH)  # 65 tokens: 62, 59, ... after each block
 
 
-def test_blocks_share_compiled_code_and_compute_the_reference(turbo, model):
+@pytest.mark.parametrize("caches", ["default", "turned off"])
+def test_blocks_share_compiled_code_and_compute_the_reference(turbo, model, caches):
+    """Also with the caches turned off, as the speed benchmarks leave them in this process:
+    the option turns them on for its own pieces."""
+    import torch._functorch.config as functorch_config
+
+    off = caches == "turned off"
+    with torch._inductor.config.patch(fx_graph_cache=not off), functorch_config.patch(enable_autograd_cache=not off):
+        check_blocks_share_compiled_code(turbo, model)
+
+
+def check_blocks_share_compiled_code(turbo, model):
     x = images(2)
     compiled = turbo(model, r=R, inner_backend="inductor", compile_blocks=True)
     out = compiled(x)
