@@ -59,7 +59,7 @@ def row_specs(ratios: Sequence[float], alpha: float, alpha_sweep: Sequence[float
     return rows
 
 
-def redundancy_partner(name: str, options: dict) -> Optional[str]:
+def redundancy_partner(options: dict) -> Optional[str]:
     """The ``redundancy-sa`` row a self-attention turbo row with the semantic value is paired with."""
     if options.get("semantic", True) is False or options.get("merge_components") != SELF_ATTENTION_ONLY["merge_components"]:
         return None
@@ -136,10 +136,10 @@ def run(samples: int, steps: int, guidance: float, ratios: Sequence[float], alph
         _, _, replicates = fid.frechet_bootstrap(fid.fd_part(feats, reference.fd_dims), reference.real_stats, seed=seed)
         rows[name].update(result, fd_replicates=replicates.tolist())
         log(fid.summary_line(name, result))
-    for name, row in rows.items():
+    for row in rows.values():
         if row["kind"] == "turbo":
             row["vs_tomesd"] = paired_with(row, rows[f"tomesd {row['options']['ratio']}"], seed)
-        partner = redundancy_partner(name, row["options"]) if row["kind"] == "turbo" else None
+        partner = redundancy_partner(row["options"]) if row["kind"] == "turbo" else None
         if partner in rows:
             row["vs_redundancy"] = paired_with(row, rows[partner], seed)
     return {"rows": rows, "images": images, "labels": labels.tolist(), "reference": reference.description,
@@ -219,8 +219,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default="bench/results/generation")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.alpha_sweep and args.sweep_ratio not in args.ratios:
-        parser.error(f"--sweep-ratio {args.sweep_ratio} must be one of --ratios {args.ratios}")
+    try:  # the rows' own check, before the model loads (or trains, when not cached)
+        row_specs(args.ratios, args.alpha, args.alpha_sweep, args.sweep_ratio)
+    except ValueError as exc:
+        parser.error(str(exc))
     payload = run(args.samples, args.steps, args.guidance, args.ratios, args.alpha, args.seed, args.batch,
                   alpha_sweep=args.alpha_sweep, sweep_ratio=args.sweep_ratio)
     payload["command"] = "python -m turbo_fx.bench.generation_eval " + " ".join(argv or [])

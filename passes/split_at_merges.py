@@ -21,28 +21,19 @@ import copy
 import operator
 from dataclasses import dataclass
 
-import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.split_module import split_module
 
+from .graph_utils import is_merge
 from .propagate_shapes import CannotRewrite
-
-
-def _merge_op():
-    return torch.ops.turbo_fx.merge_block.default
 
 
 @dataclass
 class SplitGraph:
-    """The split module, and which of its submodules are compute pieces or merge pieces."""
+    """The split module, and the names of its compute pieces (the others are merge pieces)."""
 
     module: GraphModule
     compute: list[str]
-    merges: list[str]
-
-
-def is_merge(node: Node) -> bool:
-    return node.op == "call_function" and node.target is _merge_op()
 
 
 def piece_index(gm: GraphModule) -> dict[Node, int]:
@@ -81,14 +72,10 @@ def split_at_merges(gm: GraphModule) -> SplitGraph:
         for key in ("example_value", "val", "tensor_meta"):
             node.meta.pop(key, None)
     split = split_module(work, None, lambda n: ids[n], keep_original_order=True)
-    compute, merges = [], []
+    compute = []
     for node in split.graph.nodes:
-        if node.op != "call_module":
-            continue
-        piece = getattr(split, node.target)
-        if any(is_merge(n) for n in piece.graph.nodes):
-            merges.append(node.target)
-        else:
+        piece = getattr(split, node.target) if node.op == "call_module" else None
+        if piece is not None and not any(is_merge(n) for n in piece.graph.nodes):
             name_positionally(piece)
             compute.append(node.target)
-    return SplitGraph(split, compute, merges)
+    return SplitGraph(split, compute)

@@ -17,6 +17,7 @@ raises ``BlockCompileUnsupported`` with the reason, and the caller compiles the 
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -24,7 +25,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
-from turbo_fx.passes.split_at_merges import is_merge, split_at_merges
+from turbo_fx.passes.propagate_shapes import CannotRewrite
+from turbo_fx.passes.split_at_merges import split_at_merges
 
 
 class BlockCompileUnsupported(Exception):
@@ -33,10 +35,13 @@ class BlockCompileUnsupported(Exception):
 
 @dataclass
 class BlockCompileStats:
-    pieces: int = 0  # compute pieces compiled
-    generated: int = 0  # of which Inductor generated code for (FX graph cache misses)
-    cached: int = 0  # of which came from Inductor's caches (AOT-autograd's or the FX graph cache)
+    generated: int = 0  # compute pieces Inductor generated code for (cache misses)
+    cached: int = 0  # compute pieces that came from Inductor's caches (AOT-autograd's or the FX graph cache)
     token_counts: list = field(default_factory=list)  # each compute piece's token count (None: static)
+
+    @property
+    def pieces(self) -> int:
+        return self.generated + self.cached
 
     def summary(self) -> str:
         return (f"{self.pieces} compute pieces: {self.generated} generated, {self.cached} from Inductor's cache "
@@ -56,8 +61,6 @@ def unsupported_reason(gm: GraphModule, example_inputs: Sequence[Any]) -> Option
             return f"node {node.name} ({node.target}) updates a tensor in place"
     if torch.is_grad_enabled() and any(x.requires_grad for x in example_inputs):
         return "gradients are recorded (block-by-block compile is for inference)"
-    if not any(is_merge(n) for n in gm.graph.nodes):
-        return "no merge op in the graph"
     return None
 
 
@@ -86,7 +89,10 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
     reason = unsupported_reason(gm, example_inputs)
     if reason is not None:
         raise BlockCompileUnsupported(reason)
-    split = split_at_merges(gm)
+    try:
+        split = split_at_merges(gm)
+    except CannotRewrite as exc:
+        raise BlockCompileUnsupported(str(exc)) from exc
     stats = BlockCompileStats() if stats is None else stats
     compute = set(split.compute)
     module = split.module
@@ -118,20 +124,17 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
     return module.forward
 
 
+@contextlib.contextmanager
 def caches_on():
     """Inductor's FX graph cache and AOT-autograd's cache on while the pieces compile: the
     sharing between blocks is those caches, so the option asks for them even where they were
     turned off (a benchmark that wants every compile to pay full price gives each one an empty
     cache directory instead; the blocks of one compile still share)."""
-    import contextlib
-
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(inductor_config.patch(fx_graph_cache=True))
-    stack.enter_context(functorch_config.patch(enable_autograd_cache=True))
-    return stack
+    with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=True):
+        yield
 
 
 def _token_counts(result: Any) -> set[int]:
@@ -151,9 +154,14 @@ def _token_dims(value: Any, source: Any, merge_outputs: set[Node], token_counts:
     return [d for d in range(1, value.dim()) if value.shape[d] in token_counts]
 
 
+def _cache_hits() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+
+
 def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: Sequence[Any],
                              dynamic: list[list[int]], stats: BlockCompileStats) -> Callable:
-    from torch._dynamo.utils import counters
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
@@ -166,15 +174,11 @@ def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: 
         sizes = [DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC for d in range(value.dim())]
         context = StatelessSymbolicContext(dynamic_sizes=sizes, constraint_sizes=[None] * value.dim())
         fake_args.append(fake_mode.from_tensor(value, symbolic_context=context))
-    def cache_hits() -> int:
-        return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
-
-    hits = cache_hits()
+    hits = _cache_hits()
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
         record_example_values(piece, fake_mode, fake_args)
         compiled = compile_piece(piece, fake_args)
-    stats.pieces += 1
-    if cache_hits() > hits:
+    if _cache_hits() > hits:
         stats.cached += 1
     else:
         stats.generated += 1

@@ -23,7 +23,7 @@ def test_rows_are_distinct_configurations_whatever_the_default_components():
 
 def test_each_semantic_self_attention_row_pairs_with_the_redundancy_row_of_its_ratio():
     specs = ge.row_specs([0.3, 0.5], alpha=0.05, alpha_sweep=[1.0], sweep_ratio=0.5)
-    partners = {name: ge.redundancy_partner(name, opts) for name, kind, opts in specs if kind == "turbo"}
+    partners = {name: ge.redundancy_partner(opts) for name, kind, opts in specs if kind == "turbo"}
     assert partners == {"turbo-sa 0.3": "redundancy-sa 0.3", "redundancy-sa 0.3": None, "turbo-all 0.3": None,
                         "turbo-sa 0.5": "redundancy-sa 0.5", "redundancy-sa 0.5": None, "turbo-all 0.5": None,
                         "turbo-sa 0.5 alpha 1.0": "redundancy-sa 0.5"}
