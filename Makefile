@@ -15,8 +15,11 @@ BUILD_DIR := build
 env:
 	PYTHON="$(PYTHON)" bash scripts/bootstrap.sh
 
+# One pytest-xdist worker per core, whole files per worker (module fixtures stay shared);
+# TEST_WORKERS=0 runs the suite in this process, in file order.
+TEST_WORKERS ?= 2
 test: env
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(PYTEST_ARGS)
 
 # The main job: DINOv2-S (real weights) on a Fashion-MNIST sample, baseline vs redundancy-only vs
 # Turbo at r = 8, 12, 16: accuracy / FLOPs / time table and the accuracy-speed plot in demo-results/.

@@ -1,11 +1,19 @@
 """Shared fixtures: a clean Dynamo state per test and a turbo compile helper that records reports."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import turbo_fx
 from turbo_fx.report import recording
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: one intra-op thread each, since two
+    # workers with two threads each would oversubscribe the cores (tiny-model forwards are
+    # many times slower then; see one_torch_thread below).
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ from torch.fx import GraphModule
 
 from turbo_fx.config import TurboConfig, TurboConfigError, resolve_config
 from turbo_fx.flops import count_flops
+from turbo_fx.guarded_call import guard
 from turbo_fx.passes.propagate_shapes import CannotRewrite
 from turbo_fx.report import GraphReport, counters, publish, wants_flops, wants_graphs
 from turbo_fx.rewrite import NothingToMerge, rewrite_graph
@@ -126,21 +127,24 @@ def _compile_inner(rewritten, original, example_inputs, config: TurboConfig, mod
     compiler = inner_compiler(config.inner_backend, mode)
     if rewritten is original:
         return compiler(original, example_inputs)
-    if config.compile_blocks and report.blocks:
-        compiled = _compile_by_block(rewritten, example_inputs, mode, report)
+    if config.compiles_by_block and report.blocks:
+        compiled = _compile_by_block(rewritten, example_inputs, mode, report, asked=config.compile_blocks is True)
         if compiled is not None:
-            return compiled
+            return guard(compiled, original, example_inputs, compiler, report)
     try:
-        return compiler(rewritten, example_inputs)
+        compiled = compiler(rewritten, example_inputs)
     except Exception as exc:
         log.debug("turbo: inner compiler failed on the rewritten graph", exc_info=True)
         _fallback(original, report, f"{config.inner_backend} failed on the rewritten graph: {type(exc).__name__}: {exc}")
         return compiler(original, example_inputs)
+    return guard(compiled, original, example_inputs, compiler, report)
 
 
-def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport) -> Optional[Callable]:
-    """``rewritten`` compiled piece by piece (``compile_blocks``), or None after the one
-    warning that says why it is compiled whole instead."""
+def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, asked: bool) -> Optional[Callable]:
+    """``rewritten`` compiled piece by piece (``compile_blocks``), or None once the reason it
+    is compiled whole instead is logged: a warning where the user ``asked`` for the split,
+    an info record where it was only the default (the graph still merges; only its
+    compile takes the longer road)."""
     from turbo_fx.block_compile import BlockCompileStats, BlockCompileUnsupported, compile_by_block
 
     piece_compiler = inner_compiler("inductor", mode)
@@ -160,7 +164,9 @@ def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport) -> O
         counters["block_pieces_cached"] += stats.cached
         return compiled
     report.block_compile = f"compiled whole: {reason}"
-    log.warning("turbo: graph %d compiled whole, not block by block (compile_blocks): %s", report.graph_index, reason)
+    counters["graphs_compiled_whole"] += 1
+    log.log(logging.WARNING if asked else logging.INFO,
+            "turbo: graph %d compiled whole, not block by block (compile_blocks): %s", report.graph_index, reason)
     return None
 
 

@@ -12,7 +12,8 @@ hands the second block the first one's compiled code. The merge pieces run as th
 The pieces are compiled while the split module runs once on the compile call's own inputs
 (which gives each piece its real input shapes), so only graphs that this run cannot change
 are accepted: inference (no gradient to record), no in-place update of an input or buffer,
-and static shapes (a dynamic batch would need every piece generic in it too). Anything else
+no random draw (it would shift the user's random stream), and static shapes (a dynamic
+batch would need every piece generic in it too). Anything else
 raises ``BlockCompileUnsupported`` with the reason, and the caller compiles the graph whole.
 """
 from __future__ import annotations
@@ -50,6 +51,19 @@ class BlockCompileStats:
 
 def unsupported_reason(gm: GraphModule, example_inputs: Sequence[Any]) -> Optional[str]:
     """Why ``gm`` cannot be compiled block by block, or None."""
+    reason = dynamic_shape_reason(gm, example_inputs) or in_place_reason(gm)
+    if reason is not None:
+        return reason
+    for node in gm.graph.nodes:
+        if _draws_random(node):
+            return f"node {node.name} ({node.target}) draws random numbers (the compile run would consume them)"
+    if torch.is_grad_enabled() and any(x.requires_grad for x in example_inputs):
+        return "gradients are recorded (block-by-block compile is for inference)"
+    return None
+
+
+def dynamic_shape_reason(gm: GraphModule, example_inputs: Sequence[Any]) -> Optional[str]:
+    """Why ``gm`` (a Dynamo graph) has dynamic shapes, or None where every input is static."""
     if any(not isinstance(x, torch.Tensor) for x in example_inputs):
         return "the graph takes non-tensor (symbolic) inputs: dynamic shapes"
     for node in gm.graph.nodes:
@@ -57,10 +71,14 @@ def unsupported_reason(gm: GraphModule, example_inputs: Sequence[Any]) -> Option
         if node.op == "placeholder" and isinstance(value, torch.Tensor) and any(
                 isinstance(s, torch.SymInt) for s in value.shape):
             return f"input {node.name} has a dynamic shape"
+    return None
+
+
+def in_place_reason(gm: GraphModule) -> Optional[str]:
+    """Which node of ``gm`` updates a tensor in place, or None."""
+    for node in gm.graph.nodes:
         if _mutates(node):
             return f"node {node.name} ({node.target}) updates a tensor in place"
-    if torch.is_grad_enabled() and any(x.requires_grad for x in example_inputs):
-        return "gradients are recorded (block-by-block compile is for inference)"
     return None
 
 
@@ -80,6 +98,31 @@ def _mutates(node: Node) -> bool:
         return name in ("setitem", "delitem") or (
             name.startswith("i") and (hasattr(operator, name[1:]) or hasattr(operator, name[1:] + "_")))
     return name.endswith("_") and not name.endswith("__")
+
+
+# Random draws by name as Dynamo records them (torch functions, Tensor methods); aten
+# overloads say so with a tag. Dropouts draw only when training, and their defaults differ.
+_RANDOM_FUNCTIONS = frozenset({"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
+                               "bernoulli", "multinomial", "normal", "poisson", "native_dropout"})
+_DROPOUT_TRAINING_DEFAULT = {"dropout": True, "dropout1d": True, "dropout2d": True, "dropout3d": True,
+                             "alpha_dropout": False, "feature_alpha_dropout": False}
+
+
+def _draws_random(node: Node) -> bool:
+    """Whether ``node`` consumes the random number generator: running it once at compile
+    time would change every random number the user draws afterwards."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name in _RANDOM_FUNCTIONS:
+        return True
+    if name in _DROPOUT_TRAINING_DEFAULT:
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else _DROPOUT_TRAINING_DEFAULT[name])
+        return training is not False and p != 0
+    return False
 
 
 def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_piece: Callable,

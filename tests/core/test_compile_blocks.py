@@ -1,6 +1,7 @@
 """compile_blocks: the merged graph compiled piece by piece, blocks sharing compiled code through
 Inductor's FX graph cache, against the reference implementation; graphs it cannot take are
-compiled whole with a warning that says why."""
+compiled whole with a warning that says why (an info record where the split was only the
+default)."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ import operator
 
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 import turbo_fx
 from turbo_fx import block_compile
@@ -99,9 +101,49 @@ def test_models_it_was_not_written_for_compute_what_the_whole_graph_does(turbo, 
     out = blocks(**inputs).last_hidden_state
     assert blocks.report.block_compile.startswith("5 compute pieces"), blocks.report.block_compile
     torch._dynamo.reset()
-    whole = turbo(model, r=2, inner_backend="inductor")(**inputs).last_hidden_state
+    whole = turbo(model, r=2, inner_backend="inductor", compile_blocks=False)(**inputs).last_hidden_state
     assert out.shape == whole.shape
     assert (out - whole).abs().max().item() < 1e-5
+
+
+def test_the_default_splits_and_falls_back_without_a_warning(turbo, model, caplog):
+    """Not asked for, the split still happens wherever it applies; a graph it cannot take
+    (here Dynamo's recompile with a symbolic batch) is compiled whole with an info record
+    only, since the user asked for nothing that did not happen."""
+    compiled = turbo(model, r=R, inner_backend="inductor")
+    x = images(2)
+    with caplog.at_level(logging.INFO, logger="turbo_fx"):
+        out = compiled(x)
+        assert compiled.report.block_compile.startswith(f"{DEPTH + 1} compute pieces")
+        out3 = compiled(images(3, seed=3))
+    with torch.no_grad():
+        assert (out - reference_forward(model, x, TurboConfig(r=R))).abs().max().item() < 1e-4
+        assert (out3 - reference_forward(model, images(3, seed=3), TurboConfig(r=R))).abs().max().item() < 1e-4
+    assert compiled.report.block_compile.startswith("compiled whole") and "dynamic" in compiled.report.block_compile
+    whole = [r for r in caplog.records if "compiled whole, not block by block" in r.getMessage()]
+    assert [r.levelno for r in whole] == [logging.INFO]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "turbo_fx"]
+
+
+@pytest.mark.parametrize("options, splits", [
+    ({}, True), ({"compile_blocks": False}, False), ({"compile_blocks": True}, True),
+    ({"fuse_merges": True}, False), ({"inner_backend": "aot_eager"}, False),
+])
+def test_compile_blocks_resolves_to_where_it_applies(options, splits):
+    config = TurboConfig(**options)
+    assert config.compiles_by_block is splits
+    assert config.compile_blocks is options.get("compile_blocks")  # kept as given, so replace() stays valid
+
+
+def test_the_unresolved_defaults_survive_replace():
+    assert TurboConfig().replace(fuse_merges=True).compiles_by_block is False
+    # symbolic_tokens follows fuse_merges unless given, in a copy as in a fresh config
+    assert TurboConfig().replace(fuse_merges=True).symbolic_tokens is TurboConfig(fuse_merges=True).symbolic_tokens \
+        is False
+    assert TurboConfig(symbolic_tokens=True).replace(fuse_merges=True).symbolic_tokens is True
+    assert TurboConfig(fuse_merges=True).replace(r=4) == TurboConfig(fuse_merges=True, r=4)
+    with pytest.raises(TurboConfigError, match="compile_blocks"):
+        TurboConfig(compile_blocks="yes")
 
 
 @pytest.mark.parametrize("options", [{"fuse_merges": True}, {"inner_backend": "eager"}])
@@ -127,6 +169,41 @@ def test_in_place_methods_are_found_by_their_trailing_underscore(method, mutates
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
     assert block_compile._mutates(graph.call_method(method, (x, x))) is mutates
+
+
+F = torch.nn.functional
+
+
+@pytest.mark.parametrize("call, draws", [
+    (lambda g, x: g.call_function(F.dropout, (x, 0.0, False, False)), False),  # nn.Dropout in eval, as Dynamo records it
+    (lambda g, x: g.call_function(F.dropout, (x, 0.1, True, False)), True),
+    (lambda g, x: g.call_function(F.dropout, (x,), {"p": 0.1}), True),  # training defaults to True
+    (lambda g, x: g.call_function(F.dropout, (x, 0.0, True)), False),  # p = 0 draws nothing
+    (lambda g, x: g.call_function(F.alpha_dropout, (x, 0.5)), False),  # training defaults to False here
+    (lambda g, x: g.call_function(torch.rand_like, (x,)), True),
+    (lambda g, x: g.call_function(torch.ops.aten.bernoulli.default, (x,)), True),  # by its tag
+    (lambda g, x: g.call_method("bernoulli", (x,)), True),  # x.bernoulli()
+    (lambda g, x: g.call_function(torch.relu, (x,)), False),
+], ids=["eval-dropout", "train-dropout", "default-training", "p0", "alpha-eval", "rand_like", "aten-bernoulli",
+        "method", "relu"])
+def test_random_draws_are_found(call, draws):
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    assert block_compile._draws_random(call(graph, x)) is draws
+
+
+def test_a_graph_that_draws_random_numbers_is_compiled_whole(turbo, caplog):
+    """The compile run would consume random numbers, and the user's next draw would differ
+    from the one plain Inductor leaves them: such graphs (here every dropout live, the model
+    in training mode under no_grad) are compiled whole."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=10,
+                              proj_drop_rate=0.1).train()
+    compiled = turbo(model, r=R, inner_backend="inductor", compile_blocks=True)
+    with caplog.at_level(logging.WARNING, logger="turbo_fx"):
+        compiled(images(2))
+    assert compiled.report.block_compile.startswith("compiled whole")
+    assert "draws random numbers" in compiled.report.block_compile
 
 
 def test_explain_accepts_the_option_and_reports_the_same_rewrite(model):

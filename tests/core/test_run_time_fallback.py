@@ -1,0 +1,125 @@
+"""A merged graph that fails at run time: the call is run by the unmerged graph, which the
+graph keeps from then on (one warning, the report says why), unless the unmerged graph
+fails too, in which case the error is the caller's and reaches them as it would without turbo."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import turbo_fx
+from model_builders import images, small_vit
+from turbo_fx.guarded_call import GuardedCompiled, guard
+from turbo_fx.ops import merge_step
+from turbo_fx.report import GraphReport
+
+
+@pytest.fixture
+def merge_fails_when_told(monkeypatch):
+    """Makes the merge op raise on real tensors once ``state["fail"]`` is set (its fake
+    implementation, which the compile uses, keeps working)."""
+    state = {"fail": False, "real_calls": 0}
+    real = merge_step.merge_step_outputs
+
+    def maybe_failing(*args):
+        x = args[0]
+        if not merge_step._is_fake(x):
+            state["real_calls"] += 1
+            if state["fail"]:
+                raise RuntimeError("injected kernel failure")
+        return real(*args)
+
+    monkeypatch.setattr(merge_step, "merge_step_outputs", maybe_failing)
+    return state
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_a_run_time_failure_runs_the_unmerged_graph_from_then_on(turbo, merge_fails_when_told, caplog, inner):
+    model = small_vit("vit", patch_size=4, depth=3)
+    x = images(2)
+    compiled = turbo(model, r=3, inner_backend=inner)
+    with torch.no_grad():
+        unmerged = model(x)
+    merged_out = compiled(x)
+    assert compiled.report.merges == 3 and compiled.report.fallback_reason is None
+    assert (merged_out - unmerged).abs().max().item() > 1e-3  # it really merged before the failure
+    calls = merge_fails_when_told["real_calls"]
+    merge_fails_when_told["fail"] = True
+    turbo_fx.counters.clear()
+    with caplog.at_level(logging.WARNING, logger="turbo_fx"):
+        out = compiled(x)
+    assert (out - unmerged).abs().max().item() < 1e-5
+    assert compiled.report.fallback_reason == \
+        "the merged graph failed at run time: RuntimeError: injected kernel failure"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "turbo_fx"]
+    assert len(warnings) == 1 and "runs without token merging from now on" in warnings[0]
+    assert turbo_fx.counters["graphs_fallback_at_run_time"] == 1
+    # The failing call reached the merge op once; from then on it is not called at all.
+    assert merge_fails_when_told["real_calls"] == calls + 1
+    out2 = compiled(images(2, seed=5))
+    with torch.no_grad():
+        assert (out2 - model(images(2, seed=5))).abs().max().item() < 1e-5
+    assert merge_fails_when_told["real_calls"] == calls + 1
+    assert turbo_fx.counters["graphs_fallback_at_run_time"] == 1
+
+
+def test_an_error_the_unmerged_graph_repeats_is_the_callers():
+    report = GraphReport(graph_index=0, n_nodes=0)
+    calls = []
+
+    def merged(x):
+        calls.append("merged")
+        if x < 0:
+            raise ValueError("merged code failed")
+        return "merged"
+
+    def unmerged(x):
+        calls.append("unmerged")
+        raise KeyError("the caller's own error")
+
+    guarded = GuardedCompiled(merged, lambda args: unmerged, report)
+    with pytest.raises(KeyError, match="the caller's own error") as info:
+        guarded(-1)
+    assert info.value.__context__ is None  # not shown as raised while handling the merged failure
+    assert report.fallback_reason is None and not guarded.fell_back
+    assert guarded(1) == "merged"  # the merged code stays
+    assert calls == ["merged", "unmerged", "merged"]
+
+
+def _graph(in_place: bool) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_method("add_" if in_place else "add", (x, 1))
+    graph.output(y)
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _raises(*args):
+    raise RuntimeError("merged code failed")
+
+
+def test_graphs_that_update_in_place_are_not_guarded():
+    """A second run after a partial first one could apply the update twice."""
+    assert guard(_raises, _graph(in_place=True), [torch.zeros(2)], compiler=None, report=None) is _raises
+
+
+@pytest.mark.parametrize("inputs, compiles", [([torch.zeros(2)], True), ([torch.zeros(2), 3], False)],
+                         ids=["static", "symbolic-input"])
+def test_the_unmerged_graph_is_compiled_only_for_static_shapes(inputs, compiles):
+    """A compile from one call's concrete inputs would fit only their shapes, so a graph with
+    symbolic inputs falls back to running the unmerged graph eagerly."""
+    compiled_with = []
+
+    def compiler(gm, args):
+        compiled_with.append(args)
+        return gm.forward
+
+    gm = _graph(in_place=False)
+    report = GraphReport(graph_index=0, n_nodes=0)
+    guarded = guard(_raises, gm, inputs, compiler, report)
+    assert torch.equal(guarded(torch.ones(2)), torch.full((2,), 2.0))
+    assert len(compiled_with) == int(compiles)
+    if compiles:
+        assert torch.equal(compiled_with[0][0], torch.ones(2))  # the failing call's inputs, not Dynamo's
+    assert guarded.fell_back and report.fallback_reason.startswith("the merged graph failed at run time")
