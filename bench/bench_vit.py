@@ -2,6 +2,7 @@
 
     .venv/bin/python -m turbo_fx.bench.bench_vit          # the full run (make bench), roughly 25-30 min on 2 cores
     .venv/bin/python -m turbo_fx.bench.bench_vit --quick  # a smoke test of the script, ~3 minutes on 2 cores
+    .venv/bin/python -m turbo_fx.bench.bench_vit --render bench/results/bench_vit.json  # tables from saved timings
 
 For each model, in one process:
 1. FLOPs: ``turbo_fx.explain`` at every r (FlopCounterMode on the Dynamo graph before and after
@@ -32,6 +33,7 @@ import torch
 from tabulate import tabulate
 
 from turbo_fx.bench import timing as common  # noqa: E402
+from turbo_fx.bench.stats import speedup_interval  # noqa: E402
 
 import turbo_fx  # noqa: E402
 
@@ -58,6 +60,9 @@ DEFINITIONS = {
     "latency": "seconds per forward call (batch --batch, no_grad), after --warmup untimed calls, "
                "--rounds interleaved rounds in a rotating order; median, min, IQR",
     "speedup": "Inductor median latency / configuration median latency",
+    "speedup_interval": "95% percentile-bootstrap interval of the speed-up, resampling the interleaved "
+                        "rounds (both configurations' times of a round stay paired); the FLOP efficiency's "
+                        "interval is that interval times the FLOP ratio",
     "flop_ratio": "configuration FLOPs / baseline FLOPs (turbo_fx.explain: torch.utils.flop_counter on "
                   "the Dynamo graph after vs before the rewrite: matmuls, convolutions, SDPA (CPU "
                   "formula from turbo_fx/flops.py) and turbo's merge op (its similarity matrix and CLS "
@@ -87,7 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output folder (default bench/results; with --quick bench/results/tmp)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: deit_small only, batch 2, r 0 13, 2 rounds, 1 warm-up call")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="measure nothing: rewrite a saved run's JSON and .md with today's derived figures")
     args = p.parse_args(argv)
+    if args.render:
+        return args
     quick = {"models": MODELS[:1], "r": [0, 13], "batch": 2, "rounds": 2, "warmup": 1, "compile_repeats": 1}
     full = {"models": MODELS, "r": R_VALUES, "batch": 8, "rounds": 7, "warmup": 2, "compile_repeats": 2}
     for key, value in (quick if args.quick else full).items():
@@ -234,8 +243,37 @@ def bench_model(model_name: str, args) -> dict:
             c["compile_s"] = common.stats(c["first_call_reset_s"])["median"] - med
             rewrites = [sum(g["rewrite_seconds"] for g in graphs) for graphs in c["turbo_graphs_reset"]]
             c["rewrite_s"] = common.stats(rewrites)["median"] if name != "inductor" else None
+    add_speedup_intervals(cfg)
     result["targets"] = targets(cfg, args)
     return result
+
+
+def add_speedup_intervals(cfg: dict) -> None:
+    """Each configuration's speed-up and FLOP efficiency interval (see DEFINITIONS), from the
+    round-aligned ``latency_s`` lists."""
+    for c in cfg.values():
+        interval = speedup_interval(cfg["inductor"]["latency_s"], c["latency_s"])
+        c["speedup_interval"] = [interval["low"], interval["high"]]
+        c["flop_efficiency_interval"] = ([v * c["flop_ratio"] for v in c["speedup_interval"]]
+                                         if c["flop_ratio"] else None)
+
+
+def render(path: str) -> str:
+    """Rewrite a saved run's JSON (``path``) and its tables (the .md beside it) with the
+    figures this version derives from the raw timings (the intervals, for runs saved before
+    them); nothing is measured. Returns the tables."""
+    with open(path) as f:
+        payload = json.load(f)
+    args = argparse.Namespace(**payload["args"])
+    for res in payload["results"]:
+        add_speedup_intervals(res["configs"])
+        res["targets"] = targets(res["configs"], args)
+    text = markdown(payload["results"], payload["machine"], args)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(text + "\n")
+    return text
 
 
 def targets(cfg: dict, args) -> list[dict]:
@@ -243,6 +281,7 @@ def targets(cfg: dict, args) -> list[dict]:
     if 13 in args.r:
         eff = cfg["turbo r=13"]["flop_efficiency"]
         rows.append({"target": "FLOP efficiency at r=13", "value": eff,
+                     "interval": cfg["turbo r=13"]["flop_efficiency_interval"],
                      "threshold": f">= {TARGET_FLOP_EFFICIENCY}", "pass": eff >= TARGET_FLOP_EFFICIENCY})
     if 0 in args.r:
         ratio = cfg["turbo r=0"]["latency"]["median"] / cfg["inductor"]["latency"]["median"]
@@ -255,6 +294,10 @@ def targets(cfg: dict, args) -> list[dict]:
     return rows
 
 
+def fmt_interval(interval) -> str:
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
 def fmt_load(load) -> str:
     return "/".join(f"{v:.2f}" for v in load)
 
@@ -265,7 +308,7 @@ def markdown(results: list[dict], info: dict, args) -> str:
     if args.quick:
         out += ["**Smoke test (--quick): tiny settings, figures not meaningful.**", ""]
     head = ["config", "compile s", "of which rewrite s", "median ms", "min ms", "IQR ms", "speed-up vs Inductor",
-            "GFLOPs", "FLOP ratio", "FLOP efficiency", "tokens out (last block)",
+            "95% interval", "GFLOPs", "FLOP ratio", "FLOP efficiency", "tokens out (last block)",
             "max abs diff vs eager", "max abs diff vs Inductor"]
     for res in results:
         rows = []
@@ -276,7 +319,8 @@ def markdown(results: list[dict], info: dict, args) -> str:
                 f"{c['compile_s']:.1f}" if "compile_s" in c else "-",
                 f"{c['rewrite_s']:.2f}" if c.get("rewrite_s") is not None else "-",
                 f"{lat['median'] * 1e3:.1f}", f"{lat['min'] * 1e3:.1f}", f"{lat['iqr'] * 1e3:.1f}",
-                f"{c['speedup']:.3f}", f"{c['flops'] / 1e9:.2f}", f"{c['flop_ratio']:.3f}",
+                f"{c['speedup']:.3f}", fmt_interval(c["speedup_interval"]) if name != "inductor" else "-",
+                f"{c['flops'] / 1e9:.2f}", f"{c['flop_ratio']:.3f}",
                 f"{c['flop_efficiency']:.3f}" if name.startswith("turbo") else "-",
                 c.get("tokens_out_last_block") or "-",
                 f"{c['max_abs_diff_vs_eager']:.2e}", f"{c['max_abs_diff_vs_inductor']:.2e}",
@@ -288,14 +332,20 @@ def markdown(results: list[dict], info: dict, args) -> str:
             f" / {fmt_load(res['load_average_after_timing'])}. Compile s: {DEFINITIONS['compile_s']}. Speed-up: {DEFINITIONS['speedup']}. "
             f"FLOP ratio: {DEFINITIONS['flop_ratio']}. FLOP efficiency: {DEFINITIONS['flop_efficiency']}; "
             f"FLOP reduction = 1 / FLOP ratio.", ""]
-        trows = [[t["target"], f"{t['value']:.3f}", t["threshold"], "PASS" if t["pass"] else "MISS"]
-                 for t in res["targets"]]
-        out += [tabulate(trows, headers=["target", "value", "threshold", "result"], tablefmt="github"), ""]
+        trows = [[t["target"], f"{t['value']:.3f}", fmt_interval(t["interval"]) if t.get("interval") else "-",
+                  t["threshold"], "PASS" if t["pass"] else "MISS"] for t in res["targets"]]
+        out += [tabulate(trows, headers=["target", "value", "95% interval", "threshold", "result"],
+                         tablefmt="github"), "",
+                f"Intervals: {DEFINITIONS['speedup_interval']}. A result is PASS or MISS by its value; "
+                "where the interval straddles the threshold, this run cannot tell which.", ""]
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        print(render(args.render), flush=True)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     info = common.machine()

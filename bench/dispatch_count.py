@@ -21,9 +21,11 @@ HOST_SYNCING = frozenset({
 
 # The three ways a merge step runs: the opaque op as ATen calls (the default), the opaque op
 # through one shared compile of the step, and the step traced into the model's own graph.
+# The first two compile the merged graph whole, as the default did before compile_blocks
+# became the default (which the last row is, named for the option).
 MERGE_PATHS = {
-    "opaque op": {},
-    "compile_merge_step=True": {"compile_merge_step": True},
+    "opaque op": {"compile_blocks": False},
+    "compile_merge_step=True": {"compile_merge_step": True, "compile_blocks": False},
     "fuse_merges=True": {"fuse_merges": True},
     "compile_blocks=True": {"compile_blocks": True},
 }

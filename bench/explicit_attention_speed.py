@@ -33,7 +33,8 @@ import torch
 from tabulate import tabulate
 
 from turbo_fx.bench import timing
-from turbo_fx.bench.vlm_speed import compile_cache, speedup_interval, warm_up_once
+from turbo_fx.bench.stats import speedup_interval
+from turbo_fx.bench.vlm_speed import compile_cache, warm_up_once
 
 MODELS = ("blip", "vit")
 

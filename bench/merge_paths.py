@@ -1,11 +1,13 @@
 """The three ways a merge step can run, side by side on one timm model: compile seconds, steady
 latency and ATen calls per forward, against plain Inductor.
 
-- the opaque op running ATen calls (the default);
-- ``compile_merge_step=True``: the opaque op running one shared Inductor compile of the step;
+- the opaque op running ATen calls, the merged graph compiled whole (``compile_blocks=False``;
+  the default until stop 20);
+- ``compile_merge_step=True``: the opaque op running one shared Inductor compile of the step
+  (compiled whole too);
 - ``fuse_merges=True``: the step traced into the model's own graph;
-- ``compile_blocks=True``: the default op, the graph compiled block by block (blocks share
-  compiled code through Inductor's FX graph cache).
+- ``compile_blocks=True``: the opaque op, the graph compiled block by block (blocks share
+  compiled code through Inductor's FX graph cache): today's default.
 
     python -m turbo_fx.bench.merge_paths --model deit_tiny_patch16_224 --r 13 --batch 8 --threads 1
     python -m turbo_fx.bench.merge_paths --model vit_base_patch16_224 --r 13 --batch 256 --device cuda --dtype bf16

@@ -271,3 +271,16 @@ def paired_document_spearman_bootstrap(similarity_a: Sequence[float], similarity
     difference = spearman_of_pairs(similarity_a, human_upper) - spearman_of_pairs(similarity_b, human_upper)
     return Comparison(difference, low, high, bootstrap_p(differences), "document bootstrap",
                       documents_of(len(np.asarray(human_upper))))
+
+
+def speedup_interval(baseline: Sequence[float], times: Sequence[float], resamples: int = RESAMPLES,
+                     seed: int = 0, confidence: float = 0.95) -> dict:
+    """median(baseline) / median(times), with a percentile-bootstrap interval that resamples
+    the rounds (index i of both lists ran in the same round)."""
+    a, b = np.asarray(baseline, dtype=np.float64), np.asarray(times, dtype=np.float64)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"need equal, non-empty round lists, got {a.shape} and {b.shape}")
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(resamples, a.size))
+    replicates = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    low, high = percentile_interval(replicates, confidence)
+    return {"speedup": float(np.median(a) / np.median(b)), "low": low, "high": high}

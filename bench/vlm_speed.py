@@ -76,16 +76,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from tabulate import tabulate
 
 from turbo_fx.bench import timing
+from turbo_fx.bench.stats import speedup_interval
 from turbo_fx.bench.diffusion_speed import GraphCounter, closeness, fresh_copy
 
 DEFAULT_R = (8, 13, 16)
 PARTS = ("clip", "blip")
-RESAMPLES = 2000
 
 # Tiny configurations of the same classes for --small (tests, smoke runs).
 _TINY = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)
@@ -170,21 +169,6 @@ def build_blip(small: bool = False, seed: int = 0) -> BlipCase:
 
 
 # --------------------------------------------------------------------------- helpers
-def speedup_interval(baseline: Sequence[float], times: Sequence[float], resamples: int = RESAMPLES,
-                     seed: int = 0, confidence: float = 0.95) -> dict:
-    """median(baseline) / median(times), with a percentile-bootstrap interval that resamples
-    the rounds (index i of both lists ran in the same round)."""
-    from turbo_fx.bench.stats import percentile_interval
-
-    a, b = np.asarray(baseline, dtype=np.float64), np.asarray(times, dtype=np.float64)
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"need equal, non-empty round lists, got {a.shape} and {b.shape}")
-    idx = np.random.default_rng(seed).integers(0, a.size, size=(resamples, a.size))
-    replicates = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
-    low, high = percentile_interval(replicates, confidence)
-    return {"speedup": float(np.median(a) / np.median(b)), "low": low, "high": high}
-
-
 @contextlib.contextmanager
 def compile_cache(root: str, compiler: str):
     """An empty Inductor cache dir under ``root`` for one compile, kept until ``root`` is removed

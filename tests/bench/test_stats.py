@@ -171,3 +171,15 @@ def test_paired_document_bootstrap():
     # scores and are dropped (4 + 6 * 14 = 88); of the other 168, the 36 that draw all of 0, 1, 2
     # and not 3 tie. p = 2 * 36 / 168.
     assert c.p_value == pytest.approx(2 * 36 / 168, abs=0.04)
+
+
+def test_speedup_interval_brackets_the_ratio_of_medians():
+    base = [1.0, 1.1, 0.9, 1.05, 0.95]
+    fast = [0.5, 0.55, 0.45, 0.5, 0.52]
+    v = stats.speedup_interval(base, fast)
+    assert v["speedup"] == pytest.approx(np.median(base) / np.median(fast))
+    assert v["low"] <= v["speedup"] <= v["high"]
+    same = stats.speedup_interval(base, base)
+    assert same == {"speedup": 1.0, "low": 1.0, "high": 1.0}
+    with pytest.raises(ValueError):
+        stats.speedup_interval([1.0], [1.0, 2.0])

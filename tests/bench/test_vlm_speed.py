@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -100,18 +99,6 @@ def test_compare_explicit_adds_an_explicit_row_per_r():
     assert sdpa["merged"] and explicit["merged"]
     assert sdpa["compiled_report"][0]["tokens_per_block"] == explicit["compiled_report"][0]["tokens_per_block"]
     assert sdpa["compiled_report"][0]["sdpa_sites"] == [0, 1] and explicit["compiled_report"][0]["sdpa_sites"] == []
-
-
-def test_speedup_interval_brackets_the_ratio_of_medians():
-    base = [1.0, 1.1, 0.9, 1.05, 0.95]
-    fast = [0.5, 0.55, 0.45, 0.5, 0.52]
-    v = vs.speedup_interval(base, fast)
-    assert v["speedup"] == pytest.approx(np.median(base) / np.median(fast))
-    assert v["low"] <= v["speedup"] <= v["high"]
-    same = vs.speedup_interval(base, base)
-    assert same == {"speedup": 1.0, "low": 1.0, "high": 1.0}
-    with pytest.raises(ValueError):
-        vs.speedup_interval([1.0], [1.0, 2.0])
 
 
 def test_the_writers_render_every_row(clip_run, blip_run, tmp_path):
