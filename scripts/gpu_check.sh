@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 7's GPU checks, for a session lent a GPU machine (torch 2.11 preinstalled, no network).
+# Each part fits one device call (10 min); results go under $OUT (the device tool's folder).
+#
+#   here:       .venv/bin/pip wheel --no-deps -w dist .       (dist/ is ignored: carry it)
+#   on the GPU: bash scripts/gpu_check.sh tests               (tests/cuda, ~2-4 min)
+#               bash scripts/gpu_check.sh bench               (merge paths + the bias cost, ~8 min)
+#
+# Nothing here runs in CI: CI machines have no GPU, and tests/cuda skips itself there.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+part="${1:?usage: gpu_check.sh tests|bench}"
+OUT="${OUT:-build/gpu_check}"
+mkdir -p "$OUT"
+
+if ! python3 -c "import turbo_fx" 2>/dev/null; then
+    wheel=$(ls dist/turbo_fx-*.whl 2>/dev/null | head -1)
+    [ -n "$wheel" ] || { echo "gpu_check: no dist/turbo_fx-*.whl; build it first (see the header)" >&2; exit 2; }
+    python3 -m pip install -q --no-deps --no-index --target /tmp/turbo-site "$wheel" || exit 2
+    export PYTHONPATH=/tmp/turbo-site
+fi
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
+
+case "$part" in
+tests)
+    python3 -m pytest -q -p no:cacheprovider tests/cuda -rs 2>&1 | tail -40 | tee "$OUT/cuda_tests.txt"
+    ;;
+bench)
+    export TORCHINDUCTOR_CACHE_DIR=/tmp/turbo-inductor
+    python3 -m turbo_fx.bench.attention_bias_cost --device cuda --dtype bf16 --batch 256 --heads 12 --tokens 98 \
+        --rounds 50 --out "$OUT" 2>&1 | tail -12
+    # model r batch: the issue's targets (ViT-B r=13 >= 1.55x, DeiT-S r=13 >= 1.45x, ViT-L r=8 >= 1.8x).
+    for spec in "vit_base_patch16_224 13 256" "deit_small_patch16_224 13 256" "vit_large_patch16_224 8 128"; do
+        set -- $spec
+        timeout 170 python3 -m turbo_fx.bench.merge_paths --model "$1" --r "$2" --batch "$3" --device cuda \
+            --dtype bf16 --threads 4 --rounds 20 --paths fuse_merges=True compile_blocks=True --out "$OUT" 2>&1 | tail -8
+    done
+    ;;
+*)
+    echo "gpu_check: unknown part '$part' (tests or bench)" >&2
+    exit 2
+    ;;
+esac

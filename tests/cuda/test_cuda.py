@@ -1,0 +1,94 @@
+"""The GPU path (issue 7): skipped without a CUDA device, so CI on CPU machines never runs it.
+`scripts/gpu_check.sh tests` runs this file on a lent GPU machine.
+
+What it holds a GPU to: the default compile (block by block) computes the reference; a warm
+forward of every merge path never waits for the device (CUDA's sync debug mode turns any
+host synchronisation into an error); ``mode="reduce-overhead"`` never raises and gives the
+reference or, after a logged fallback, the unmerged model's output."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+import turbo_fx
+from model_builders import images, small_vit
+from turbo_fx.backend import turbo_backend
+from turbo_fx.config import TurboConfig
+from turbo_fx.reference import reference_forward
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DEPTH, R = 4, 3
+PATHS = {"default": {}, "fuse_merges": {"fuse_merges": True}, "compile_merge_step": {"compile_merge_step": True}}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_vit("vit", patch_size=4, depth=DEPTH).cuda()
+
+
+def _x(seed: int = 1) -> torch.Tensor:
+    return images(2, seed=seed).cuda()
+
+
+def test_the_default_compile_splits_by_block_and_computes_the_reference(model):
+    compiled = torch.compile(model, backend="turbo", options={"r": R})
+    with turbo_fx.recording() as rec, torch.no_grad():
+        out = compiled(_x())
+        expected = reference_forward(model, _x(), TurboConfig(r=R))
+    report = rec.graphs[-1]
+    assert report.merges == DEPTH and report.fallback_reason is None
+    assert report.block_compile.startswith(f"{DEPTH + 1} compute pieces"), report.block_compile
+    assert (out - expected).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_bf16_merges_and_stays_finite(model, path):
+    """In bf16 near-ties may pick other merge partners than float32 does, so only the merge
+    and finite outputs are asserted, not closeness to the float32 reference."""
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    compiled = torch.compile(half, backend="turbo", options={"r": R, **PATHS[path]})
+    with turbo_fx.recording() as rec, torch.no_grad():
+        out = compiled(_x().to(torch.bfloat16))
+    assert rec.graphs[-1].merges == DEPTH and rec.graphs[-1].fallback_reason is None
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_warm_forward_never_waits_for_the_gpu(model, path):
+    compiled = torch.compile(model, backend="turbo", options={"r": R, **PATHS[path]})
+    x = _x()
+    with torch.no_grad():
+        for _ in range(3):  # compile, and the compiled step's own first calls
+            compiled(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            compiled(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("path", ["default", "fuse_merges"])
+def test_reduce_overhead_never_raises(model, path):
+    """CUDA graphs record on the second call and replay after: four calls cover all three.
+    Each output is cloned, since a replay overwrites the last one's memory."""
+    backend = functools.partial(turbo_backend, options=TurboConfig(r=R, **PATHS[path]), mode="reduce-overhead")
+    compiled = torch.compile(model, backend=backend)
+    x = _x()
+    with torch.no_grad():
+        merged = reference_forward(model, x, TurboConfig(r=R))
+        unmerged = model(x)
+    with turbo_fx.recording() as rec, torch.no_grad():
+        outs = [compiled(x).clone() for _ in range(4)]
+    report = rec.graphs[-1]
+    # Merged until a run-time fallback (if any), unmerged from then on.
+    kinds = ["merged" if (out - merged).abs().max().item() < 1e-3 else
+             "unmerged" if (out - unmerged).abs().max().item() < 1e-3 else "wrong" for out in outs]
+    assert "wrong" not in kinds, (kinds, report.fallback_reason)
+    assert kinds == sorted(kinds), kinds  # "merged" < "unmerged": no merged call after the fallback
+    assert ("unmerged" in kinds) == bool(report.fallback_reason), (kinds, report.fallback_reason)
