@@ -15,8 +15,8 @@ BUILD_DIR := build
 env:
 	PYTHON="$(PYTHON)" bash scripts/bootstrap.sh
 
-# One pytest-xdist worker per core, whole files per worker (module fixtures stay shared);
-# TEST_WORKERS=0 runs the suite in this process, in file order.
+# Two pytest-xdist workers (the CI machines have 2 cores), whole files per worker (module
+# fixtures stay shared); TEST_WORKERS=0 runs the suite in this process, in file order.
 TEST_WORKERS ?= 2
 test: env
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(PYTEST_ARGS)

@@ -19,10 +19,10 @@ HOST_SYNCING = frozenset({
 })
 
 
-# The three ways a merge step runs: the opaque op as ATen calls (the default), the opaque op
-# through one shared compile of the step, and the step traced into the model's own graph.
-# The first two compile the merged graph whole, as the default did before compile_blocks
-# became the default (which the last row is, named for the option).
+# The ways a merge step runs: the opaque op as ATen calls, the opaque op through one shared
+# compile of the step (both with the merged graph compiled whole, as the default did until
+# stop 20), the step traced into the model's own graph, and the opaque op with the graph
+# compiled block by block (today's default, named for its option).
 MERGE_PATHS = {
     "opaque op": {"compile_blocks": False},
     "compile_merge_step=True": {"compile_merge_step": True, "compile_blocks": False},
