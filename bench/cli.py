@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
     b.add_argument("--rounds", type=_positive, default=5, help="interleaved timing rounds (default 5)")
     b.add_argument("--warmup", type=_non_negative, default=2, help="untimed calls per configuration (default 2)")
+    b.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
+    b.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="the model's and its float inputs' dtype (default fp32)")
 
     e = sub.add_parser("eval", parents=[common], help="fidelity of merged models on real weights and data",
                        description="Accuracy kept at each FLOP budget: baseline, redundancy-only, "
@@ -147,6 +150,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "turbo-fx " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     from turbo_fx.model_zoo.registry import MissingDependency
 
+    if args.command == "bench" and args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
     try:
         if args.command == "bench":
             from turbo_fx.bench import speed

@@ -5,6 +5,7 @@ after ``torch._dynamo.reset()`` with an empty Inductor cache and the FX graph / 
 off, minus the steady-state median), then steady-state latency from interleaved rounds
 (every configuration once per round, rotating order), median / min / IQR. Definitions as in
 ``bench/timing.py``; bench/bench_vit.py is the longer benchmark behind the README table.
+``--device cuda --dtype bf16|fp16|fp32`` runs it on a GPU, every call synchronised.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from tabulate import tabulate
 
 import turbo_fx
 from turbo_fx.bench import timing
+from turbo_fx.bench.merge_paths import DTYPES, synchronised
+from turbo_fx.bench.stats import speedup_interval
 
 
 def run(args, command: str) -> int:
@@ -25,11 +28,13 @@ def run(args, command: str) -> int:
         print("\n".join(list_models()))
         return 0
     zoo = build_model(args.model)
-    inputs = zoo.example_inputs(args.batch)
+    device, dtype = getattr(args, "device", "cpu"), DTYPES[getattr(args, "dtype", "fp32")]
+    model = zoo.model.to(device, dtype)
+    inputs = on_device(zoo.example_inputs(args.batch), device, dtype)
     weights = "real weights" if zoo.real_weights else "RANDOM weights"
-    timing.log(f"machine: {timing.machine_line()}")
+    where = f"{device} {getattr(args, 'dtype', 'fp32')}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
+    timing.log(f"machine: {timing.machine_line()}; {where}")
     timing.log(f"{args.model}: {zoo.description} ({weights}), batch {args.batch}, r {args.r}, options {args.options}")
-    model = zoo.model
     r_values = sorted(set(args.r))
 
     flops = {}
@@ -45,8 +50,10 @@ def run(args, command: str) -> int:
 
     def compiled(name):
         if name == "inductor":
-            return torch.compile(model)
-        return torch.compile(model, backend="turbo", options={**args.options, "r": int(name.split("=")[1])})
+            fn = torch.compile(model)
+        else:
+            fn = torch.compile(model, backend="turbo", options={**args.options, "r": int(name.split("=")[1])})
+        return synchronised(fn, torch.device(device))
 
     first = {}
     for name in names:
@@ -55,7 +62,7 @@ def run(args, command: str) -> int:
             first[name] = timing.time_first_call(compiled(name), *inputs)
         timing.log(f"compile {name}: first call {first[name]:.1f} s")
     torch._dynamo.reset()
-    fns = {"eager": model}
+    fns = {"eager": synchronised(model, torch.device(device))}
     with timing.fresh_cache():
         for name in names:
             fns[name] = compiled(name)
@@ -70,27 +77,41 @@ def run(args, command: str) -> int:
         st = timing.stats(times[name])
         before, after, fallbacks, tokens = flops.get(name, (baseline_flops, baseline_flops, [], None))
         compile_s = first[name] - st["median"] if name in first else None
+        interval = speedup_interval(times["inductor"], times[name])
         payload[name] = {"latency": st, "latency_s": times[name], "flops": after, "compile_s": compile_s,
-                         "fallbacks": fallbacks, "tokens_per_block": tokens}
-        rows.append([name, f"{compile_s:.1f}" if compile_s is not None else "-", f"{st['median'] * 1e3:.1f}",
-                     f"{st['iqr'] * 1e3:.1f}", f"{ind / st['median']:.2f}x", f"{after / 1e9:.2f}",
-                     f"{after / baseline_flops:.3f}", f"{tokens[0]}→{tokens[-1]}" if tokens else "-"])
-    table = tabulate(rows, headers=["config", "compile s", "median ms", "IQR ms", "speed-up vs Inductor",
-                                    "GFLOPs", "FLOP ratio", "tokens per block"], tablefmt="github")
-    text = "\n".join([f"# turbo-fx bench: {args.model} ({weights}), batch {args.batch}", "",
+                         "fallbacks": fallbacks, "tokens_per_block": tokens,
+                         "samples_per_s": args.batch / st["median"], "speedup_vs_inductor": interval,
+                         "flop_ideal_speedup": baseline_flops / after}
+        rows.append([name, f"{compile_s:.1f}" if compile_s is not None else "-",
+                     f"{compile_s / payload['inductor']['compile_s']:.2f}" if compile_s is not None else "-",
+                     f"{st['median'] * 1e3:.1f}", f"{st['iqr'] * 1e3:.1f}", f"{args.batch / st['median']:.1f}",
+                     f"{interval['speedup']:.2f}x [{interval['low']:.2f}, {interval['high']:.2f}]",
+                     f"{baseline_flops / after:.2f}x", f"{after / 1e9:.2f}",
+                     f"{tokens[0]}→{tokens[-1]}" if tokens else "-"])
+    table = tabulate(rows, headers=["config", "compile s", "compile vs Inductor", "median ms", "IQR ms",
+                                    "samples/s", "speed-up vs Inductor [95%]", "FLOP-ideal speed-up", "GFLOPs",
+                                    "tokens per block"], tablefmt="github")
+    text = "\n".join([f"# turbo-fx bench: {args.model} ({weights}), batch {args.batch}, {where}", "",
                       f"Machine: {timing.machine_line()}.", f"Command: `{command}`", "", table, "",
                       f"{args.rounds} interleaved rounds after {args.warmup} warm-up calls; compile s = first call "
-                      "after a reset with an empty Inductor cache minus the median call.", ""])
+                      "after a reset with an empty Inductor cache minus the median call; speed-up intervals "
+                      "resample the rounds; FLOP-ideal speed-up = Inductor's FLOPs / the row's.", ""])
     print("\n" + text)
     stem = f"bench_{args.model.replace(':', '_').replace('/', '_')}"
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump({"command": command, "machine": timing.machine(), "model": args.model,
-                   "real_weights": zoo.real_weights, "batch": args.batch, "configs": payload}, f, indent=1)
+        json.dump({"command": command, "machine": timing.machine(), "model": args.model, "device": device,
+                   "dtype": getattr(args, "dtype", "fp32"), "real_weights": zoo.real_weights, "batch": args.batch,
+                   "configs": payload}, f, indent=1)
     _plot(payload, baseline_flops, os.path.join(args.out, stem + ".png"), args.model)
     timing.log(f"wrote {stem}.md, .json and .png in {args.out}")
     return 0
+
+
+def on_device(inputs: tuple, device: str, dtype: torch.dtype) -> tuple:
+    """The example inputs on ``device``; floating ones in ``dtype`` (token ids and masks keep theirs)."""
+    return tuple(t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in inputs)
 
 
 def flop_ideal_ms(payload: dict, baseline_flops: float) -> dict[str, float]:

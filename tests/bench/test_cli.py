@@ -120,3 +120,32 @@ def test_bench_small_model(tmp_path, capsys):
     assert configs["turbo r=12"]["tokens_per_block"][:2] == [101, 89]
     assert configs["turbo r=12"]["flops"] < 0.8 * configs["inductor"]["flops"]
     assert (tmp_path / "bench_timm_test_vit.png").read_bytes()[:8] == PNG
+    assert (payload["device"], payload["dtype"]) == ("cpu", "fp32")
+    turbo = configs["turbo r=12"]
+    assert turbo["samples_per_s"] == 1 / turbo["latency"]["median"]  # batch 1
+    assert turbo["flop_ideal_speedup"] == configs["inductor"]["flops"] / turbo["flops"]
+    # One round: the interval collapses onto the ratio of the two timings.
+    vs = turbo["speedup_vs_inductor"]
+    assert vs["low"] == vs["speedup"] == vs["high"] == configs["inductor"]["latency_s"][0] / turbo["latency_s"][0]
+    text = (tmp_path / "bench_timm_test_vit.md").read_text()
+    assert "batch 1, cpu fp32" in text and "FLOP-ideal speed-up" in text and "samples/s" in text
+
+
+def test_bench_inputs_move_to_the_device_and_floats_take_the_dtype():
+    import torch
+
+    from turbo_fx.bench.speed import on_device
+
+    ids, pixels = torch.arange(4).reshape(1, 4), torch.randn(1, 3, 2, 2)
+    moved = on_device((ids, pixels), "cpu", torch.bfloat16)
+    assert moved[0].dtype == torch.int64 and torch.equal(moved[0], ids)
+    assert moved[1].dtype == torch.bfloat16 and torch.equal(moved[1], pixels.to(torch.bfloat16))
+
+
+def test_bench_on_cuda_without_a_gpu_is_a_usage_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, _, err = run_cli(["bench", "--device", "cuda", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "no CUDA device" in err
