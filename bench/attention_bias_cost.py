@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from turbo_fx.bench import timing
-from turbo_fx.bench.merge_paths import DTYPES, synchronised
 from turbo_fx.bench.stats import speedup_interval
 from turbo_fx.ops.attention_bias import MASKED_BELOW
 
@@ -111,7 +110,7 @@ def measure(inputs: dict, dtype: torch.dtype, rounds: int, log: Callable[[str], 
             rows.append(row)
             continue
         row["max_abs_diff_to_reference"] = (out.double() - expected).abs().max().item()
-        compiled[name] = synchronised(fn_c, inputs["q"].device)
+        compiled[name] = timing.synchronised(fn_c, inputs["q"].device)
         rows.append(row)
         log(f"{name}: compiled in {row['compile_s']:.1f} s, max |diff| to float64 {row['max_abs_diff_to_reference']:.1e}")
     times = timing.interleaved(compiled, args, rounds)
@@ -153,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tokens", type=int, default=101, help="key/query count after merging (DeiT-S r=8, block 6: 101)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=sorted(timing.DTYPES))
     p.add_argument("--rounds", type=int, default=50)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--name", default=None, help="result file stem (default: from device, dtype and shape)")
@@ -161,11 +160,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if min(args.batch, args.heads, args.tokens, args.head_dim, args.rounds) < 1:
         p.error("--batch, --heads, --tokens, --head-dim and --rounds must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    if timing.device_error(args.device):
+        p.error(timing.device_error(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
+    dtype = timing.DTYPES[args.dtype]
     inputs = attention_inputs(args.batch, args.heads, args.tokens, args.head_dim, dtype, args.device)
     payload = {"device": args.device, "dtype": args.dtype, "rounds": args.rounds, "machine": timing.machine(),
                "shape": {"batch": args.batch, "heads": args.heads, "tokens": args.tokens, "head_dim": args.head_dim},
@@ -173,9 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.device == "cuda":
         payload["gpu"] = torch.cuda.get_device_name()
     name = args.name or f"{args.device}_{args.dtype}_b{args.batch}_h{args.heads}_n{args.tokens}_d{args.head_dim}"
-    json_path, md_path = timing.write_json_and_markdown(payload, args.out, name, render)
-    print(render(payload))
-    print(f"wrote {json_path} and {md_path}")
+    timing.write_and_print(payload, args.out, name, render)
     return 0
 
 

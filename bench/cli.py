@@ -150,11 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "turbo-fx " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     from turbo_fx.model_zoo.registry import MissingDependency
 
-    if args.command == "bench" and args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device is available")
+    if args.command == "bench" and timing.device_error(args.device):
+        parser.error(timing.device_error(args.device))
     try:
         if args.command == "bench":
             from turbo_fx.bench import speed

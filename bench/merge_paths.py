@@ -54,7 +54,7 @@ def measure(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int,
         fallbacks[label] = [g.fallback_reason for g in rec.graphs if g.fallback_reason]
         compiled[label] = fn
         timing.log(f"{label}: first call {first[label]:.1f} s")
-    times = timing.interleaved({k: synchronised(fn, x.device) for k, fn in compiled.items()}, x, rounds)
+    times = timing.interleaved({k: timing.synchronised(fn, x.device) for k, fn in compiled.items()}, x, rounds)
     rows = []
     for label in configs:
         st = timing.stats(times[label])
@@ -68,21 +68,6 @@ def measure(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int,
     return {"rows": rows}
 
 
-def synchronised(fn, device: torch.device):
-    """``fn`` that returns only once the device has finished its work (a GPU runs ahead of the
-    host, so an unsynchronised call times the launches, not the forward)."""
-    if device.type != "cuda":
-        return fn
-
-    def call(*args):
-        out = fn(*args)
-        torch.cuda.synchronize(device)
-        return out
-
-    return call
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def render(payload: dict) -> str:
@@ -108,18 +93,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=sorted(timing.DTYPES))
     p.add_argument("--paths", nargs="+", choices=list(MERGE_PATHS), default=None,
                    help="merge paths to measure (default: all; Inductor and the opaque op always run)")
     p.add_argument("--name", default=None, help="result file stem (default: model, r and batch)")
     p.add_argument("--out", default="bench/results/merge_paths")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    if timing.device_error(args.device):
+        p.error(timing.device_error(args.device))
     torch.set_num_threads(args.threads)
     timing.warm_up_compilers()
     torch.manual_seed(0)
-    dtype = DTYPES[args.dtype]
+    dtype = timing.DTYPES[args.dtype]
     model = timm.create_model(args.model, pretrained=False).eval().to(args.device, dtype)
     x = torch.randn(args.batch, *model.default_cfg["input_size"], device=args.device, dtype=dtype)
     payload = {"model": args.model, "r": args.r, "batch": args.batch, "device": args.device, "dtype": args.dtype,
@@ -128,9 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         payload["gpu"] = torch.cuda.get_device_name()
     name = args.name or (f"{args.model}_r{args.r}_b{args.batch}"
                          + ("" if args.device == "cpu" else f"_{args.device}_{args.dtype}"))
-    json_path, md_path = timing.write_json_and_markdown(payload, args.out, name, render)
-    print(render(payload))
-    print(f"wrote {json_path} and {md_path}")
+    timing.write_and_print(payload, args.out, name, render)
     return 0
 
 

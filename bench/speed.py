@@ -17,7 +17,6 @@ from tabulate import tabulate
 
 import turbo_fx
 from turbo_fx.bench import timing
-from turbo_fx.bench.merge_paths import DTYPES, synchronised
 from turbo_fx.bench.stats import speedup_interval
 
 
@@ -28,11 +27,11 @@ def run(args, command: str) -> int:
         print("\n".join(list_models()))
         return 0
     zoo = build_model(args.model)
-    device, dtype = getattr(args, "device", "cpu"), DTYPES[getattr(args, "dtype", "fp32")]
+    device, dtype = args.device, timing.DTYPES[args.dtype]
     model = zoo.model.to(device, dtype)
     inputs = on_device(zoo.example_inputs(args.batch), device, dtype)
     weights = "real weights" if zoo.real_weights else "RANDOM weights"
-    where = f"{device} {getattr(args, 'dtype', 'fp32')}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
+    where = f"{device} {args.dtype}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
     timing.log(f"machine: {timing.machine_line()}; {where}")
     timing.log(f"{args.model}: {zoo.description} ({weights}), batch {args.batch}, r {args.r}, options {args.options}")
     r_values = sorted(set(args.r))
@@ -53,7 +52,7 @@ def run(args, command: str) -> int:
             fn = torch.compile(model)
         else:
             fn = torch.compile(model, backend="turbo", options={**args.options, "r": int(name.split("=")[1])})
-        return synchronised(fn, torch.device(device))
+        return timing.synchronised(fn, torch.device(device))
 
     first = {}
     for name in names:
@@ -62,7 +61,7 @@ def run(args, command: str) -> int:
             first[name] = timing.time_first_call(compiled(name), *inputs)
         timing.log(f"compile {name}: first call {first[name]:.1f} s")
     torch._dynamo.reset()
-    fns = {"eager": synchronised(model, torch.device(device))}
+    fns = {"eager": timing.synchronised(model, torch.device(device))}
     with timing.fresh_cache():
         for name in names:
             fns[name] = compiled(name)
@@ -102,7 +101,7 @@ def run(args, command: str) -> int:
         f.write(text)
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"command": command, "machine": timing.machine(), "model": args.model, "device": device,
-                   "dtype": getattr(args, "dtype", "fp32"), "real_weights": zoo.real_weights, "batch": args.batch,
+                   "dtype": args.dtype, "real_weights": zoo.real_weights, "batch": args.batch,
                    "configs": payload}, f, indent=1)
     _plot(payload, baseline_flops, os.path.join(args.out, stem + ".png"), args.model)
     timing.log(f"wrote {stem}.md, .json and .png in {args.out}")

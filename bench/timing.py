@@ -225,3 +225,36 @@ def write_json_and_markdown(payload: dict, out_dir: str, name: str, render: Call
     with open(md_path, "w") as f:
         f.write(render(payload))
     return json_path, md_path
+
+
+# --------------------------------------------------------------------------- devices
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def device_error(device: str) -> Optional[str]:
+    """Why ``device`` cannot run here (a usage error for the command line), or None."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: no CUDA device is available"
+    return None
+
+
+def synchronised(fn, device: torch.device):
+    """``fn`` that returns only once the device has finished its work (a GPU runs ahead of the
+    host, so an unsynchronised call times the launches, not the forward)."""
+    if device.type != "cuda":
+        return fn
+
+    def call(*args):
+        out = fn(*args)
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+def write_and_print(payload: dict, out_dir: str, name: str, render: Callable[[dict], str]) -> tuple[str, str]:
+    """``write_json_and_markdown``, then the tables and where they went on stdout."""
+    json_path, md_path = write_json_and_markdown(payload, out_dir, name, render)
+    print(render(payload))
+    print(f"wrote {json_path} and {md_path}")
+    return json_path, md_path
