@@ -1,5 +1,5 @@
-"""How many ATen ops one warm forward dispatches, plain Inductor against turbo's three merge
-paths, counted by the profiler. On a GPU each dispatched op costs a launch and host time, so
+"""How many ATen ops one warm forward dispatches, plain Inductor against turbo's merge paths,
+counted by the profiler. On a GPU each dispatched op costs a launch and host time, so
 this count shows whether the merge step is host-bound before any GPU is at hand.
 
     python -m turbo_fx.bench.dispatch_count --model deit_tiny_patch16_224 --r 13 --batch 2
@@ -21,13 +21,16 @@ HOST_SYNCING = frozenset({
 
 # The ways a merge step runs: the opaque op as ATen calls, the opaque op through one shared
 # compile of the step (both with the merged graph compiled whole, as the default did until
-# stop 20), the step traced into the model's own graph, and the opaque op with the graph
-# compiled block by block (today's default, named for its option).
+# stop 20), the step traced into the model's own graph, the opaque op with the graph
+# compiled block by block (today's default on CPU, named for its option), and the same with
+# the merge pieces compiled too (today's default on CUDA).
 MERGE_PATHS = {
     "opaque op": {"compile_blocks": False},
     "compile_merge_step=True": {"compile_merge_step": True, "compile_blocks": False},
     "fuse_merges=True": {"fuse_merges": True},
-    "compile_blocks=True": {"compile_blocks": True},
+    # Pinned both ways: the default of compile_merge_step differs between CPU and CUDA.
+    "compile_blocks=True": {"compile_blocks": True, "compile_merge_step": False},
+    "compiled merge pieces": {"compile_blocks": True, "compile_merge_step": True},
 }
 
 

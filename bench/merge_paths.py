@@ -1,4 +1,4 @@
-"""The three ways a merge step can run, side by side on one timm model: compile seconds, steady
+"""The ways a merge step can run, side by side on one timm model: compile seconds, steady
 latency and ATen calls per forward, against plain Inductor.
 
 - the opaque op running ATen calls, the merged graph compiled whole (``compile_blocks=False``;
@@ -6,8 +6,11 @@ latency and ATen calls per forward, against plain Inductor.
 - ``compile_merge_step=True``: the opaque op running one shared Inductor compile of the step
   (compiled whole too);
 - ``fuse_merges=True``: the step traced into the model's own graph;
-- ``compile_blocks=True``: the opaque op, the graph compiled block by block (blocks share
-  compiled code through Inductor's FX graph cache): today's default.
+- ``compile_blocks=True``: the opaque op running ATen calls, the graph compiled block by block
+  (blocks share compiled code through Inductor's FX graph cache): today's default on CPU;
+- "compiled merge pieces" (``compile_merge_step=True`` with the split): block by block, the
+  merge pieces compiled too, one compile shared by the merges after the first: today's
+  default on CUDA.
 
     python -m turbo_fx.bench.merge_paths --model deit_tiny_patch16_224 --r 13 --batch 8 --threads 1
     python -m turbo_fx.bench.merge_paths --model vit_base_patch16_224 --r 13 --batch 256 --device cuda --dtype bf16

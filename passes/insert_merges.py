@@ -107,7 +107,7 @@ def insert_merges(
                 site.index, result.padding, config.prop_attn, _logit_dtype(site),
                 config.symbolic_tokens and plan.tokens_out >= 2,
                 config.redundancy, config.keep_salient, tail, config.fuse_merges,
-                config.compile_merge_step,
+                config.compile_merge_step is True,
             )
             new_stream, sizes, assign, bias = (call(operator.getitem, merged, i) for i in range(4))
         inserted = set(result.touched)

@@ -128,7 +128,8 @@ def _compile_inner(rewritten, original, example_inputs, config: TurboConfig, mod
     if rewritten is original:
         return compiler(original, example_inputs)
     if config.compiles_by_block and report.blocks:
-        compiled = _compile_by_block(rewritten, example_inputs, mode, report, asked=config.compile_blocks is True)
+        compiled = _compile_by_block(rewritten, example_inputs, mode, report, asked=config.compile_blocks is True,
+                                     compile_merges=config.compiles_merges(_device_type(example_inputs)))
         if compiled is not None:
             return guard(compiled, original, example_inputs, compiler, report)
     try:
@@ -140,7 +141,8 @@ def _compile_inner(rewritten, original, example_inputs, config: TurboConfig, mod
     return guard(compiled, original, example_inputs, compiler, report)
 
 
-def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, asked: bool) -> Optional[Callable]:
+def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, asked: bool,
+                      compile_merges: bool = False) -> Optional[Callable]:
     """``rewritten`` compiled piece by piece (``compile_blocks``), or None once the reason it
     is compiled whole instead is logged: a warning where the user ``asked`` for the split,
     an info record where it was only the default (the graph still merges; only its
@@ -152,7 +154,7 @@ def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, aske
     try:
         if mode and torch._inductor.list_mode_options(mode).get("triton.cudagraphs"):
             raise BlockCompileUnsupported(f"mode={mode!r} captures CUDA graphs, which this split does not support yet")
-        compiled = compile_by_block(rewritten, example_inputs, piece_compiler, stats)
+        compiled = compile_by_block(rewritten, example_inputs, piece_compiler, stats, compile_merges)
     except BlockCompileUnsupported as exc:
         reason = str(exc)
     except Exception as exc:  # a failed split must not break the user's model
@@ -168,6 +170,14 @@ def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, aske
     log.log(logging.WARNING if asked else logging.INFO,
             "turbo: graph %d compiled whole, not block by block (compile_blocks): %s", report.graph_index, reason)
     return None
+
+
+def _device_type(example_inputs) -> str:
+    """The device type of the graph's first tensor input ("cpu" where it has none)."""
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
 
 
 def inner_compiler(name: str, mode: Optional[str] = None) -> Callable:

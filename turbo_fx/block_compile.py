@@ -19,6 +19,8 @@ raises ``BlockCompileUnsupported`` with the reason, and the caller compiles the 
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -27,7 +29,9 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from turbo_fx.passes.propagate_shapes import CannotRewrite
-from turbo_fx.passes.split_at_merges import split_at_merges
+from turbo_fx.passes.split_at_merges import name_positionally, split_at_merges
+
+log = logging.getLogger("turbo_fx")
 
 
 class BlockCompileUnsupported(Exception):
@@ -35,18 +39,29 @@ class BlockCompileUnsupported(Exception):
 
 
 @dataclass
-class BlockCompileStats:
-    generated: int = 0  # compute pieces Inductor generated code for (cache misses)
-    cached: int = 0  # compute pieces that came from Inductor's caches (AOT-autograd's or the FX graph cache)
-    token_counts: list = field(default_factory=list)  # each compute piece's token count (None: static)
+class PieceCounts:
+    generated: int = 0  # pieces Inductor generated code for (cache misses)
+    cached: int = 0  # pieces that came from Inductor's caches (AOT-autograd's or the FX graph cache)
+    failed: int = 0  # merge pieces whose compile failed (they run the opaque op)
 
     @property
     def pieces(self) -> int:
         return self.generated + self.cached
 
+
+@dataclass
+class BlockCompileStats(PieceCounts):
+    token_counts: list = field(default_factory=list)  # each compute piece's token count (None: static)
+    merge_pieces: PieceCounts = field(default_factory=PieceCounts)  # compiled merge pieces (compile_merges)
+
     def summary(self) -> str:
-        return (f"{self.pieces} compute pieces: {self.generated} generated, {self.cached} from Inductor's cache "
+        text = (f"{self.pieces} compute pieces: {self.generated} generated, {self.cached} from Inductor's cache "
                 f"(token counts {self.token_counts})")
+        merges = self.merge_pieces
+        if merges.pieces or merges.failed:
+            text += (f"; {merges.pieces} compiled merge pieces: {merges.generated} generated, {merges.cached} from "
+                     f"Inductor's cache" + (f", {merges.failed} failed (run as the opaque op)" if merges.failed else ""))
+        return text
 
 
 def unsupported_reason(gm: GraphModule, example_inputs: Sequence[Any]) -> Optional[str]:
@@ -126,9 +141,12 @@ def _draws_random(node: Node) -> bool:
 
 
 def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_piece: Callable,
-                     stats: Optional[BlockCompileStats] = None) -> Callable:
+                     stats: Optional[BlockCompileStats] = None, compile_merges: bool = False) -> Callable:
     """A callable computing ``gm`` whose compute pieces were each compiled by
-    ``compile_piece(piece, fake_inputs)`` (``compile_fx`` with the caller's patches)."""
+    ``compile_piece(piece, fake_inputs)`` (``compile_fx`` with the caller's patches).
+    ``compile_merges``: the merge pieces too, each with the traced merge in the opaque op's
+    place and its incoming token count a backed symbolic size, so that the merges after the
+    first share one compiled step (a few kernels instead of tens of ATen calls per block)."""
     reason = unsupported_reason(gm, example_inputs)
     if reason is not None:
         raise BlockCompileUnsupported(reason)
@@ -143,17 +161,27 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
     token_counts: set[int] = set()
 
     class CompileOnFirstRun(Interpreter):
+        merged_count: Optional[int] = None  # the token count the latest merge piece handed on
+
         def run_node(self, node: Node) -> Any:
             self.node = node
             result = super().run_node(node)
             if node.op == "call_module" and node.target not in compute:
                 merge_outputs.add(node)
-                token_counts.update(_token_counts(result))
+                counts = _token_counts(result)
+                token_counts.update(counts)
+                self.merged_count = min(counts) if counts else None
             return result
 
         def call_module(self, target, args, kwargs):
             if target not in compute:
-                return getattr(module, target)(*args, **kwargs)
+                merge = getattr(module, target)
+                if compile_merges:
+                    compiled = _compile_merge_piece(compile_piece, merge, args, self.merged_count, stats)
+                    if compiled is not None:
+                        setattr(module, target, compiled)
+                        return compiled(*args)
+                return merge(*args, **kwargs)
             dynamic = [_token_dims(a, src, merge_outputs, token_counts) for a, src in zip(args, self.node.args)]
             counts = {a.shape[d] for a, dims in zip(args, dynamic) for d in dims}
             stats.token_counts.append(min(counts) if counts else None)
@@ -176,7 +204,14 @@ def caches_on():
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=True):
+    from turbo_fx.ops.merge_step import merge_source_hash, traced_merge_block
+
+    # AOT-autograd's cache keys a graph by its code, so a call of a Python function is cached
+    # only by name; marked here with the merge code's digest, which enters the key.
+    traced_name = f"{traced_merge_block.__module__}.{traced_merge_block.__name__}"
+    marked = {**inductor_config.unsafe_marked_cacheable_functions, traced_name: merge_source_hash()}
+    with inductor_config.patch(fx_graph_cache=True, unsafe_marked_cacheable_functions=marked), \
+            functorch_config.patch(enable_autograd_cache=True):
         yield
 
 
@@ -203,8 +238,66 @@ def _cache_hits() -> int:
     return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
 
 
+def _compile_merge_piece(compile_piece: Callable, merge: GraphModule, args: Sequence[Any], count: Optional[int],
+                         stats: BlockCompileStats) -> Optional[Callable]:
+    """The merge piece ``merge`` compiled with the traced merge (``traced_merge_piece``), its
+    axes of the incoming token ``count`` symbolic (the first merge's count is the input's,
+    which no other merge shares: compiled static), or None where that compile failed (logged;
+    the piece then runs the opaque op, which computes the same)."""
+    dynamic = [_axes_of_size(a, count) if count is not None else [] for a in args]
+    try:
+        piece, select = traced_merge_piece(merge)
+        compiled = _compile_with_token_dims(compile_piece, piece, args, dynamic, stats.merge_pieces,
+                                            example_values=False)
+    except Exception as exc:  # the eager op is always there to fall back on
+        log.info("turbo: a merge piece was not compiled and runs as the opaque op: %s: %s", type(exc).__name__, exc)
+        log.debug("turbo: merge piece compile failure", exc_info=True)
+        stats.merge_pieces.failed += 1
+        return None
+    return _Piece(compiled, select)
+
+
+def _axes_of_size(value: Any, count: int) -> list[int]:
+    """Axes of a merge piece's input that carry the incoming token count (any but the batch)."""
+    if not isinstance(value, torch.Tensor):
+        return []
+    return [d for d in range(1, value.dim()) if value.shape[d] == count]
+
+
+def traced_merge_piece(piece: GraphModule) -> tuple[GraphModule, Callable[[tuple], Any]]:
+    """A merge piece for Inductor to generate: a copy with the traced merge
+    (``traced_merge_block``) in the opaque op's place, its arguments those every block shares,
+    returning all four of the merge's outputs, so that the last block's piece (whose later
+    graph needs fewer of them) reads like the others. Also returns the function that picks
+    the outputs the split module expects from the four."""
+    from turbo_fx.ops.merge_step import shared_block_arguments, traced_merge_block
+    from turbo_fx.passes.graph_utils import is_merge
+
+    traced = GraphModule(piece, copy.deepcopy(piece.graph), class_name="MergePiece")
+    graph = traced.graph
+    (merge,) = [n for n in graph.nodes if is_merge(n)]
+    merge.target, merge.args, merge.kwargs = traced_merge_block, shared_block_arguments(merge.args, merge.kwargs), {}
+    items = {n.args[1]: n for n in merge.users if n.target is operator.getitem}
+    output = next(n for n in graph.nodes if n.op == "output")
+    returned = output.args[0]
+    single = isinstance(returned, Node)
+    picks = [n.args[1] for n in ([returned] if single else returned)]
+    with graph.inserting_before(output):
+        for i in range(4):
+            if i not in items:
+                items[i] = graph.call_function(operator.getitem, (merge, i))
+    output.args = (tuple(items[i] for i in range(4)),)
+    graph.eliminate_dead_code()
+    name_positionally(traced)
+
+    def select(outputs: tuple) -> Any:
+        return outputs[picks[0]] if single else tuple(outputs[i] for i in picks)
+
+    return traced, select
+
+
 def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: Sequence[Any],
-                             dynamic: list[list[int]], stats: BlockCompileStats) -> Callable:
+                             dynamic: list[list[int]], stats: PieceCounts, example_values: bool = True) -> Callable:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
@@ -214,12 +307,13 @@ def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: 
         if not isinstance(value, torch.Tensor):
             fake_args.append(value)
             continue
-        sizes = [DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC for d in range(value.dim())]
+        sizes = [DimDynamic.DUCK if d in dims else DimDynamic.STATIC for d in range(value.dim())]
         context = StatelessSymbolicContext(dynamic_sizes=sizes, constraint_sizes=[None] * value.dim())
         fake_args.append(fake_mode.from_tensor(value, symbolic_context=context))
     hits = _cache_hits()
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
-        record_example_values(piece, fake_mode, fake_args)
+        if example_values:
+            record_example_values(piece, fake_mode, fake_args)
         compiled = compile_piece(piece, fake_args)
     if _cache_hits() > hits:
         stats.cached += 1
@@ -242,11 +336,14 @@ def record_example_values(piece: GraphModule, fake_mode, fake_args: Sequence[Any
 
 
 class _Piece(torch.nn.Module):
-    """A compiled compute piece in the split module's place of the piece."""
+    """A compiled piece in the split module's place of the piece; ``select`` picks the
+    outputs the split module expects from the compiled ones."""
 
-    def __init__(self, compiled: Callable):
+    def __init__(self, compiled: Callable, select: Optional[Callable[[Any], Any]] = None):
         super().__init__()
         self.compiled = compiled
+        self.select = select
 
     def forward(self, *args):
-        return self.compiled(*args)
+        outputs = self.compiled(*args)
+        return outputs if self.select is None else self.select(outputs)

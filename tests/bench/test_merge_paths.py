@@ -15,11 +15,11 @@ def test_table_has_one_row_per_path_with_its_figures():
             for i, name in enumerate(["Inductor, no merging", *merge_paths.MERGE_PATHS])]
     text = merge_paths.render({"model": "m", "r": 13, "batch": 8, "machine": timing.machine(), "rows": rows})
     lines = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(lines) == 6  # header + Inductor + four merge paths
+    assert len(lines) == 7  # header + Inductor + five merge paths
     assert lines[2] == "| opaque op | 11.0 | 101 (90-110) | 63 | 1.0e-07 |"
     assert [line.split(" | ")[0][2:] for line in lines[1:]] == ["Inductor, no merging", "opaque op",
                                                                  "compile_merge_step=True", "fuse_merges=True",
-                                                                 "compile_blocks=True"]
+                                                                 "compile_blocks=True", "compiled merge pieces"]
 
 
 @pytest.mark.parametrize("argv", [["--r", "many"], ["--paths", "no-such-path"]])

@@ -32,7 +32,7 @@ from turbo_fx.config import resolve_config
         ({"min_tokens": -3}, "option 'min_tokens' must be an int >= 0"),
         ({"protected": "cls"}, "option 'protected' must be 'auto' or an int >= 0"),
         ({"inner_backend": "tvm"}, "option 'inner_backend' must be one of"),
-        ({"compile_merge_step": "on"}, "option 'compile_merge_step' must be True or False"),
+        ({"compile_merge_step": "on"}, "option 'compile_merge_step' must be True, False or None"),
         ({"compile_merge_step": True, "fuse_merges": True}, "there is no such op"),
     ],
 )

@@ -1,7 +1,8 @@
 """The GPU path (issue 7): skipped without a CUDA device, so CI on CPU machines never runs it.
 `scripts/gpu_check.sh tests` runs this file on a lent GPU machine.
 
-What it holds a GPU to: the default compile (block by block) computes the reference; a warm
+What it holds a GPU to: the default compile (block by block, the merge pieces compiled too)
+computes the reference; a warm
 forward of every merge path never waits for the device (CUDA's sync debug mode turns any
 host synchronisation into an error); ``mode="reduce-overhead"`` never raises and gives the
 reference or, after a logged fallback, the unmerged model's output."""
@@ -22,7 +23,9 @@ from turbo_fx.reference import reference_forward
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DEPTH, R = 4, 3
-PATHS = {"default": {}, "fuse_merges": {"fuse_merges": True}, "compile_merge_step": {"compile_merge_step": True}}
+# On CUDA the default compiles the merge pieces too; "eager merge op" is the default of CPU.
+PATHS = {"default": {}, "eager merge op": {"compile_merge_step": False}, "fuse_merges": {"fuse_merges": True},
+         "compile_merge_step, compiled whole": {"compile_merge_step": True, "compile_blocks": False}}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,7 @@ def test_the_default_compile_splits_by_block_and_computes_the_reference(model):
     report = rec.graphs[-1]
     assert report.merges == DEPTH and report.fallback_reason is None
     assert report.block_compile.startswith(f"{DEPTH + 1} compute pieces"), report.block_compile
+    assert f"{DEPTH} compiled merge pieces" in report.block_compile and "failed" not in report.block_compile
     assert (out - expected).abs().max().item() < 1e-3
 
 

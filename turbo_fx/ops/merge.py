@@ -121,6 +121,10 @@ def merge_tokens(
     end = n_tokens - tail
     unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = unit[:, protected:end:2], unit[:, protected + 1 : end : 2]
+    if traced:
+        # Dense copies: the matmul of stride-2 slices checks whether they can be viewed
+        # flat, a guard on the token count's parity that would compile the step twice.
+        a, b = a.contiguous(), b.contiguous()
     scores = a @ b.transpose(-1, -2)
     if padding:
         valid_a = size[:, protected:end:2] > 0

@@ -131,6 +131,43 @@ def merge_block(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 merge_block.__signature__ = _BLOCK_SIGNATURE
 
 
+def traced_merge_block(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``merge_block``'s computation written for a compiler to trace (``compile_blocks`` compiles
+    each merge piece with this in the opaque op's place): the traced merge with concrete token
+    counts (the piece's own are backed symbolic sizes)."""
+    step = _block_arguments(args, kwargs)
+    step.pop("compiled")
+    step.update(traced=True, symbolic_tokens=False)
+    return merge_step_outputs(*step.values())
+
+
+def shared_block_arguments(args: tuple, kwargs: dict) -> tuple:
+    """A ``merge_block`` call's arguments, all by position, with ``block`` zeroed where the
+    fusion does not read it: every block's call then reads the same, and one compiled merge
+    step serves them all."""
+    step = _block_arguments(args, kwargs)
+    if step["fusion"] != "layer":
+        step["block"] = 0
+    return tuple(step.values())
+
+
+def merge_source_hash() -> str:
+    """A digest of the merge step's source files: compiled code cached under the name of a
+    Python function (``traced_merge_block``) must not outlive a change to what it computes."""
+    if not _SOURCE_HASH:
+        import hashlib
+        import pathlib
+
+        digest = hashlib.sha256()
+        for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+            digest.update(path.read_bytes())
+        _SOURCE_HASH.append(digest.hexdigest()[:16])
+    return _SOURCE_HASH[0]
+
+
+_SOURCE_HASH: list[str] = []
+
+
 _COMPILED_STEP: list = []
 COMPILED_STEP_VARIANTS = 64
 

@@ -1,0 +1,134 @@
+"""compile_merge_step with compile_blocks: each merge piece compiled by Inductor with its token
+count symbolic, so one compiled step serves every merge after the first (odd and even token
+counts alike), against the reference implementation; a merge piece whose compile fails runs
+the opaque op; the option's default resolves by device."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch._inductor.utils import fresh_cache
+
+import turbo_fx
+from model_builders import images, padded_batch, small_hf, small_vit
+from turbo_fx import block_compile
+from turbo_fx.config import TurboConfig, TurboConfigError
+from turbo_fx.ops import merge_step
+from turbo_fx.reference import reference_forward
+
+DEPTH, R = 6, 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_vit("vit", patch_size=4, depth=DEPTH)  # 65 tokens: 62, 59, 56, 53, 50, 47 after each block
+
+
+def test_one_compiled_step_serves_every_merge_after_the_first(turbo, model, tmp_path):
+    """In an empty compile cache: two merge pieces get code of their own (the first, at the
+    input's static token count and without a key bias yet, and the shared one); the other four
+    merges, at odd and even token counts, and the last one (whose later graph reads only the
+    merged tokens) come from the cache."""
+    x = images(2)
+    with fresh_cache(dir=str(tmp_path)):
+        compiled = turbo(model, r=R, inner_backend="inductor", compile_merge_step=True)
+        out = compiled(x)
+    with torch.no_grad():
+        expected = reference_forward(model, x, TurboConfig(r=R))
+    assert (out - expected).abs().max().item() < 1e-4
+    report = compiled.report
+    assert report.fallback_reason is None and report.merges == DEPTH
+    assert report.tokens_per_block == [65, 62, 59, 56, 53, 50]
+    assert f"{DEPTH} compiled merge pieces: 2 generated, {DEPTH - 2} from Inductor's cache" in report.block_compile
+    assert f"{DEPTH + 1} compute pieces: 3 generated, {DEPTH - 2} from Inductor's cache" in report.block_compile
+    assert "failed" not in report.block_compile
+    # Later calls (same shapes) run the compiled pieces: nothing more is compiled, no merge op runs.
+    with turbo_fx.record_merges() as records:
+        out2 = compiled(images(2, seed=5))
+    assert records == [] and len(compiled.graphs) == 1
+    with torch.no_grad():
+        assert (out2 - reference_forward(model, images(2, seed=5), TurboConfig(r=R))).abs().max().item() < 1e-4
+
+
+def test_the_eager_op_and_the_compiled_pieces_compute_the_same(turbo, model):
+    x = images(3, seed=2)
+    eager = turbo(model, r=R, inner_backend="inductor", compile_merge_step=False)(x)
+    torch._dynamo.reset()
+    compiled = turbo(model, r=R, inner_backend="inductor", compile_merge_step=True)
+    out = compiled(x)
+    assert "compiled merge pieces" in compiled.report.block_compile
+    assert (out - eager).abs().max().item() < 1e-5
+
+
+def test_padding_and_a_mask_cross_the_compiled_pieces(turbo):
+    """BERT with padded sequences: the first merge reads the model's mask, the later ones the
+    merged key bias with padding keys in it; same outputs as the eager merge op."""
+    model = small_hf("bert", layers=4)
+    ids, mask = padded_batch([16, 9], 16)
+    eager = turbo(model, r=2, inner_backend="inductor", compile_merge_step=False)(input_ids=ids, attention_mask=mask)
+    torch._dynamo.reset()
+    compiled = turbo(model, r=2, inner_backend="inductor", compile_merge_step=True)
+    out = compiled(input_ids=ids, attention_mask=mask)
+    assert "4 compiled merge pieces" in compiled.report.block_compile
+    assert (out.last_hidden_state - eager.last_hidden_state).abs().max().item() < 1e-5
+
+
+def test_a_merge_piece_that_fails_to_compile_runs_the_opaque_op(turbo, model, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernels today")
+
+    monkeypatch.setattr(merge_step, "traced_merge_block", broken)
+    x = images(2)
+    with caplog.at_level(logging.INFO, logger="turbo_fx"):
+        compiled = turbo(model, r=R, inner_backend="inductor", compile_merge_step=True)
+        out = compiled(x)
+    with torch.no_grad():
+        assert (out - reference_forward(model, x, TurboConfig(r=R))).abs().max().item() < 1e-4
+    report = compiled.report
+    assert report.fallback_reason is None and report.merges == DEPTH
+    assert f"0 compiled merge pieces: 0 generated, 0 from Inductor's cache, {DEPTH} failed" in report.block_compile
+    failures = [r for r in caplog.records if "runs as the opaque op" in r.getMessage()]
+    assert len(failures) == DEPTH and all("no kernels today" in r.getMessage() for r in failures)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "turbo_fx"]
+    with turbo_fx.record_merges() as records:
+        compiled(x)
+    assert [r.tokens_out for r in records] == [62, 59, 56, 53, 50, 47]  # the eager op ran
+
+
+@pytest.mark.parametrize("given, cpu, cuda", [(None, False, True), (True, True, True), (False, False, False)])
+def test_the_default_compiles_merges_on_cuda_only(given, cpu, cuda):
+    config = TurboConfig(compile_merge_step=given)
+    assert (config.compiles_merges("cpu"), config.compiles_merges("cuda")) == (cpu, cuda)
+
+
+def test_the_option_is_validated():
+    with pytest.raises(TurboConfigError, match="must be True, False or None"):
+        TurboConfig(compile_merge_step=1)
+    with pytest.raises(TurboConfigError, match="there is no such op"):
+        TurboConfig(compile_merge_step=True, fuse_merges=True)
+    assert TurboConfig(fuse_merges=True).compile_merge_step is None  # the default stays valid
+
+
+def test_the_traced_merge_is_cached_under_a_digest_of_the_merge_code():
+    import torch._inductor.config as inductor_config
+
+    name = "turbo_fx.ops.merge_step.traced_merge_block"
+    digest = merge_step.merge_source_hash()
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    before = dict(inductor_config.unsafe_marked_cacheable_functions)
+    with block_compile.caches_on():
+        assert inductor_config.unsafe_marked_cacheable_functions[name] == digest
+    assert inductor_config.unsafe_marked_cacheable_functions == before
+
+
+def test_shared_arguments_zero_the_block_unless_the_fusion_reads_it():
+    step = dict(merge_step._BLOCK_DEFAULTS)
+    names = list(step)
+    args = [object()] * merge_step._BLOCK_REQUIRED
+    by_name = dict(zip(names, args))
+    by_name.update(block=7, fusion="sub")
+    shared = dict(zip(names, merge_step.shared_block_arguments((), by_name)))
+    assert shared["block"] == 0 and shared["fusion"] == "sub"
+    by_name["fusion"] = "layer"
+    assert dict(zip(names, merge_step.shared_block_arguments((), by_name)))["block"] == 7
