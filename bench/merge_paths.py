@@ -19,7 +19,8 @@ Every configuration compiles in a fresh, empty Inductor cache (compile seconds a
 ``bench.timing`` defines them), with Inductor's FX graph and AOT-autograd caches on, as torch
 has them by default: empty at each configuration's start, they let no configuration reuse
 another's work, and within one compile they are what ``compile_blocks`` shares blocks through.
-Latencies are interleaved rounds in one process, medians with IQR.
+Latencies are interleaved rounds in one process, medians with IQR; each speed-up over Inductor
+has a 95% bootstrap interval that resamples the rounds (``bench.stats.speedup_interval``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch
 
 from . import timing
 from .dispatch_count import MERGE_PATHS, top_level_aten_ops
+from .stats import speedup_interval
 
 
 def measure(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int,
@@ -59,6 +61,7 @@ def measure(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int,
         timing.log(f"{label}: first call {first[label]:.1f} s")
     times = timing.interleaved({k: timing.synchronised(fn, x.device) for k, fn in compiled.items()}, x, rounds)
     rows = []
+    base = times["Inductor, no merging"]
     for label in configs:
         st = timing.stats(times[label])
         calls = sum(top_level_aten_ops(compiled[label], x).values())
@@ -66,7 +69,8 @@ def measure(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int,
             "path": label, "compile_s": first[label] - st["median"], "median_ms": 1e3 * st["median"],
             "q1_ms": 1e3 * st["q1"], "q3_ms": 1e3 * st["q3"], "aten_calls": calls,
             "max_abs_diff_to_default": timing.max_abs_diff(outputs[label], outputs["opaque op"]),
-            "fallbacks": fallbacks[label],
+            "fallbacks": fallbacks[label], "speedup": speedup_interval(base, times[label]),
+            "times_s": list(times[label]),
         })
     return {"rows": rows}
 
@@ -77,11 +81,14 @@ def render(payload: dict) -> str:
     lines = [f"# Merge paths: {payload['model']}, r={payload['r']}, batch {payload['batch']}, "
              f"{payload.get('device', 'cpu')} {payload.get('dtype', 'fp32')}", "",
              timing.machine_line(payload["machine"]), "",
-             "| path | compile s | median ms (IQR) | ATen calls per forward | max abs diff to the default |",
-             "|---|---|---|---|---|"]
+             "| path | compile s | median ms (IQR) | speed-up over Inductor [95%] | ATen calls per forward "
+             "| max abs diff to the default |",
+             "|---|---|---|---|---|---|"]
     for row in payload["rows"]:
+        sp = row.get("speedup")  # runs saved before the intervals existed have none
+        speedup = f"{sp['speedup']:.2f} [{sp['low']:.2f}, {sp['high']:.2f}]" if sp else "-"
         lines.append(f"| {row['path']} | {row['compile_s']:.1f} | {row['median_ms']:.0f} "
-                     f"({row['q1_ms']:.0f}-{row['q3_ms']:.0f}) | {row['aten_calls']} | "
+                     f"({row['q1_ms']:.0f}-{row['q3_ms']:.0f}) | {speedup} | {row['aten_calls']} | "
                      f"{row['max_abs_diff_to_default']:.1e} |")
     return "\n".join(lines) + "\n"
 

@@ -161,7 +161,7 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
     token_counts: set[int] = set()
 
     class CompileOnFirstRun(Interpreter):
-        merged_count: Optional[int] = None  # the token count the latest merge piece handed on
+        merged_count: Optional[int] = None  # the token count the latest merge piece handed on (None: no merge yet)
 
         def run_node(self, node: Node) -> Any:
             self.node = node
@@ -240,21 +240,23 @@ def _cache_hits() -> int:
 
 def _compile_merge_piece(compile_piece: Callable, merge: GraphModule, args: Sequence[Any], count: Optional[int],
                          stats: BlockCompileStats) -> Optional[Callable]:
-    """The merge piece ``merge`` compiled with the traced merge (``traced_merge_piece``), its
-    axes of the incoming token ``count`` symbolic (the first merge's count is the input's,
-    which no other merge shares: compiled static), or None where that compile failed (logged;
-    the piece then runs the opaque op, which computes the same)."""
-    dynamic = [_axes_of_size(a, count) if count is not None else [] for a in args]
+    """The merge piece ``merge`` compiled with the traced merge (``traced_merge_piece``), every
+    axis of the incoming token ``count`` symbolic but the assign map's (whose axis is the
+    original count; None: the first merge, whose count is its input's), or None where that
+    compile failed (logged; the piece then runs the opaque op, which computes the same)."""
     try:
-        piece, select = traced_merge_piece(merge)
-        compiled = _compile_with_token_dims(compile_piece, piece, args, dynamic, stats.merge_pieces,
+        traced = traced_merge_piece(merge)
+        inputs = traced.inputs(args)
+        count = inputs[traced.x_input].shape[1] if count is None else count
+        dynamic = [[] if i == traced.assign_input else _axes_of_size(a, count) for i, a in enumerate(inputs)]
+        compiled = _compile_with_token_dims(compile_piece, traced.module, inputs, dynamic, stats.merge_pieces,
                                             example_values=False)
     except Exception as exc:  # the eager op is always there to fall back on
         log.info("turbo: a merge piece was not compiled and runs as the opaque op: %s: %s", type(exc).__name__, exc)
         log.debug("turbo: merge piece compile failure", exc_info=True)
         stats.merge_pieces.failed += 1
         return None
-    return _Piece(compiled, select)
+    return _Piece(lambda *a: traced.outputs(compiled(*traced.inputs(a))))
 
 
 def _axes_of_size(value: Any, count: int) -> list[int]:
@@ -264,19 +266,57 @@ def _axes_of_size(value: Any, count: int) -> list[int]:
     return [d for d in range(1, value.dim()) if value.shape[d] == count]
 
 
-def traced_merge_piece(piece: GraphModule) -> tuple[GraphModule, Callable[[tuple], Any]]:
+@dataclass
+class TracedMerge:
+    """A merge piece rewritten for Inductor (``traced_merge_piece``) and how to call it in the
+    original piece's place."""
+
+    module: GraphModule
+    picks: list  # which of the four outputs the split module expects, in its order
+    single: bool  # it expects one value, not a tuple
+    x_input: int  # the input position of the tokens
+    assign_input: Optional[int]  # the input position of the assign map (None: not an input)
+    zero_bias: Optional[torch.dtype]  # dtype of the all-zero key bias appended as the last input
+
+    _zeros: Optional[torch.Tensor] = None
+
+    def inputs(self, args: Sequence[Any]) -> tuple:
+        if self.zero_bias is None:
+            return tuple(args)
+        x = args[self.x_input]
+        shape = (x.shape[0], 1, 1, x.shape[1])
+        # Made once and kept: nothing writes to it, and the split graph's shapes are static,
+        # so a forward dispatches no extra op for it.
+        if self._zeros is None or self._zeros.shape != shape or self._zeros.device != x.device:
+            self._zeros = torch.zeros(shape, dtype=self.zero_bias, device=x.device)
+        return (*args, self._zeros)
+
+    def outputs(self, outputs: tuple) -> Any:
+        return outputs[self.picks[0]] if self.single else tuple(outputs[i] for i in self.picks)
+
+
+def traced_merge_piece(piece: GraphModule) -> TracedMerge:
     """A merge piece for Inductor to generate: a copy with the traced merge
     (``traced_merge_block``) in the opaque op's place, its arguments those every block shares,
     returning all four of the merge's outputs, so that the last block's piece (whose later
-    graph needs fewer of them) reads like the others. Also returns the function that picks
-    the outputs the split module expects from the four."""
-    from turbo_fx.ops.merge_step import shared_block_arguments, traced_merge_block
+    graph needs fewer of them) reads like the others. A merge whose semantic value reads no
+    mask (the first merge of a model without one) gets an all-zero key bias as one more
+    input, which changes no value and makes it read like the merges after it."""
+    from turbo_fx.ops.merge_step import _BLOCK_DEFAULTS, shared_block_arguments, traced_merge_block
     from turbo_fx.passes.graph_utils import is_merge
 
     traced = GraphModule(piece, copy.deepcopy(piece.graph), class_name="MergePiece")
     graph = traced.graph
     (merge,) = [n for n in graph.nodes if is_merge(n)]
-    merge.target, merge.args, merge.kwargs = traced_merge_block, shared_block_arguments(merge.args, merge.kwargs), {}
+    names = list(_BLOCK_DEFAULTS)
+    step = dict(zip(names, shared_block_arguments(merge.args, merge.kwargs)))
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    zero_bias = None
+    if step["semantic_mask"] is None and step["semantic_q"] is not None and step["semantic_probs"] is None:
+        with graph.inserting_after(placeholders[-1]):
+            step["semantic_mask"] = graph.placeholder("zero_bias")
+        zero_bias = step["bias_dtype"]
+    merge.target, merge.args, merge.kwargs = traced_merge_block, tuple(step.values()), {}
     items = {n.args[1]: n for n in merge.users if n.target is operator.getitem}
     output = next(n for n in graph.nodes if n.op == "output")
     returned = output.args[0]
@@ -288,12 +328,9 @@ def traced_merge_piece(piece: GraphModule) -> tuple[GraphModule, Callable[[tuple
                 items[i] = graph.call_function(operator.getitem, (merge, i))
     output.args = (tuple(items[i] for i in range(4)),)
     graph.eliminate_dead_code()
+    assign_input = placeholders.index(step["assign"]) if step["assign"] in placeholders else None
     name_positionally(traced)
-
-    def select(outputs: tuple) -> Any:
-        return outputs[picks[0]] if single else tuple(outputs[i] for i in picks)
-
-    return traced, select
+    return TracedMerge(traced, picks, single, placeholders.index(step["x"]), assign_input, zero_bias)
 
 
 def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: Sequence[Any],
@@ -336,14 +373,11 @@ def record_example_values(piece: GraphModule, fake_mode, fake_args: Sequence[Any
 
 
 class _Piece(torch.nn.Module):
-    """A compiled piece in the split module's place of the piece; ``select`` picks the
-    outputs the split module expects from the compiled ones."""
+    """A compiled piece in the split module's place of the piece."""
 
-    def __init__(self, compiled: Callable, select: Optional[Callable[[Any], Any]] = None):
+    def __init__(self, compiled: Callable):
         super().__init__()
         self.compiled = compiled
-        self.select = select
 
     def forward(self, *args):
-        outputs = self.compiled(*args)
-        return outputs if self.select is None else self.select(outputs)
+        return self.compiled(*args)

@@ -1,6 +1,6 @@
 """compile_merge_step with compile_blocks: each merge piece compiled by Inductor with its token
-count symbolic, so one compiled step serves every merge after the first (odd and even token
-counts alike), against the reference implementation; a merge piece whose compile fails runs
+count symbolic, so one compiled step serves every merge (odd and even token counts alike),
+against the reference implementation; a merge piece whose compile fails runs
 the opaque op; the option's default resolves by device."""
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ def model():
 
 
 def test_one_compiled_step_serves_every_merge_after_the_first(turbo, model, tmp_path):
-    """In an empty compile cache: two merge pieces get code of their own (the first, at the
-    input's static token count and without a key bias yet, and the shared one); the other four
-    merges, at odd and even token counts, and the last one (whose later graph reads only the
-    merged tokens) come from the cache."""
+    """In an empty compile cache one merge piece gets code of its own: the first (at the input's
+    token count, its missing key bias given as zeros); the other five, at odd and even token
+    counts, the last one included (whose later graph reads only the merged tokens), come from
+    the cache."""
     x = images(2)
     with fresh_cache(dir=str(tmp_path)):
         compiled = turbo(model, r=R, inner_backend="inductor", compile_merge_step=True)
@@ -40,7 +40,7 @@ def test_one_compiled_step_serves_every_merge_after_the_first(turbo, model, tmp_
     report = compiled.report
     assert report.fallback_reason is None and report.merges == DEPTH
     assert report.tokens_per_block == [65, 62, 59, 56, 53, 50]
-    assert f"{DEPTH} compiled merge pieces: 2 generated, {DEPTH - 2} from Inductor's cache" in report.block_compile
+    assert f"{DEPTH} compiled merge pieces: 1 generated, {DEPTH - 1} from Inductor's cache" in report.block_compile
     assert f"{DEPTH + 1} compute pieces: 3 generated, {DEPTH - 2} from Inductor's cache" in report.block_compile
     assert "failed" not in report.block_compile
     # Later calls (same shapes) run the compiled pieces: nothing more is compiled, no merge op runs.
