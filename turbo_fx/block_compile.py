@@ -6,8 +6,10 @@ block (``symbolic_tokens``); both cost about twice Inductor's own compile time o
 the graph is split at its merge ops (``passes.split_at_merges``) and each compute piece is
 compiled on its own, with its token count a *backed* symbolic size: the pieces of two
 blocks then have the same code and the same shape guards, and Inductor's FX graph cache
-hands the second block the first one's compiled code. The merge pieces run as they are
-(the opaque op needs no code generation).
+hands the second block the first one's compiled code. The merge pieces run the opaque op as
+it is, or, with ``compile_merges`` (the ``compile_merge_step`` option, on by default on CUDA),
+are compiled the same way with the traced merge in the op's place (``traced_merge_piece``):
+one compiled step then serves every merge of the model.
 
 The pieces are compiled while the split module runs once on the compile call's own inputs
 (which gives each piece its real input shapes), so only graphs that this run cannot change
@@ -246,6 +248,8 @@ def _compile_merge_piece(compile_piece: Callable, merge: GraphModule, args: Sequ
     compile failed (logged; the piece then runs the opaque op, which computes the same)."""
     try:
         traced = traced_merge_piece(merge)
+        if traced is None:
+            return None
         inputs = traced.inputs(args)
         count = inputs[traced.x_input].shape[1] if count is None else count
         dynamic = [[] if i == traced.assign_input else _axes_of_size(a, count) for i, a in enumerate(inputs)]
@@ -295,13 +299,15 @@ class TracedMerge:
         return outputs[self.picks[0]] if self.single else tuple(outputs[i] for i in self.picks)
 
 
-def traced_merge_piece(piece: GraphModule) -> TracedMerge:
+def traced_merge_piece(piece: GraphModule) -> Optional[TracedMerge]:
     """A merge piece for Inductor to generate: a copy with the traced merge
     (``traced_merge_block``) in the opaque op's place, its arguments those every block shares,
     returning all four of the merge's outputs, so that the last block's piece (whose later
     graph needs fewer of them) reads like the others. A merge whose semantic value reads no
     mask (the first merge of a model without one) gets an all-zero key bias as one more
-    input, which changes no value and makes it read like the merges after it."""
+    input, which changes no value and makes it read like the merges after it. None for the
+    "layer" fusion: it weighs each block by a float of its own, so no two blocks' pieces would
+    share code (it runs the opaque op, as the compiled step of ``merge_block`` does too)."""
     from turbo_fx.ops.merge_step import _BLOCK_DEFAULTS, shared_block_arguments, traced_merge_block
     from turbo_fx.passes.graph_utils import is_merge
 
@@ -310,6 +316,8 @@ def traced_merge_piece(piece: GraphModule) -> TracedMerge:
     (merge,) = [n for n in graph.nodes if is_merge(n)]
     names = list(_BLOCK_DEFAULTS)
     step = dict(zip(names, shared_block_arguments(merge.args, merge.kwargs)))
+    if step["fusion"] == "layer":
+        return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     zero_bias = None
     if step["semantic_mask"] is None and step["semantic_q"] is not None and step["semantic_probs"] is None:

@@ -132,3 +132,17 @@ def test_shared_arguments_zero_the_block_unless_the_fusion_reads_it():
     assert shared["block"] == 0 and shared["fusion"] == "sub"
     by_name["fusion"] = "layer"
     assert dict(zip(names, merge_step.shared_block_arguments((), by_name)))["block"] == 7
+
+
+def test_the_layer_fusion_keeps_the_opaque_op(turbo, model):
+    """The "layer" fusion weighs each block by its own float: compiled, no two merge pieces
+    would share code, so they run the opaque op (not counted as failures)."""
+    x = images(2)
+    compiled = turbo(model, r=R, inner_backend="inductor", compile_merge_step=True, fusion="layer")
+    with turbo_fx.record_merges() as records:
+        out = compiled(x)
+    assert "compiled merge pieces" not in compiled.report.block_compile
+    # The compile's own run of the split graph merges once more before the call's run.
+    assert [r.tokens_out for r in records] == 2 * [62, 59, 56, 53, 50, 47]
+    with torch.no_grad():
+        assert (out - reference_forward(model, x, TurboConfig(r=R, fusion="layer"))).abs().max().item() < 1e-4

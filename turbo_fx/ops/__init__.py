@@ -10,7 +10,8 @@
 - ``grid_merge``: merge-and-restore for generation blocks (destinations per grid cell, one merge
   plan per block, the cross-attention saliency that gives their semantic value);
 - ``merge_step``: one block's whole merge step as the opaque op ``torch.ops.turbo_fx.merge_block``,
-  and ``record_merges``.
+  the same step written for Inductor to trace (``traced_merge_block``, which ``compile_blocks``
+  compiles in each merge piece), and ``record_merges``.
 
 They are ordinary torch code with static Python ints for every count, so the graph stays
 traceable and Inductor can trace through them. Shapes use ``B`` (batch), ``H`` (heads),

@@ -228,7 +228,8 @@ _MERGE_RECORDERS: list[list[MergeRecord]] = []
 def record_merges() -> Iterator[list[MergeRecord]]:
     """Collect a ``MergeRecord`` for every merge that runs inside the block, eager or
     compiled (the opaque merge op runs this Python code under Inductor too; with
-    ``fuse_merges=True`` Inductor generates the merge itself and nothing is recorded)."""
+    ``fuse_merges=True``, and in merge pieces compiled by ``compile_merge_step`` with
+    ``compile_blocks``, Inductor generates the merge itself and nothing is recorded)."""
     records: list[MergeRecord] = []
     _MERGE_RECORDERS.append(records)
     try:
