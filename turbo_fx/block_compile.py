@@ -147,8 +147,8 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
     """A callable computing ``gm`` whose compute pieces were each compiled by
     ``compile_piece(piece, fake_inputs)`` (``compile_fx`` with the caller's patches).
     ``compile_merges``: the merge pieces too, each with the traced merge in the opaque op's
-    place and its incoming token count a backed symbolic size, so that the merges after the
-    first share one compiled step (a few kernels instead of tens of ATen calls per block)."""
+    place and its incoming token count a backed symbolic size, so that the merges share one
+    compiled step (a few kernels instead of tens of ATen calls per block)."""
     reason = unsupported_reason(gm, example_inputs)
     if reason is not None:
         raise BlockCompileUnsupported(reason)
@@ -210,10 +210,13 @@ def caches_on():
 
     # AOT-autograd's cache keys a graph by its code, so a call of a Python function is cached
     # only by name; marked here with the merge code's digest, which enters the key.
-    traced_name = f"{traced_merge_block.__module__}.{traced_merge_block.__name__}"
-    marked = {**inductor_config.unsafe_marked_cacheable_functions, traced_name: merge_source_hash()}
-    with inductor_config.patch(fx_graph_cache=True, unsafe_marked_cacheable_functions=marked), \
-            functorch_config.patch(enable_autograd_cache=True):
+    # (A torch without the setting only loses the cache hits: the merge pieces are traced anew.)
+    patches: dict[str, Any] = {"fx_graph_cache": True}
+    if hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
+        traced_name = f"{traced_merge_block.__module__}.{traced_merge_block.__name__}"
+        patches["unsafe_marked_cacheable_functions"] = {
+            **inductor_config.unsafe_marked_cacheable_functions, traced_name: merge_source_hash()}
+    with inductor_config.patch(patches), functorch_config.patch(enable_autograd_cache=True):
         yield
 
 
