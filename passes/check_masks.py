@@ -13,7 +13,7 @@ which can then read merged tokens.
 
 Guarantees: the graph is not modified; every site whose mask rows differ gets a problem
 (``AttentionSite.problems``), so its stream stays unmerged. A mask that cannot be evaluated
-is left to the run-time check in ``turbo_fx.ops.check_key_padding_mask``.
+is left to the run-time check ``torch.ops.turbo_fx.check_key_padding_mask``.
 """
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ def _initial_state(site: AttentionSite, stream: Node, padding: bool, call):
     if padding:
         if site.mask is None:
             raise CannotRewrite("attention sites disagree on masks: the first merging block has none")
-        checked = call(ops.check_key_padding_mask, site.mask)
+        checked = call(torch.ops.turbo_fx.check_key_padding_mask.default, site.mask)
         valid = call(ops.key_validity, checked, stream)
         sizes = call(ops.initial_sizes, stream, valid)
     else:

@@ -123,3 +123,47 @@ def test_the_unmerged_graph_is_compiled_only_for_static_shapes(inputs, compiles)
     if compiles:
         assert torch.equal(compiled_with[0][0], torch.ones(2))  # the failing call's inputs, not Dynamo's
     assert guarded.fell_back and report.fallback_reason.startswith("the merged graph failed at run time")
+
+
+class MaskedEncoder(torch.nn.Module):
+    """A pre-norm encoder whose attention mask is an input, [B, 1, N, N], used as it is: the
+    compile sees a key-padding mask, a later call may bring a causal one."""
+
+    def __init__(self, dim: int = 32, heads: int = 2, depth: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = heads
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(dim) for _ in range(depth))
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(depth))
+        self.proj = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        for norm, qkv, proj in zip(self.norms, self.qkv, self.proj):
+            q, k, v = qkv(norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + proj(a.transpose(1, 2).reshape(b, n, c))
+        return x[:, 0]
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_a_causal_mask_after_a_padding_one_runs_unmerged(turbo, caplog, inner):
+    """The check that a mask is a key-padding mask raises a plain error on the host (not a
+    device assert, which on a GPU would lose the CUDA context): the run-time guard then runs
+    the call unmerged, and the caller gets the unmerged model's output."""
+    model = MaskedEncoder().eval()
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(3))
+    padding = torch.ones(2, 1, 16, 16, dtype=torch.bool)
+    padding[1, ..., 12:] = False
+    causal = torch.ones(16, 16, dtype=torch.bool).tril().expand(2, 1, 16, 16)
+    compiled = turbo(model, r=3, inner_backend=inner)
+    merged = compiled(x, padding)
+    assert compiled.report.merges == 3 and compiled.report.fallback_reason is None
+    with torch.no_grad():
+        assert (merged - model(x, padding)).abs().max().item() > 1e-4  # it merged
+        unmerged = model(x, causal)
+    with caplog.at_level(logging.WARNING, logger="turbo_fx"):
+        out = compiled(x, causal)
+    assert (out - unmerged).abs().max().item() < 1e-5
+    assert "varies by query" in compiled.report.fallback_reason
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "turbo_fx"]) == 1

@@ -220,9 +220,26 @@ def test_causal_mask_is_refused_at_run_time():
     causal = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
     with pytest.raises(RuntimeError, match="varies by query"):
         ops.check_key_padding_mask(causal)
-    padding = torch.ones(1, 1, 4, 4, dtype=torch.bool)
-    padding[..., 3] = False
-    assert ops.check_key_padding_mask(padding) is padding
+    with pytest.raises(RuntimeError, match="varies by query"):
+        torch.ops.turbo_fx.check_key_padding_mask(torch.where(causal, 0.0, -1e9))
+    padding = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    padding[1, ..., 3] = False
+    first = ops.check_key_padding_mask(padding)
+    assert first.shape == (2, 1, 1, 4) and torch.equal(first, padding[..., :1, :])
+    assert first.data_ptr() != padding.data_ptr()  # an op's output never aliases its input
+    like = torch.empty(2, 4, 8)
+    assert torch.equal(ops.key_validity(first, like), ops.key_validity(padding, like))
+    per_key = torch.zeros(2, 1, 1, 4)  # no query rows to compare: handed back as a copy
+    assert torch.equal(ops.check_key_padding_mask(per_key), per_key)
+
+
+def test_the_key_padding_check_has_a_shape_function():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        full = torch.empty(3, 1, 7, 7)
+        assert torch.ops.turbo_fx.check_key_padding_mask(full).shape == (3, 1, 1, 7)
+        assert torch.ops.turbo_fx.check_key_padding_mask(torch.empty(3, 1, 1, 7)).shape == (3, 1, 1, 7)
 
 
 def test_restore_tokens_and_compose_assign():

@@ -1,5 +1,6 @@
-"""Attention masks after merging: per-key validity, the runtime check that a mask is a
-key-padding mask, and the additive key bias that carries proportional attention."""
+"""Attention masks after merging: per-key validity, the run-time check that a mask is a
+key-padding mask (the op ``torch.ops.turbo_fx.check_key_padding_mask``), and the additive key
+bias that carries proportional attention."""
 from __future__ import annotations
 
 import torch
@@ -22,13 +23,38 @@ def key_validity(mask: Tensor, like: Tensor) -> Tensor:
     return valid.expand(like.shape[0], like.shape[1])
 
 
+QUERY_DEPENDENT_MASK = "turbo_fx: the attention mask varies by query; token merging needs a key-padding mask"
+
+
+def _has_query_rows(mask: Tensor) -> bool:
+    return mask.dim() >= 2 and mask.size(-2) > 1
+
+
+@torch.library.custom_op("turbo_fx::check_key_padding_mask", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ())
 def check_key_padding_mask(mask: Tensor) -> Tensor:
-    """Fail loudly at run time if a mask differs between query rows (causal, banded):
-    merging rewrites masks as per-key padding masks, which would be wrong for those."""
-    if mask.dim() >= 2 and mask.size(-2) > 1:
-        same = (mask == mask[..., :1, :]).all()
-        torch._assert_async(same, "turbo_fx: the attention mask varies by query; token merging needs a key-padding mask")
-    return mask
+    """The mask's first query row ([..., 1, N], a copy: what ``key_validity`` reads), after
+    raising ``RuntimeError`` if any row differs from it (a causal or banded mask): merging
+    rewrites masks as per-key padding masks, which would be wrong for those.
+
+    The check runs on the host, so on a GPU it waits for the mask once per forward. A device
+    assert (``torch._assert_async``) would not wait, but when it fails the CUDA context is
+    lost for the whole process; a plain error reaches turbo's run-time guard instead, which
+    runs the call unmerged (``turbo_fx.guarded_call``). An opaque op, so that compilers keep
+    the host check; unsafe inside a CUDA graph, which cannot wait."""
+    if not _has_query_rows(mask):
+        return mask.clone()
+    first = mask[..., :1, :]
+    if not bool((mask == first).all()):
+        raise RuntimeError(QUERY_DEPENDENT_MASK)
+    return first.clone()
+
+
+@check_key_padding_mask.register_fake
+def _check_key_padding_mask_fake(mask: Tensor) -> Tensor:
+    if not _has_query_rows(mask):
+        return torch.empty_like(mask)
+    return mask.new_empty((*mask.shape[:-2], 1, mask.shape[-1]))
 
 
 def key_bias(size: Tensor, dtype: torch.dtype, prop_attn: bool) -> Tensor:
