@@ -309,9 +309,10 @@ def traced_merge_piece(piece: GraphModule) -> Optional[TracedMerge]:
     graph needs fewer of them) reads like the others. A merge whose semantic value reads no
     mask (the first merge of a model without one) gets an all-zero key bias as one more
     input, which changes no value and makes it read like the merges after it. None for the
-    "layer" fusion: it weighs each block by a float of its own, so no two blocks' pieces would
-    share code (it runs the opaque op, as the compiled step of ``merge_block`` does too)."""
-    from turbo_fx.ops.merge_step import _BLOCK_DEFAULTS, shared_block_arguments, traced_merge_block
+    "layer" fusion (it weighs each block by a float of its own, so no two blocks' pieces would
+    share code) and where Inductor would not compute the step exactly (``compiles_exactly``):
+    those run the opaque op, as the compiled step of ``merge_block`` does too."""
+    from turbo_fx.ops.merge_step import _BLOCK_DEFAULTS, compiles_exactly, shared_block_arguments, traced_merge_block
     from turbo_fx.passes.graph_utils import is_merge
 
     traced = GraphModule(piece, copy.deepcopy(piece.graph), class_name="MergePiece")
@@ -319,7 +320,7 @@ def traced_merge_piece(piece: GraphModule) -> Optional[TracedMerge]:
     (merge,) = [n for n in graph.nodes if is_merge(n)]
     names = list(_BLOCK_DEFAULTS)
     step = dict(zip(names, shared_block_arguments(merge.args, merge.kwargs)))
-    if step["fusion"] == "layer":
+    if step["fusion"] == "layer" or not compiles_exactly(step["padding"]):
         return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     zero_bias = None

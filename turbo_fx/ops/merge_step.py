@@ -115,7 +115,8 @@ def merge_block(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if step["fusion"] != "layer":
         step["block"] = 0  # only the "layer" fusion reads it: one compiled variant for all blocks
     outputs = None
-    if compiled and not step["traced"] and step["r"] > 0 and step["fusion"] != "layer" and not _is_fake(x):
+    if (compiled and not step["traced"] and step["r"] > 0 and step["fusion"] != "layer" and not _is_fake(x)
+            and compiles_exactly(step["padding"])):
         outputs = run_compiled_step(*{**step, "symbolic_tokens": False, "traced": True}.values())
     if outputs is None:
         outputs = merge_step_outputs(*step.values())
@@ -166,6 +167,19 @@ def merge_source_hash() -> str:
 
 
 _SOURCE_HASH: list[str] = []
+
+
+def compiles_exactly(padding: bool) -> bool:
+    """Whether Inductor, compiling the merge step with a symbolic token count, computes what
+    the eager step does. Not on torch < 2.13 with padding: there (2.11.0, CPU, checked
+    2026-12-03) the similarities' argmax came out wrong in 7 of 8 rows while their max was
+    right, so merges went to the wrong partners; such steps run eagerly instead."""
+    return not padding or _torch_at_least(2, 13)
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    return version >= (major, minor)
 
 
 _COMPILED_STEP: list = []
