@@ -109,13 +109,14 @@ class TurboConfig:
     compile_merge_step: generate the merge step's kernels with Inductor instead of running it as
         about 70 ATen calls per block, which on a GPU are as many kernel launches. Where the graph
         is compiled block by block (``compile_blocks``), each merge piece is compiled with its
-        token count symbolic, so the merges after the first share one compiled step (a third
-        one where the first merge's mask differs); otherwise the opaque op runs one Inductor
-        compile of the step with dynamic shapes, shared by every block and model of the process.
+        token count symbolic, so all the merges of a model share one compiled step (a second
+        one where the first merge reads the model's own mask); otherwise the opaque op runs one
+        Inductor compile of the step with dynamic shapes, shared by every block and model of
+        the process. Padded merges stay eager below torch 2.13 (whose Inductor got them wrong).
         Default None: on for graphs compiled block by block on a CUDA device, off elsewhere.
-        Measured on CPU (DeiT-S r=13, batch 8): about 10% faster forwards, 2 library calls per
-        block instead of about 70, the same outputs, and on a cold compile cache about twice
-        the compile time (README); that is why it stays off on CPU by default.
+        Measured on CPU (r=13, batch 8): DeiT-S 12% and ViT-B 5% faster forwards, 2 library
+        calls per block instead of about 70, the same outputs, and a cold compile 1.7-1.8x
+        Inductor's instead of 1.1x (README); that is why it stays off on CPU by default.
     compile_blocks: compile the merged graph piece by piece, split at its merge ops, each
         piece with its token count a backed symbolic size, so that Inductor's FX graph cache
         serves one block's compiled code to the blocks after it. Only inference graphs with
