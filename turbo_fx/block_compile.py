@@ -163,23 +163,19 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
     token_counts: set[int] = set()
 
     class CompileOnFirstRun(Interpreter):
-        merged_count: Optional[int] = None  # the token count the latest merge piece handed on (None: no merge yet)
-
         def run_node(self, node: Node) -> Any:
             self.node = node
             result = super().run_node(node)
             if node.op == "call_module" and node.target not in compute:
                 merge_outputs.add(node)
-                counts = _token_counts(result)
-                token_counts.update(counts)
-                self.merged_count = min(counts) if counts else None
+                token_counts.update(_token_counts(result))
             return result
 
         def call_module(self, target, args, kwargs):
             if target not in compute:
                 merge = getattr(module, target)
                 if compile_merges:
-                    compiled = _compile_merge_piece(compile_piece, merge, args, self.merged_count, stats)
+                    compiled = _compile_merge_piece(compile_piece, merge, args, stats)
                     if compiled is not None:
                         setattr(module, target, compiled)
                         return compiled(*args)
@@ -243,18 +239,18 @@ def _cache_hits() -> int:
     return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
 
 
-def _compile_merge_piece(compile_piece: Callable, merge: GraphModule, args: Sequence[Any], count: Optional[int],
+def _compile_merge_piece(compile_piece: Callable, merge: GraphModule, args: Sequence[Any],
                          stats: BlockCompileStats) -> Optional[Callable]:
     """The merge piece ``merge`` compiled with the traced merge (``traced_merge_piece``), every
-    axis of the incoming token ``count`` symbolic but the assign map's (whose axis is the
-    original count; None: the first merge, whose count is its input's), or None where that
-    compile failed (logged; the piece then runs the opaque op, which computes the same)."""
+    axis of its tokens' count symbolic but the assign map's (whose axis is the original
+    count), or None where it is not compiled (logged where the compile failed; the piece then
+    runs the opaque op, which computes the same)."""
     try:
         traced = traced_merge_piece(merge)
         if traced is None:
             return None
         inputs = traced.inputs(args)
-        count = inputs[traced.x_input].shape[1] if count is None else count
+        count = inputs[traced.x_input].shape[1]
         dynamic = [[] if i == traced.assign_input else _axes_of_size(a, count) for i, a in enumerate(inputs)]
         compiled = _compile_with_token_dims(compile_piece, traced.module, inputs, dynamic, stats.merge_pieces,
                                             example_values=False)

@@ -20,6 +20,11 @@ from turbo_fx.reference import reference_forward
 DEPTH, R = 6, 3
 
 
+def diff_to_reference(model, x, out, **options) -> float:
+    with torch.no_grad():
+        return (out - reference_forward(model, x, TurboConfig(r=R, **options))).abs().max().item()
+
+
 @pytest.fixture(scope="module")
 def model():
     return small_vit("vit", patch_size=4, depth=DEPTH)  # 65 tokens: 62, 59, 56, 53, 50, 47 after each block
@@ -34,9 +39,7 @@ def test_one_compiled_step_serves_every_merge_after_the_first(turbo, model, tmp_
     with fresh_cache(dir=str(tmp_path)):
         compiled = turbo(model, r=R, inner_backend="inductor", compile_merge_step=True)
         out = compiled(x)
-    with torch.no_grad():
-        expected = reference_forward(model, x, TurboConfig(r=R))
-    assert (out - expected).abs().max().item() < 1e-4
+    assert diff_to_reference(model, x, out) < 1e-4
     report = compiled.report
     assert report.fallback_reason is None and report.merges == DEPTH
     assert report.tokens_per_block == [65, 62, 59, 56, 53, 50]
@@ -47,8 +50,7 @@ def test_one_compiled_step_serves_every_merge_after_the_first(turbo, model, tmp_
     with turbo_fx.record_merges() as records:
         out2 = compiled(images(2, seed=5))
     assert records == [] and len(compiled.graphs) == 1
-    with torch.no_grad():
-        assert (out2 - reference_forward(model, images(2, seed=5), TurboConfig(r=R))).abs().max().item() < 1e-4
+    assert diff_to_reference(model, images(2, seed=5), out2) < 1e-4
 
 
 def test_the_eager_op_and_the_compiled_pieces_compute_the_same(turbo, model):
@@ -84,8 +86,7 @@ def test_a_merge_piece_that_fails_to_compile_runs_the_opaque_op(turbo, model, mo
     with caplog.at_level(logging.INFO, logger="turbo_fx"):
         compiled = turbo(model, r=R, inner_backend="inductor", compile_merge_step=True)
         out = compiled(x)
-    with torch.no_grad():
-        assert (out - reference_forward(model, x, TurboConfig(r=R))).abs().max().item() < 1e-4
+    assert diff_to_reference(model, x, out) < 1e-4
     report = compiled.report
     assert report.fallback_reason is None and report.merges == DEPTH
     assert f"0 compiled merge pieces: 0 generated, 0 from Inductor's cache, {DEPTH} failed" in report.block_compile
@@ -145,8 +146,7 @@ def test_the_layer_fusion_keeps_the_opaque_op(turbo, model):
     assert "compiled merge pieces" not in compiled.report.block_compile
     # The compile's own run of the split graph merges once more before the call's run.
     assert [r.tokens_out for r in records] == 2 * [62, 59, 56, 53, 50, 47]
-    with torch.no_grad():
-        assert (out - reference_forward(model, x, TurboConfig(r=R, fusion="layer"))).abs().max().item() < 1e-4
+    assert diff_to_reference(model, x, out, fusion="layer") < 1e-4
 
 
 def test_padded_merges_compile_only_where_torch_computes_them_exactly(monkeypatch):
