@@ -129,7 +129,7 @@ def _compile_inner(rewritten, original, example_inputs, config: TurboConfig, mod
         return compiler(original, example_inputs)
     if config.compiles_by_block and report.blocks:
         compiled = _compile_by_block(rewritten, example_inputs, mode, report, asked=config.compile_blocks is True,
-                                     compile_merges=config.compiles_merges(_device_type(example_inputs)))
+                                     compile_merges=config.compiles_merges)
         if compiled is not None:
             return guard(compiled, original, example_inputs, compiler, report)
     try:
@@ -170,14 +170,6 @@ def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, aske
     log.log(logging.WARNING if asked else logging.INFO,
             "turbo: graph %d compiled whole, not block by block (compile_blocks): %s", report.graph_index, reason)
     return None
-
-
-def _device_type(example_inputs) -> str:
-    """The device type of the graph's first tensor input ("cpu" where it has none)."""
-    for value in example_inputs:
-        if isinstance(value, torch.Tensor):
-            return value.device.type
-    return "cpu"
 
 
 def inner_compiler(name: str, mode: Optional[str] = None) -> Callable:

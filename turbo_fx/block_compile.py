@@ -7,7 +7,7 @@ the graph is split at its merge ops (``passes.split_at_merges``) and each comput
 compiled on its own, with its token count a *backed* symbolic size: the pieces of two
 blocks then have the same code and the same shape guards, and Inductor's FX graph cache
 hands the second block the first one's compiled code. The merge pieces run the opaque op as
-it is, or, with ``compile_merges`` (the ``compile_merge_step`` option, on by default on CUDA),
+it is, or, with ``compile_merges`` (the ``compile_merge_step`` option, on by default),
 are compiled the same way with the traced merge in the op's place (``traced_merge_piece``):
 one compiled step then serves every merge of the model.
 
@@ -252,14 +252,40 @@ def _compile_merge_piece(compile_piece: Callable, merge: GraphModule, args: Sequ
         inputs = traced.inputs(args)
         count = inputs[traced.x_input].shape[1]
         dynamic = [[] if i == traced.assign_input else _axes_of_size(a, count) for i, a in enumerate(inputs)]
-        compiled = _compile_with_token_dims(compile_piece, traced.module, inputs, dynamic, stats.merge_pieces,
-                                            example_values=False)
+        with merge_codegen_options(inputs[traced.x_input].device.type):
+            compiled = _compile_with_token_dims(compile_piece, traced.module, inputs, dynamic, stats.merge_pieces,
+                                                example_values=False)
     except Exception as exc:  # the eager op is always there to fall back on
         log.info("turbo: a merge piece was not compiled and runs as the opaque op: %s: %s", type(exc).__name__, exc)
         log.debug("turbo: merge piece compile failure", exc_info=True)
         stats.merge_pieces.failed += 1
         return None
-    return _Piece(lambda *a: traced.outputs(compiled(*traced.inputs(a))))
+    from turbo_fx.ops.merge_step import record_merge
+
+    def run(*piece_args):
+        inputs = traced.inputs(piece_args)
+        outputs = compiled(*inputs)
+        record_merge(traced.block, inputs[traced.x_input].shape[1], outputs)
+        return traced.outputs(outputs)
+
+    return _Piece(run)
+
+
+def merge_codegen_options(device_type: str) -> contextlib.AbstractContextManager:
+    """Inductor options for a merge piece's code: on CPU, scalar C++ loops (``cpp.simdlen=1``).
+
+    Why: with a symbolic token count, Inductor's C++ vectoriser spends most of the merge
+    piece's compile simplifying index expressions with sympy (``select_tiling``,
+    ``stride_at_vec_range``), about 7 of the merge piece's 12 s on DeiT-S (2-core Xeon, stop 22),
+    while the piece's loops are small (one similarity row per token, gathers and scatters
+    that do not vectorise), so the vector code gained nothing measurable at run time. The
+    option enters Inductor's cache key, so these pieces never share code with vectorised ones.
+    Other devices get Inductor's defaults."""
+    if device_type != "cpu":
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch({"cpp.simdlen": 1})
 
 
 def _axes_of_size(value: Any, count: int) -> list[int]:
@@ -280,6 +306,7 @@ class TracedMerge:
     x_input: int  # the input position of the tokens
     assign_input: Optional[int]  # the input position of the assign map (None: not an input)
     zero_bias: Optional[torch.dtype]  # dtype of the all-zero key bias appended as the last input
+    block: int  # the merge's block number, for record_merges (the traced call reads 0 in its place)
 
     _zeros: Optional[torch.Tensor] = None
 
@@ -308,14 +335,16 @@ def traced_merge_piece(piece: GraphModule) -> Optional[TracedMerge]:
     "layer" fusion (it weighs each block by a float of its own, so no two blocks' pieces would
     share code) and where Inductor would not compute the step exactly (``compiles_exactly``):
     those run the opaque op, as the compiled step of ``merge_block`` does too."""
-    from turbo_fx.ops.merge_step import _BLOCK_DEFAULTS, compiles_exactly, shared_block_arguments, traced_merge_block
+    from turbo_fx.ops.merge_step import (_BLOCK_DEFAULTS, _block_arguments, compiles_exactly, shared_block_arguments,
+                                         traced_merge_block)
     from turbo_fx.passes.graph_utils import is_merge
 
     traced = GraphModule(piece, copy.deepcopy(piece.graph), class_name="MergePiece")
     graph = traced.graph
     (merge,) = [n for n in graph.nodes if is_merge(n)]
     names = list(_BLOCK_DEFAULTS)
-    step = dict(zip(names, shared_block_arguments(merge.args, merge.kwargs)))
+    merge_args, merge_kwargs = merge.args, merge.kwargs
+    step = dict(zip(names, shared_block_arguments(merge_args, merge_kwargs)))
     if step["fusion"] == "layer" or not compiles_exactly(step["padding"]):
         return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -338,7 +367,8 @@ def traced_merge_piece(piece: GraphModule) -> Optional[TracedMerge]:
     graph.eliminate_dead_code()
     assign_input = placeholders.index(step["assign"]) if step["assign"] in placeholders else None
     name_positionally(traced)
-    return TracedMerge(traced, picks, single, placeholders.index(step["x"]), assign_input, zero_bias)
+    block = _block_arguments(merge_args, merge_kwargs)["block"]
+    return TracedMerge(traced, picks, single, placeholders.index(step["x"]), assign_input, zero_bias, block)
 
 
 def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: Sequence[Any],

@@ -23,7 +23,7 @@ from turbo_fx.reference import reference_forward
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DEPTH, R = 4, 3
-# On CUDA the default compiles the merge pieces too; "eager merge op" is the default of CPU.
+# The default compiles the merge pieces too; "eager merge op" runs the opaque op's ATen calls.
 PATHS = {"default": {}, "eager merge op": {"compile_merge_step": False}, "fuse_merges": {"fuse_merges": True},
          "compile_merge_step, compiled whole": {"compile_merge_step": True, "compile_blocks": False}}
 

@@ -4,13 +4,14 @@ FLOPs, decides whether merging pays there.
 
 - ``fuse_merges=True``: Inductor generates the merge itself; per merging block only the
   similarity ``bmm`` and the ``topk`` ranking remain as library calls (issue 7 allows 3).
-- ``compile_merge_step=True``: Inductor generates the merge step: block by block (the default
-  ``compile_blocks``) each merge piece is compiled, one compile shared by the merges after the
-  first; compiled whole, the opaque op runs one shared Inductor compile of the step. Either way
-  the same two calls per block, and the same outputs as the ATen-call op.
-- Default (opaque op): tens of ops per block (measured: about 71 on DeiT-Tiny at r=13), which is
-  why it is host-bound on a GPU. It is held only to the rule every merge path keeps: no
-  host-syncing or data-dependent-shape op.
+- ``compile_merge_step`` (None, the default, or True): Inductor generates the merge step:
+  block by block (the default ``compile_blocks``) each merge piece is compiled, one compile
+  shared by the merges after the first; compiled whole, with True, the opaque op runs one
+  shared Inductor compile of the step. Either way the same two calls per block, and the same
+  outputs as the ATen-call op.
+- ``compile_merge_step=False`` (the opaque op's ATen calls): tens of ops per block (measured:
+  about 71 on DeiT-Tiny at r=13), which is why it is host-bound on a GPU. It is held only to
+  the rule every merge path keeps: no host-syncing or data-dependent-shape op.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_fused_merge_adds_two_library_calls_per_block(model_and_input, inductor_
 
 def test_opaque_merge_never_syncs_the_host(model_and_input, inductor_ops):
     model, x = model_and_input
-    counts, (report,) = turbo_aten_ops(model, x, r=4)
+    counts, (report,) = turbo_aten_ops(model, x, r=4, compile_merge_step=False)
     added = counts - inductor_ops
     assert report.fallback_reason is None
     merges = report.merges
@@ -57,15 +58,18 @@ def test_opaque_merge_never_syncs_the_host(model_and_input, inductor_ops):
     assert not HOST_SYNCING & set(counts), counts
 
 
-@pytest.mark.parametrize("compile_blocks", [None, False], ids=["merge pieces compiled", "opaque op compiled"])
-def test_compiled_merge_step_adds_a_few_ops_and_changes_nothing(model_and_input, inductor_ops, compile_blocks):
+@pytest.mark.parametrize("compile_merge_step, compile_blocks", [(None, None), (True, None), (True, False)],
+                         ids=["the default", "merge pieces compiled", "opaque op compiled"])
+def test_compiled_merge_step_adds_a_few_ops_and_changes_nothing(model_and_input, inductor_ops, compile_merge_step,
+                                                                compile_blocks):
     model, x = model_and_input
     eager, _ = turbo_aten_ops(model, x, r=4, compile_merge_step=False)
     # The outputs are compared with the rewritten graph run eagerly (no second Inductor compile).
     torch._dynamo.reset()
     with torch.no_grad():
         expected = torch.compile(model, backend="turbo", options=dict(r=4, inner_backend="eager"))(x)
-    counts, (report,) = turbo_aten_ops(model, x, r=4, compile_merge_step=True, compile_blocks=compile_blocks)
+    counts, (report,) = turbo_aten_ops(model, x, r=4, compile_merge_step=compile_merge_step,
+                                       compile_blocks=compile_blocks)
     pieces = "compiled merge pieces" in (report.block_compile or "")
     assert pieces == (compile_blocks is None), report.block_compile
     assert report.fallback_reason is None and report.merges == 4

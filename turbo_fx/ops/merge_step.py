@@ -120,12 +120,17 @@ def merge_block(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         outputs = run_compiled_step(*{**step, "symbolic_tokens": False, "traced": True}.values())
     if outputs is None:
         outputs = merge_step_outputs(*step.values())
+    record_merge(block, x.shape[1], outputs)
+    return outputs
+
+
+def record_merge(block: int, tokens_in: int, outputs: tuple) -> None:
+    """Hand one executed merge (its four outputs) to the innermost ``record_merges``, if any."""
     merged, new_size, new_assign, _ = outputs
     if _MERGE_RECORDERS and not _is_fake(new_assign):
         _MERGE_RECORDERS[-1].append(
-            MergeRecord(block, x.shape[1], merged.shape[1], new_assign.detach().cpu(), new_size.detach().cpu())
+            MergeRecord(block, tokens_in, merged.shape[1], new_assign.detach().cpu(), new_size.detach().cpu())
         )
-    return outputs
 
 
 # torch.library reads the op's schema from this.
@@ -241,9 +246,10 @@ _MERGE_RECORDERS: list[list[MergeRecord]] = []
 @contextlib.contextmanager
 def record_merges() -> Iterator[list[MergeRecord]]:
     """Collect a ``MergeRecord`` for every merge that runs inside the block, eager or
-    compiled (the opaque merge op runs this Python code under Inductor too; with
-    ``fuse_merges=True``, and in merge pieces compiled by ``compile_merge_step`` with
-    ``compile_blocks``, Inductor generates the merge itself and nothing is recorded)."""
+    compiled: the opaque merge op records what it computed, and so do the merge pieces that
+    ``compile_blocks`` compiles (from the outputs of their generated code; a copy of the assign
+    map and sizes to the host each, only while recording). With ``fuse_merges=True`` the merge
+    is part of the model's generated code and nothing is recorded."""
     records: list[MergeRecord] = []
     _MERGE_RECORDERS.append(records)
     try:
