@@ -22,13 +22,13 @@ HOST_SYNCING = frozenset({
 # The ways a merge step runs: the opaque op as ATen calls, the opaque op through one shared
 # compile of the step (both with the merged graph compiled whole, as the default did until
 # stop 20), the step traced into the model's own graph, the opaque op with the graph
-# compiled block by block (today's default on CPU, named for its option), and the same with
-# the merge pieces compiled too (today's default on CUDA).
+# compiled block by block (the CPU default of stop 20-21, named for its option), and the same
+# with the merge pieces compiled too (the default since stop 22, on CUDA since stop 21).
 MERGE_PATHS = {
     "opaque op": {"compile_blocks": False},
     "compile_merge_step=True": {"compile_merge_step": True, "compile_blocks": False},
     "fuse_merges=True": {"fuse_merges": True},
-    # Pinned both ways: the default of compile_merge_step differs between CPU and CUDA.
+    # Pinned both ways, so that a row keeps its meaning when a default changes.
     "compile_blocks=True": {"compile_blocks": True, "compile_merge_step": False},
     "compiled merge pieces": {"compile_blocks": True, "compile_merge_step": True},
 }

@@ -7,10 +7,11 @@ latency and ATen calls per forward, against plain Inductor.
   (compiled whole too);
 - ``fuse_merges=True``: the step traced into the model's own graph;
 - ``compile_blocks=True``: the opaque op running ATen calls, the graph compiled block by block
-  (blocks share compiled code through Inductor's FX graph cache): today's default on CPU;
+  (blocks share compiled code through Inductor's FX graph cache; ``compile_merge_step=False``):
+  the CPU default of stops 20-21;
 - "compiled merge pieces" (``compile_merge_step=True`` with the split): block by block, the
-  merge pieces compiled too, one compile shared by the merges after the first: today's
-  default on CUDA.
+  merge pieces compiled too (scalar C++ on CPU), one compile shared by the merges after the
+  first: the default since stop 22.
 
     python -m turbo_fx.bench.merge_paths --model deit_tiny_patch16_224 --r 13 --batch 8 --threads 1
     python -m turbo_fx.bench.merge_paths --model vit_base_patch16_224 --r 13 --batch 256 --device cuda --dtype bf16

@@ -30,7 +30,7 @@ bench)
     python3 -m turbo_fx.bench.attention_bias_cost --device cuda --dtype bf16 --batch 256 --heads 12 --tokens 98 \
         --rounds 50 --out "$OUT" 2>&1 | tail -12
     # model r batch: the targets (ViT-B r=13 >= 1.55x, DeiT-S r=13 >= 1.45x, ViT-L r=8 >= 1.8x).
-    # "compiled merge pieces" is the CUDA default; compile_blocks=True pins the eager merge op.
+    # "compiled merge pieces" is the default; compile_blocks=True pins the eager merge op.
     for spec in "vit_base_patch16_224 13 256" "deit_small_patch16_224 13 256" "vit_large_patch16_224 8 128"; do
         set -- $spec
         timeout 170 python3 -m turbo_fx.bench.merge_paths --model "$1" --r "$2" --batch "$3" --device cuda \

@@ -34,15 +34,47 @@ def merge_fails_when_told(monkeypatch):
     return state
 
 
-@pytest.mark.parametrize("inner", ["eager", "inductor"])
-def test_a_run_time_failure_runs_the_unmerged_graph_from_then_on(turbo, merge_fails_when_told, caplog, inner):
+@pytest.fixture
+def compiled_merge_fails_when_told(monkeypatch):
+    """Makes every compiled merge piece raise once ``state["fail"]`` is set (counting its calls
+    in "real_calls"), as a failing generated kernel would."""
+    from turbo_fx import block_compile
+
+    state = {"fail": False, "real_calls": 0}
+    real = block_compile._compile_merge_piece
+
+    def compile_maybe_failing(*args, **kwargs):
+        compiled = real(*args, **kwargs)
+        assert compiled is not None, "the merge piece was expected to compile"
+
+        def run(*piece_args):
+            state["real_calls"] += 1
+            if state["fail"]:
+                raise RuntimeError("injected kernel failure")
+            return compiled(*piece_args)
+
+        return block_compile._Piece(run)
+
+    monkeypatch.setattr(block_compile, "_compile_merge_piece", compile_maybe_failing)
+    return state
+
+
+# The eager merge op (compile_merge_step=False) under both inner backends, and the compiled
+# merge pieces of the default Inductor path.
+@pytest.mark.parametrize("inner, compile_merge_step, failing", [
+    ("eager", False, "merge_fails_when_told"), ("inductor", False, "merge_fails_when_told"),
+    ("inductor", None, "compiled_merge_fails_when_told")], ids=["eager", "inductor", "inductor, compiled merges"])
+def test_a_run_time_failure_runs_the_unmerged_graph_from_then_on(turbo, request, caplog, inner, compile_merge_step,
+                                                                  failing):
+    merge_fails_when_told = request.getfixturevalue(failing)
     model = small_vit("vit", patch_size=4, depth=3)
     x = images(2)
-    compiled = turbo(model, r=3, inner_backend=inner)
+    compiled = turbo(model, r=3, inner_backend=inner, compile_merge_step=compile_merge_step)
     with torch.no_grad():
         unmerged = model(x)
     merged_out = compiled(x)
     assert compiled.report.merges == 3 and compiled.report.fallback_reason is None
+    assert ("3 compiled merge pieces" in (compiled.report.block_compile or "")) == (compile_merge_step is None)
     assert (merged_out - unmerged).abs().max().item() > 1e-3  # it really merged before the failure
     calls = merge_fails_when_told["real_calls"]
     merge_fails_when_told["fail"] = True
