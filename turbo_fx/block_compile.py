@@ -344,8 +344,8 @@ def traced_merge_piece(piece: GraphModule) -> Optional[TracedMerge]:
     graph = traced.graph
     (merge,) = [n for n in graph.nodes if is_merge(n)]
     names = list(_BLOCK_DEFAULTS)
-    merge_args, merge_kwargs = merge.args, merge.kwargs
-    step = dict(zip(names, shared_block_arguments(merge_args, merge_kwargs)))
+    block = _block_arguments(merge.args, merge.kwargs)["block"]
+    step = dict(zip(names, shared_block_arguments(merge.args, merge.kwargs)))
     if step["fusion"] == "layer" or not compiles_exactly(step["padding"]):
         return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -368,7 +368,6 @@ def traced_merge_piece(piece: GraphModule) -> Optional[TracedMerge]:
     graph.eliminate_dead_code()
     assign_input = placeholders.index(step["assign"]) if step["assign"] in placeholders else None
     name_positionally(traced)
-    block = _block_arguments(merge_args, merge_kwargs)["block"]
     return TracedMerge(traced, picks, single, placeholders.index(step["x"]), assign_input, zero_bias, block)
 
 
