@@ -336,18 +336,16 @@ def traced_merge_piece(piece: GraphModule) -> Optional[TracedMerge]:
     "layer" fusion (it weighs each block by a float of its own, so no two blocks' pieces would
     share code) and where Inductor would not compute the step exactly (``compiles_exactly``):
     those run the opaque op, as the compiled step of ``merge_block`` does too."""
-    from turbo_fx.ops.merge_step import (_BLOCK_DEFAULTS, _block_arguments, compiles_exactly, shared_block_arguments,
-                                         traced_merge_block)
+    from turbo_fx.ops.merge_step import block_arguments, compiles_shared_step, shared_block_step, traced_merge_block
     from turbo_fx.passes.graph_utils import is_merge
 
     traced = GraphModule(piece, copy.deepcopy(piece.graph), class_name="MergePiece")
     graph = traced.graph
     (merge,) = [n for n in graph.nodes if is_merge(n)]
-    names = list(_BLOCK_DEFAULTS)
-    block = _block_arguments(merge.args, merge.kwargs)["block"]
-    step = dict(zip(names, shared_block_arguments(merge.args, merge.kwargs)))
-    if step["fusion"] == "layer" or not compiles_exactly(step["padding"]):
+    step = block_arguments(merge.args, merge.kwargs)
+    if not compiles_shared_step(step):
         return None
+    block, step = step["block"], shared_block_step(step)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     zero_bias = None
     if step["semantic_mask"] is None and step["semantic_q"] is not None and step["semantic_probs"] is None:

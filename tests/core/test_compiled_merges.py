@@ -189,10 +189,10 @@ def test_shared_arguments_zero_the_block_unless_the_fusion_reads_it():
     args = [object()] * merge_step._BLOCK_REQUIRED
     by_name = dict(zip(names, args))
     by_name.update(block=7, fusion="sub")
-    shared = dict(zip(names, merge_step.shared_block_arguments((), by_name)))
-    assert shared["block"] == 0 and shared["fusion"] == "sub"
+    shared = merge_step.shared_block_step(merge_step.block_arguments((), by_name))
+    assert shared["block"] == 0 and shared["fusion"] == "sub" and list(shared) == names
     by_name["fusion"] = "layer"
-    assert dict(zip(names, merge_step.shared_block_arguments((), by_name)))["block"] == 7
+    assert merge_step.shared_block_step(merge_step.block_arguments((), by_name))["block"] == 7
 
 
 def test_the_layer_fusion_keeps_the_opaque_op(turbo, model):

@@ -93,7 +93,7 @@ _BLOCK_DEFAULTS = {name: p.default for name, p in _BLOCK_SIGNATURE.parameters.it
 _BLOCK_REQUIRED = sum(p.default is inspect.Parameter.empty for p in _BLOCK_SIGNATURE.parameters.values())
 
 
-def _block_arguments(args: tuple, kwargs: dict) -> dict:
+def block_arguments(args: tuple, kwargs: dict) -> dict:
     """A ``merge_block`` call's arguments by name, defaults filled in, in signature order."""
     if not kwargs and _BLOCK_REQUIRED <= len(args) <= len(_BLOCK_DEFAULTS):
         # The op's dispatcher passes arguments by position, trailing defaults left out;
@@ -110,13 +110,11 @@ def merge_block(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     step through ``run_compiled_step``, so a merge is a few generated kernels instead of tens
     of ATen calls. The "layer" fusion weighs each block by its own float, which would
     recompile per block, so it always runs eagerly."""
-    step = _block_arguments(args, kwargs)
+    step = block_arguments(args, kwargs)
     compiled, block, x = step.pop("compiled"), step["block"], step["x"]
-    if step["fusion"] != "layer":
-        step["block"] = 0  # only the "layer" fusion reads it: one compiled variant for all blocks
+    step = shared_block_step(step)
     outputs = None
-    if (compiled and not step["traced"] and step["r"] > 0 and step["fusion"] != "layer" and not _is_fake(x)
-            and compiles_exactly(step["padding"])):
+    if compiled and not step["traced"] and step["r"] > 0 and not _is_fake(x) and compiles_shared_step(step):
         outputs = run_compiled_step(*{**step, "symbolic_tokens": False, "traced": True}.values())
     if outputs is None:
         outputs = merge_step_outputs(*step.values())
@@ -141,20 +139,24 @@ def traced_merge_block(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor]
     """``merge_block``'s computation written for a compiler to trace (``compile_blocks`` compiles
     each merge piece with this in the opaque op's place): the traced merge with concrete token
     counts (the piece's own are backed symbolic sizes)."""
-    step = _block_arguments(args, kwargs)
+    step = block_arguments(args, kwargs)
     step.pop("compiled")
     step.update(traced=True, symbolic_tokens=False)
     return merge_step_outputs(*step.values())
 
 
-def shared_block_arguments(args: tuple, kwargs: dict) -> tuple:
-    """A ``merge_block`` call's arguments, all by position, with ``block`` zeroed where the
+def shared_block_step(step: dict) -> dict:
+    """``step`` (a ``merge_block`` call's arguments by name) with ``block`` zeroed where the
     fusion does not read it: every block's call then reads the same, and one compiled merge
     step serves them all."""
-    step = _block_arguments(args, kwargs)
-    if step["fusion"] != "layer":
-        step["block"] = 0
-    return tuple(step.values())
+    return step if step["fusion"] == "layer" else {**step, "block": 0}
+
+
+def compiles_shared_step(step: dict) -> bool:
+    """Whether one compiled merge step may serve this merge: not for the "layer" fusion (it
+    weighs each block by a float of its own, so every block's step would compile apart), and
+    only where Inductor computes the step exactly (``compiles_exactly``)."""
+    return step["fusion"] != "layer" and compiles_exactly(step["padding"])
 
 
 def merge_source_hash() -> str:
@@ -273,7 +275,7 @@ merge_block_op = torch.library.custom_op("turbo_fx::merge_block", merge_block, m
 
 @merge_block_op.register_fake
 def _merge_block_fake(*args, **kwargs):
-    step = _block_arguments(args, kwargs)
+    step = block_arguments(args, kwargs)
     x, r = step["x"], step["r"]
     batch, n_tokens, channels = x.shape
     kept = n_tokens - r
