@@ -55,10 +55,14 @@ def piece_index(gm: GraphModule) -> dict[Node, int]:
 
 
 def name_positionally(piece: GraphModule) -> None:
-    """Rename every node of ``piece`` by its position, so identical computations read the same."""
+    """Rename every node of ``piece`` by its position, so identical computations read the same:
+    its arguments too (the split module passes them by position), so that two blocks' pieces
+    have the same code, line for line."""
     for i, node in enumerate(piece.graph.nodes):
         if node.op != "output":
             node._rename(f"v{i}")
+            if node.op == "placeholder":
+                node.target = node.name
     piece.recompile()
 
 

@@ -163,6 +163,7 @@ def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, aske
     else:
         report.block_compile = stats.summary()
         counters["block_pieces_generated"] += stats.generated
+        counters["block_pieces_shared"] += stats.shared
         counters["block_pieces_cached"] += stats.cached
         return compiled
     report.block_compile = f"compiled whole: {reason}"

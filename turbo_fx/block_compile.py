@@ -32,6 +32,7 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from turbo_fx.passes.propagate_shapes import CannotRewrite
 from turbo_fx.passes.split_at_merges import name_positionally, split_at_merges
+from turbo_fx.shared_pieces import SharedPieces
 
 log = logging.getLogger("turbo_fx")
 
@@ -43,12 +44,17 @@ class BlockCompileUnsupported(Exception):
 @dataclass
 class PieceCounts:
     generated: int = 0  # pieces Inductor generated code for (cache misses)
+    shared: int = 0  # pieces that run an earlier piece's compiled code (``shared_pieces``)
     cached: int = 0  # pieces that came from Inductor's caches (AOT-autograd's or the FX graph cache)
     failed: int = 0  # merge pieces whose compile failed (they run the opaque op)
 
     @property
     def pieces(self) -> int:
-        return self.generated + self.cached
+        return self.generated + self.shared + self.cached
+
+    def describe(self) -> str:
+        return (f"{self.generated} generated, {self.shared} shared with an earlier block, "
+                f"{self.cached} from Inductor's cache")
 
 
 @dataclass
@@ -57,12 +63,11 @@ class BlockCompileStats(PieceCounts):
     merge_pieces: PieceCounts = field(default_factory=PieceCounts)  # compiled merge pieces (compile_merges)
 
     def summary(self) -> str:
-        text = (f"{self.pieces} compute pieces: {self.generated} generated, {self.cached} from Inductor's cache "
-                f"(token counts {self.token_counts})")
+        text = f"{self.pieces} compute pieces: {self.describe()} (token counts {self.token_counts})"
         merges = self.merge_pieces
         if merges.pieces or merges.failed:
-            text += (f"; {merges.pieces} compiled merge pieces: {merges.generated} generated, {merges.cached} from "
-                     f"Inductor's cache" + (f", {merges.failed} failed (run as the opaque op)" if merges.failed else ""))
+            text += (f"; {merges.pieces} compiled merge pieces: {merges.describe()}"
+                     + (f", {merges.failed} failed (run as the opaque op)" if merges.failed else ""))
         return text
 
 
@@ -157,6 +162,7 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
     except CannotRewrite as exc:
         raise BlockCompileUnsupported(str(exc)) from exc
     stats = BlockCompileStats() if stats is None else stats
+    shared = SharedPieces()
     compute = set(split.compute)
     module = split.module
     merge_outputs: set[Node] = set()
@@ -175,7 +181,7 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
             if target not in compute:
                 merge = getattr(module, target)
                 if compile_merges:
-                    compiled = _compile_merge_piece(compile_piece, merge, args, stats)
+                    compiled = _compile_merge_piece(compile_piece, merge, args, stats, shared)
                     if compiled is not None:
                         setattr(module, target, compiled)
                         return compiled(*args)
@@ -183,7 +189,7 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
             dynamic = [_token_dims(a, src, merge_outputs, token_counts) for a, src in zip(args, self.node.args)]
             counts = {a.shape[d] for a, dims in zip(args, dynamic) for d in dims}
             stats.token_counts.append(min(counts) if counts else None)
-            compiled = _compile_with_token_dims(compile_piece, getattr(module, target), args, dynamic, stats)
+            compiled = _compile_with_token_dims(compile_piece, getattr(module, target), args, dynamic, stats, shared)
             setattr(module, target, _Piece(compiled))
             return compiled(*args)
 
@@ -240,7 +246,7 @@ def _cache_hits() -> int:
 
 
 def _compile_merge_piece(compile_piece: Callable, merge: GraphModule, args: Sequence[Any],
-                         stats: BlockCompileStats) -> Optional[Callable]:
+                         stats: BlockCompileStats, shared: Optional[SharedPieces] = None) -> Optional[Callable]:
     """The merge piece ``merge`` compiled with the traced merge (``traced_merge_piece``), every
     axis of its tokens' count symbolic but the assign map's (whose axis is the original
     count), or None where it is not compiled (logged where the compile failed; the piece then
@@ -254,7 +260,7 @@ def _compile_merge_piece(compile_piece: Callable, merge: GraphModule, args: Sequ
         dynamic = [[] if i == traced.assign_input else _axes_of_size(a, count) for i, a in enumerate(inputs)]
         with merge_codegen_options(inputs[traced.x_input].device.type):
             compiled = _compile_with_token_dims(compile_piece, traced.module, inputs, dynamic, stats.merge_pieces,
-                                                example_values=False)
+                                                shared, example_values=False, kind="merge")
     except Exception as exc:  # the eager op is always there to fall back on
         log.info("turbo: a merge piece was not compiled and runs as the opaque op: %s: %s", type(exc).__name__, exc)
         log.debug("turbo: merge piece compile failure", exc_info=True)
@@ -370,10 +376,18 @@ def traced_merge_piece(piece: GraphModule) -> Optional[TracedMerge]:
 
 
 def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: Sequence[Any],
-                             dynamic: list[list[int]], stats: PieceCounts, example_values: bool = True) -> Callable:
+                             dynamic: list[list[int]], stats: PieceCounts, shared: Optional[SharedPieces] = None,
+                             example_values: bool = True, kind: str = "compute") -> Callable:
+    """``piece`` compiled for ``args`` with the ``dynamic`` axes of each a backed symbolic size,
+    or, where ``shared`` holds an earlier piece that matches (``shared_pieces``), that piece's
+    compiled callable."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
+    earlier = shared.find(kind, piece, args, dynamic) if shared is not None else None
+    if earlier is not None:
+        stats.shared += 1
+        return earlier
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fake_args = []
     for value, dims in zip(args, dynamic):
@@ -392,6 +406,8 @@ def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: 
         stats.cached += 1
     else:
         stats.generated += 1
+    if shared is not None:
+        shared.add(kind, piece, args, dynamic, fake_args, fake_mode.shape_env, compiled)
     return compiled
 
 

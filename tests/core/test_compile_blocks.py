@@ -45,14 +45,14 @@ def check_blocks_share_compiled_code(turbo, model):
     assert (out - expected).abs().max().item() < 1e-4
     report = compiled.report
     assert report.fallback_reason is None and report.merges == DEPTH
-    generated, cached = turbo_fx.counters["block_pieces_generated"], turbo_fx.counters["block_pieces_cached"]
+    counts = {k: turbo_fx.counters[f"block_pieces_{k}"] for k in ("generated", "shared", "cached")}
     # One compute piece before the first merge and one after each: stem + block 0's attention,
     # then (MLP, next attention) five times, then the last MLP and the head.
-    assert generated + cached == DEPTH + 1
-    # The stem piece, the last piece and one shared block piece need code of their own; every
-    # other block's piece is the shared one (an earlier test in this process may have compiled
-    # some of them already, so only the upper bound is fixed).
-    assert generated <= 3 and cached >= DEPTH - 2
+    assert sum(counts.values()) == DEPTH + 1
+    # The stem piece, the last piece and the first block piece are compiled (or come from
+    # Inductor's cache, where an earlier test in this process compiled them); the other four
+    # block pieces run the first one's compiled code, with no cache lookup.
+    assert counts["shared"] == DEPTH - 2 and counts["generated"] + counts["cached"] == 3
     assert report.block_compile.startswith(f"{DEPTH + 1} compute pieces")
     assert "[None, 62, 59, 56, 53, 50, 47]" in report.block_compile
     # A second call runs the compiled pieces without compiling anything more.

@@ -33,8 +33,8 @@ def model():
 def test_one_compiled_step_serves_every_merge_after_the_first(turbo, model, tmp_path):
     """In an empty compile cache one merge piece gets code of its own: the first (at the input's
     token count, its missing key bias given as zeros); the other five, at odd and even token
-    counts, the last one included (whose later graph reads only the merged tokens), come from
-    the cache."""
+    counts, the last one included (whose later graph reads only the merged tokens), run its
+    compiled code."""
     x = images(2)
     with fresh_cache(dir=str(tmp_path)):
         compiled = turbo(model, r=R, inner_backend="inductor", compile_merge_step=True)
@@ -43,8 +43,10 @@ def test_one_compiled_step_serves_every_merge_after_the_first(turbo, model, tmp_
     report = compiled.report
     assert report.fallback_reason is None and report.merges == DEPTH
     assert report.tokens_per_block == [65, 62, 59, 56, 53, 50]
-    assert f"{DEPTH} compiled merge pieces: 1 generated, {DEPTH - 1} from Inductor's cache" in report.block_compile
-    assert f"{DEPTH + 1} compute pieces: 3 generated, {DEPTH - 2} from Inductor's cache" in report.block_compile
+    assert (f"{DEPTH} compiled merge pieces: 1 generated, {DEPTH - 1} shared with an earlier block, "
+            "0 from Inductor's cache") in report.block_compile
+    assert (f"{DEPTH + 1} compute pieces: 3 generated, {DEPTH - 2} shared with an earlier block, "
+            "0 from Inductor's cache") in report.block_compile
     assert "failed" not in report.block_compile
     # Later calls (same shapes) run the compiled pieces: nothing more is compiled, no merge op runs.
     with turbo_fx.record_merges() as records:
@@ -140,7 +142,7 @@ def test_a_merge_piece_that_fails_to_compile_runs_the_opaque_op(turbo, model, mo
     assert diff_to_reference(model, x, out) < 1e-4
     report = compiled.report
     assert report.fallback_reason is None and report.merges == DEPTH
-    assert f"0 compiled merge pieces: 0 generated, 0 from Inductor's cache, {DEPTH} failed" in report.block_compile
+    assert f"0 compiled merge pieces: 0 generated, 0 shared with an earlier block, 0 from Inductor's cache, {DEPTH} failed" in report.block_compile
     failures = [r for r in caplog.records if "runs as the opaque op" in r.getMessage()]
     assert len(failures) == DEPTH and all("no kernels today" in r.getMessage() for r in failures)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "turbo_fx"]
