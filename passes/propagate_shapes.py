@@ -51,15 +51,21 @@ def propagate_shapes(
     hints: Optional["ShapeHints"] = None,
     tail: int = 0,
     assign_by_count: Optional[dict[int, Node]] = None,
+    read_sizes: bool = False,
 ) -> set[Node]:
     """Re-run the nodes affected by ``touched`` (new or edited nodes) on fake tensors,
     rewriting shape arguments as described in the module docstring. Returns the
     nodes whose output shape changed; ``hints`` learns the unbacked token counts.
     ``tail``: protected tokens at the end (negative indices into them keep their meaning).
     ``assign_by_count``: where each original token is, by merged token count; with it, a
-    per-token constant added to merged tokens is merged too (``merge_token_constant``)."""
+    per-token constant added to merged tokens is merged too (``merge_token_constant``).
+    ``read_sizes``: a rewritten size entry reads the token count from its tensor
+    (``aten.sym_size``) even where the count is concrete, as it does for unbacked counts, so
+    that the rewritten graph holds no literal merged count: every block then has the same
+    code, which a compile that gives each block's count as a symbolic size can share."""
     propagation = _Propagation(gm, fake_mode, old_values, protected, hints or ShapeHints())
     propagation.tail, propagation.assign_by_count = tail, assign_by_count or {}
+    propagation.read_sizes = read_sizes
     shape_env = getattr(fake_mode, "shape_env", None)
     pending = list(shape_env.pending_fresh_unbacked_symbols) if shape_env is not None else []
     try:
@@ -197,6 +203,7 @@ class _Propagation:
         self.changed: set[Node] = set()
         self.tail = 0
         self.assign_by_count: dict[int, Node] = {}
+        self.read_sizes = False
 
     def run(self, dirty: set[Node]) -> set[Node]:
         for node in list(self.gm.graph.nodes):
@@ -302,8 +309,9 @@ class _Propagation:
         return self.protected
 
     def new_size(self, node: Node, src: Node, axis: int, value: Any):
-        """A plain int, or (for an unbacked token count) a sym_size node read from ``src``."""
-        if isinstance(value, torch.SymInt) and value.node.hint is None:
+        """A plain int, or (for an unbacked token count, or any with ``read_sizes``) a sym_size
+        node read from ``src``."""
+        if self.read_sizes or (isinstance(value, torch.SymInt) and value.node.hint is None):
             return self.insert(node, torch.ops.aten.sym_size.int, (src, axis))
         return self.hints(value)
 

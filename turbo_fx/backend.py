@@ -39,7 +39,8 @@ def turbo_backend(
     counters["graphs"] += 1
 
     start = time.perf_counter()
-    rewritten = _rewrite_or_fallback(gm, example_inputs, config, report)
+    for_split = config.compiles_by_block and split_refusal(gm, example_inputs, mode) is None
+    rewritten = _rewrite_or_fallback(gm, example_inputs, config, report, for_split)
     report.rewrite_seconds = time.perf_counter() - start
 
     if wants_flops():
@@ -55,13 +56,14 @@ def turbo_backend(
     return compiled
 
 
-def _rewrite_or_fallback(gm: GraphModule, example_inputs: list, config: TurboConfig, report: GraphReport) -> GraphModule:
+def _rewrite_or_fallback(gm: GraphModule, example_inputs: list, config: TurboConfig, report: GraphReport,
+                         for_split: bool = False) -> GraphModule:
     fake_mode = graph_fake_mode(gm)
-    if fake_mode is not None and config.symbolic_tokens:
+    if fake_mode is not None and config.symbolic_tokens and not for_split:
         allow_unbacked_token_counts(fake_mode)
     try:
         with torch_meta_errors_silenced():
-            rewritten = rewrite_graph(gm, fake_mode, config, report, example_inputs)
+            rewritten = rewrite_graph(gm, fake_mode, config, report, example_inputs, for_split=for_split)
     except NothingToMerge as exc:
         log.info("turbo: graph %d compiled unchanged: %s", report.graph_index, exc)
         counters["graphs_unchanged"] += 1
@@ -152,8 +154,9 @@ def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, aske
     piece_compiler = inner_compiler("inductor", mode)
     stats = BlockCompileStats()
     try:
-        if mode and torch._inductor.list_mode_options(mode).get("triton.cudagraphs"):
-            raise BlockCompileUnsupported(f"mode={mode!r} captures CUDA graphs, which this split does not support yet")
+        reason = mode_refusal(mode)
+        if reason is not None:
+            raise BlockCompileUnsupported(reason)
         compiled = compile_by_block(rewritten, example_inputs, piece_compiler, stats, compile_merges)
     except BlockCompileUnsupported as exc:
         reason = str(exc)
@@ -171,6 +174,21 @@ def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, aske
     log.log(logging.WARNING if asked else logging.INFO,
             "turbo: graph %d compiled whole, not block by block (compile_blocks): %s", report.graph_index, reason)
     return None
+
+
+def mode_refusal(mode: Optional[str]) -> Optional[str]:
+    """Why a torch.compile ``mode`` rules out the block-by-block compile, or None."""
+    if mode and torch._inductor.list_mode_options(mode).get("triton.cudagraphs"):
+        return f"mode={mode!r} captures CUDA graphs, which this split does not support yet"
+    return None
+
+
+def split_refusal(gm: GraphModule, example_inputs: list, mode: Optional[str]) -> Optional[str]:
+    """Why ``gm`` will not be compiled block by block, as far as is known before the rewrite
+    (the split itself can still fail later, and the graph is then compiled whole), or None."""
+    from turbo_fx.block_compile import unsupported_reason
+
+    return mode_refusal(mode) or unsupported_reason(gm, example_inputs)
 
 
 def inner_compiler(name: str, mode: Optional[str] = None) -> Callable:

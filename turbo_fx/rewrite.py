@@ -43,6 +43,7 @@ def rewrite_graph(
     config: TurboConfig,
     report: GraphReport,
     example_inputs: Optional[Sequence[Any]] = None,
+    for_split: bool = False,
 ) -> GraphModule:
     """Return a rewritten copy of ``gm`` that merges tokens as ``config`` says, filling ``report``.
 
@@ -50,6 +51,12 @@ def rewrite_graph(
     every shape that no longer fits. Only when that succeeds is the graph built again
     with symbolic (unbacked) counts, where a mismatch could only surface at run time;
     if that second build fails, the concrete one is kept.
+
+    ``for_split``: the graph will be compiled block by block (``block_compile``), which
+    compiles each piece from the values it runs on, its token count a backed symbolic size.
+    The concrete build then serves alone, its rewritten sizes read from the tensors
+    (``propagate_shapes(read_sizes=True)``) so that the blocks' pieces have the same code;
+    the symbolic build, most of a rewrite's time (1.9 of 2.2 s on DeiT-S, 2 cores), is skipped.
 
     Raises ``CannotRewrite`` (the caller compiles ``gm`` unchanged and says why) or
     ``NothingToMerge``.
@@ -96,7 +103,9 @@ def rewrite_graph(
     chosen = {s.index for s in sites}
     readers = {i: (after, plan.chosen.key_layout.get(i, (0, 0))) for i, after in plan.chosen.read_after.items()}
     rewritten = _build(gm, fake_mode, config.replace(symbolic_tokens=False), (protected, tail), report, chosen, cleared,
-                       readers)
+                       readers, read_sizes=for_split)
+    if for_split:
+        return rewritten
     # Symbolic token counts only serve a compiler that generates kernels; "eager" runs the
     # graph as it is, so the second build would be wasted work.
     if config.symbolic_tokens and config.inner_backend != "eager":
@@ -158,10 +167,10 @@ def _generation_untouched_reason(site, in_runs, plans) -> str:
 
 
 def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: tuple[int, int], report: GraphReport,
-           chosen: set[int], cleared_masks: list[int], readers: dict[int, tuple]) -> GraphModule:
+           chosen: set[int], cleared_masks: list[int], readers: dict[int, tuple], read_sizes: bool = False) -> GraphModule:
     """One rewrite of a fresh copy of ``gm``: insert merges at the ``chosen`` sites (one
     stream) and the key bias at the cross-attention sites that read it, re-propagate,
-    restore outputs."""
+    restore outputs (``read_sizes``: see ``rewrite_graph``'s ``for_split``)."""
     work = copy_graph_module(gm)
     every_site = find_attention_sites(work)
     if config.explicit_as_sdpa:
@@ -176,7 +185,7 @@ def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: tuple[int
         old_values[merged] = old_values[original]
     hints = ShapeHints()
     propagate_shapes(work, fake_mode, old_values, insertion.touched, head, hints, tail=tail,
-                     assign_by_count=insertion.assign_by_count)
+                     assign_by_count=insertion.assign_by_count, read_sizes=read_sizes)
     report.reductions_weighted, report.reductions_unweighted = weight_token_means(work, fake_mode, old_values, hints)
     if config.restore_outputs:
         report.outputs_restored = restore_outputs(work, fake_mode, old_values, insertion.assign_by_count, hints)

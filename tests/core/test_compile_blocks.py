@@ -227,3 +227,38 @@ def test_explain_accepts_the_option_and_reports_the_same_rewrite(model):
     with_option = turbo_fx.explain(model, x, r=R, compile_blocks=True)
     without = turbo_fx.explain(model, x, r=R)
     assert with_option.graphs[0].tokens_per_block == without.graphs[0].tokens_per_block == [65, 62, 59, 56, 53, 50]
+
+
+@pytest.mark.parametrize("compile_blocks", [None, False])
+def test_a_graph_for_the_split_is_built_once_with_its_sizes_read_from_the_tensors(model, monkeypatch, compile_blocks):
+    """The split compiles its pieces from real values, so the rewrite skips the symbolic build
+    and reads every rewritten token count from its tensor: no merged count is a literal of
+    the graph. Compiled whole, the graph is built concrete, then symbolic, as before."""
+    from turbo_fx import rewrite
+    from turbo_fx.report import recording
+
+    builds = []
+    real_build = rewrite._build
+
+    def counting(*args, **kwargs):
+        builds.append((args[2].symbolic_tokens, kwargs.get("read_sizes", False)))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(rewrite, "_build", counting)
+    x = images(2)
+    compiled = torch.compile(model, backend="turbo", options={"r": R, "compile_blocks": compile_blocks})
+    with recording(keep_graphs=True) as rec, torch.no_grad():
+        out = compiled(x)
+        expected = reference_forward(model, x, TurboConfig(r=R))
+    assert (out - expected).abs().max().item() < 1e-4
+    (report,) = rec.graphs
+    if compile_blocks is False:
+        assert builds == [(False, False), (True, False)]
+        return
+    assert builds == [(False, True)]
+    merged_counts = set(report.tokens_per_block[1:]) | {report.tokens_per_block[-1] - R}
+    shape_nodes = [n for n in report.graph_module.graph.nodes
+                   if n.op == "call_method" and n.target in ("reshape", "view", "expand")]
+    literals = {a for n in shape_nodes for a in n.args[1:] if isinstance(a, int)}
+    assert shape_nodes and not literals & merged_counts, literals
+    assert any(n.target is torch.ops.aten.sym_size.int for n in report.graph_module.graph.nodes)
