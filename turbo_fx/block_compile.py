@@ -190,7 +190,7 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
             counts = {a.shape[d] for a, dims in zip(args, dynamic) for d in dims}
             stats.token_counts.append(min(counts) if counts else None)
             compiled = _compile_with_token_dims(compile_piece, getattr(module, target), args, dynamic, stats, shared)
-            setattr(module, target, _Piece(compiled))
+            setattr(module, target, _Piece(compiled, "compute"))
             return compiled(*args)
 
     with torch.no_grad(), caches_on():
@@ -274,7 +274,7 @@ def _compile_merge_piece(compile_piece: Callable, merge: GraphModule, args: Sequ
         record_merge(traced.block, inputs[traced.x_input].shape[1], outputs)
         return traced.outputs(outputs)
 
-    return _Piece(run)
+    return _Piece(run, "merge")
 
 
 def merge_codegen_options(device_type: str) -> contextlib.AbstractContextManager:
@@ -425,11 +425,13 @@ def record_example_values(piece: GraphModule, fake_mode, fake_args: Sequence[Any
 
 
 class _Piece(torch.nn.Module):
-    """A compiled piece in the split module's place of the piece."""
+    """A compiled piece in the split module's place of the piece; ``kind`` is "compute" or
+    "merge" (``bench.piece_times`` reads it)."""
 
-    def __init__(self, compiled: Callable):
+    def __init__(self, compiled: Callable, kind: str = "compute"):
         super().__init__()
         self.compiled = compiled
+        self.kind = kind
 
     def forward(self, *args):
         return self.compiled(*args)

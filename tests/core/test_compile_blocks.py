@@ -262,3 +262,21 @@ def test_a_graph_for_the_split_is_built_once_with_its_sizes_read_from_the_tensor
     literals = {a for n in shape_nodes for a in n.args[1:] if isinstance(a, int)}
     assert shape_nodes and not literals & merged_counts, literals
     assert any(n.target is torch.ops.aten.sym_size.int for n in report.graph_module.graph.nodes)
+
+
+def test_a_split_that_fails_after_the_rewrite_compiles_the_concrete_graph_whole(turbo, model, monkeypatch, caplog):
+    """The rewrite for the split skips the symbolic build; should the split then fail anyway,
+    the graph it built (concrete counts, sizes read from the tensors) is compiled whole, and
+    still computes the reference."""
+    def refuse(gm):
+        raise block_compile.CannotRewrite("no split today")
+
+    monkeypatch.setattr(block_compile, "split_at_merges", refuse)
+    x = images(2)
+    with caplog.at_level(logging.INFO, logger="turbo_fx"):
+        compiled = turbo(model, r=R, inner_backend="inductor")
+        out = compiled(x)
+    with torch.no_grad():
+        assert (out - reference_forward(model, x, TurboConfig(r=R))).abs().max().item() < 1e-4
+    assert compiled.report.block_compile == "compiled whole: no split today"
+    assert compiled.report.fallback_reason is None and compiled.report.merges == DEPTH

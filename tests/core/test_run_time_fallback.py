@@ -53,7 +53,7 @@ def compiled_merge_fails_when_told(monkeypatch):
                 raise RuntimeError("injected kernel failure")
             return compiled(*piece_args)
 
-        return block_compile._Piece(run)
+        return block_compile._Piece(run, "merge")
 
     monkeypatch.setattr(block_compile, "_compile_merge_piece", compile_maybe_failing)
     return state
