@@ -5,8 +5,9 @@ either generates code per block (static counts) or reasons about a fresh unbacke
 block (``symbolic_tokens``); both cost about twice Inductor's own compile time on CPU. Here
 the graph is split at its merge ops (``passes.split_at_merges``) and each compute piece is
 compiled on its own, with its token count a *backed* symbolic size: the pieces of two
-blocks then have the same code and the same shape guards, and Inductor's FX graph cache
-hands the second block the first one's compiled code. The merge pieces run the opaque op as
+blocks then have the same code and the same shape guards, so a later block runs the first
+one's compiled callable (``shared_pieces``, checked as a Dynamo guard would), and another
+compile of the same model finds it in Inductor's FX graph cache. The merge pieces run the opaque op as
 it is, or, with ``compile_merges`` (the ``compile_merge_step`` option, on by default),
 are compiled the same way with the traced merge in the op's place (``traced_merge_piece``):
 one compiled step then serves every merge of the model.
