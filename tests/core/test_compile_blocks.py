@@ -229,11 +229,14 @@ def test_explain_accepts_the_option_and_reports_the_same_rewrite(model):
     assert with_option.graphs[0].tokens_per_block == without.graphs[0].tokens_per_block == [65, 62, 59, 56, 53, 50]
 
 
-@pytest.mark.parametrize("compile_blocks", [None, False])
-def test_a_graph_for_the_split_is_built_once_with_its_sizes_read_from_the_tensors(model, monkeypatch, compile_blocks):
+@pytest.mark.parametrize("compile_blocks, mode", [(None, None), (False, None), (None, "reduce-overhead")],
+                         ids=["split", "compiled whole", "CUDA-graph mode"])
+def test_a_graph_for_the_split_is_built_once_with_its_sizes_read_from_the_tensors(model, monkeypatch, compile_blocks,
+                                                                                   mode):
     """The split compiles its pieces from real values, so the rewrite skips the symbolic build
     and reads every rewritten token count from its tensor: no merged count is a literal of
-    the graph. Compiled whole, the graph is built concrete, then symbolic, as before."""
+    the graph. Compiled whole (asked for, or because a CUDA-graph mode rules the split out
+    before the rewrite), the graph is built concrete, then symbolic, as before."""
     from turbo_fx import rewrite
     from turbo_fx.report import recording
 
@@ -246,14 +249,18 @@ def test_a_graph_for_the_split_is_built_once_with_its_sizes_read_from_the_tensor
 
     monkeypatch.setattr(rewrite, "_build", counting)
     x = images(2)
-    compiled = torch.compile(model, backend="turbo", options={"r": R, "compile_blocks": compile_blocks})
+    if mode is None:
+        compiled = torch.compile(model, backend="turbo", options={"r": R, "compile_blocks": compile_blocks})
+    else:  # torch.compile takes a mode or options, not both: turbo's defaults then
+        compiled = torch.compile(model, backend="turbo", mode=mode)
     with recording(keep_graphs=True) as rec, torch.no_grad():
         out = compiled(x)
-        expected = reference_forward(model, x, TurboConfig(r=R))
+        expected = reference_forward(model, x, TurboConfig(r=R) if mode is None else TurboConfig())
     assert (out - expected).abs().max().item() < 1e-4
     (report,) = rec.graphs
-    if compile_blocks is False:
+    if compile_blocks is False or mode is not None:
         assert builds == [(False, False), (True, False)]
+        assert mode is None or report.block_compile.startswith("compiled whole")
         return
     assert builds == [(False, True)]
     merged_counts = set(report.tokens_per_block[1:]) | {report.tokens_per_block[-1] - R}
