@@ -35,6 +35,9 @@ def turbo_backend(
     if unexpected:
         raise TurboConfigError(f"turbo backend got unexpected arguments {sorted(unexpected)}; pass options={{...}}")
     config = resolve_config(options)
+    if mode is not None and config.mode is not None and mode != config.mode:
+        raise TurboConfigError(f"torch.compile asked for mode={mode!r} and turbo's options for mode={config.mode!r}")
+    mode = mode or config.mode
     report = GraphReport(graph_index=counters["graphs"], n_nodes=len(gm.graph.nodes))
     counters["graphs"] += 1
 

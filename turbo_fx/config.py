@@ -101,6 +101,11 @@ class TurboConfig:
     restore_outputs: graph outputs that carry the token axis get the original token
         count back (each original token takes its merged token's value).
     inner_backend: what compiles the rewritten graph: "inductor", "aot_eager", "eager".
+    mode: Inductor's compile mode for the rewritten graph ("default", "reduce-overhead",
+        "max-autotune", "max-autotune-no-cudagraphs"), as ``torch.compile(mode=...)`` gives it;
+        torch.compile takes a mode or options but not both, so this is how CUDA graphs
+        ("reduce-overhead") combine with turbo's options. Default None: the mode torch.compile
+        passed, if any.
     fuse_merges: False (default): each block's merge is one opaque op, so compile time barely
         grows. True: Inductor traces the merge ops and generates fused kernels for them among
         the model's own (2 library calls per block remain: the similarity bmm and the topk);
@@ -177,6 +182,7 @@ class TurboConfig:
     protected: Union[str, int] = "auto"
     restore_outputs: bool = True
     inner_backend: str = "inductor"
+    mode: Optional[str] = None
     fuse_merges: bool = False
     compile_merge_step: Optional[bool] = None
     compile_blocks: Optional[bool] = None
@@ -211,6 +217,10 @@ class TurboConfig:
         object.__setattr__(self, "fusion", fusion)
         _check_choice("metric", self.metric, METRICS)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
+        if self.mode is not None:
+            from torch._inductor import list_mode_options
+
+            _check_choice("mode", self.mode, tuple(list_mode_options()))
         if self.cross_attention_bias is None:
             object.__setattr__(self, "cross_attention_bias", self.prop_attn)
         object.__setattr__(self, "_symbolic_tokens_given", self.symbolic_tokens)

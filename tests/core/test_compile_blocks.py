@@ -125,11 +125,17 @@ def test_the_default_splits_and_falls_back_without_a_warning(turbo, model, caplo
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "turbo_fx"]
 
 
-def test_a_cuda_graph_mode_compiles_whole_and_still_merges(model, caplog):
+@pytest.mark.parametrize("how", ["torch.compile's mode", "turbo's mode option"])
+def test_a_cuda_graph_mode_compiles_whole_and_still_merges(model, caplog, how):
     """mode="reduce-overhead" asks Inductor for CUDA graphs, which the split does not capture
     yet: the graph is compiled whole (an info record only, since the split was the default),
-    and it still merges. On this CPU Inductor itself skips the CUDA graphs."""
-    compiled = torch.compile(model, backend="turbo", mode="reduce-overhead")
+    and it still merges. On this CPU Inductor itself skips the CUDA graphs. torch.compile
+    takes a mode or options, not both: turbo's ``mode`` option carries it beside the others."""
+    if how == "torch.compile's mode":
+        compiled, config = torch.compile(model, backend="turbo", mode="reduce-overhead"), TurboConfig()
+    else:
+        compiled = torch.compile(model, backend="turbo", options={"r": R, "mode": "reduce-overhead"})
+        config = TurboConfig(r=R)
     x = images(2)
     with caplog.at_level(logging.INFO, logger="turbo_fx"), turbo_fx.recording() as rec, torch.no_grad():
         out = compiled(x)
@@ -137,8 +143,9 @@ def test_a_cuda_graph_mode_compiles_whole_and_still_merges(model, caplog):
     assert report.merges == DEPTH and report.fallback_reason is None
     assert report.block_compile.startswith("compiled whole") and "CUDA graphs" in report.block_compile
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "turbo_fx"]
+    assert report.blocks[0].r_applied == config.r
     with torch.no_grad():
-        assert (out - reference_forward(model, x, TurboConfig())).abs().max().item() < 1e-4
+        assert (out - reference_forward(model, x, config)).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("options, splits", [

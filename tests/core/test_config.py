@@ -24,6 +24,7 @@ from turbo_fx.config import resolve_config
         ({"beta": 0}, "option 'beta' must be > 0"),
         ({"fusion": "max"}, "option 'fusion' must be one of"),
         ({"metric": "values"}, "option 'metric' must be one of ('keys', 'queries')"),
+        ({"mode": "fast"}, "option 'mode' must be one of ('default',"),
         ({"semantic": "yes"}, "option 'semantic' must be True or False"),
         ({"explicit_as_sdpa": 1}, "option 'explicit_as_sdpa' must be True or False"),
         ({"semantic": False, "redundancy": False}, "nothing left to rank tokens by"),
