@@ -167,7 +167,8 @@ def _generation_untouched_reason(site, in_runs, plans) -> str:
 
 
 def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: tuple[int, int], report: GraphReport,
-           chosen: set[int], cleared_masks: list[int], readers: dict[int, tuple], read_sizes: bool = False) -> GraphModule:
+           chosen: set[int], cleared_masks: list[int], readers: dict[int, tuple],
+           read_sizes: bool = False) -> GraphModule:
     """One rewrite of a fresh copy of ``gm``: insert merges at the ``chosen`` sites (one
     stream) and the key bias at the cross-attention sites that read it, re-propagate,
     restore outputs (``read_sizes``: see ``rewrite_graph``'s ``for_split``)."""
