@@ -12,6 +12,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import timing
+
 # Ops that make the host wait for the device, or give outputs whose shape depends on data.
 HOST_SYNCING = frozenset({
     "aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique2",
@@ -62,19 +64,11 @@ def turbo_aten_ops(model: torch.nn.Module, *args, **options) -> tuple[collection
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import timm
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="deit_tiny_patch16_224", help="a timm model name (random weights)")
-    p.add_argument("--r", type=int, default=13)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
+    timing.add_model_arguments(p, "deit_tiny_patch16_224", batch=2, threads=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
-    size = model.default_cfg["input_size"]
-    x = torch.randn(args.batch, *size)
+    model, x = timing.seeded_timm_model(args.model, args.batch)
 
     torch._dynamo.reset()
     base = top_level_aten_ops(torch.compile(model, backend="inductor"), x)

@@ -95,13 +95,8 @@ def render(payload: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import timm
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="deit_tiny_patch16_224", help="a timm model name (random weights)")
-    p.add_argument("--r", type=int, default=13)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
+    timing.add_model_arguments(p, "deit_tiny_patch16_224", batch=8, threads=1)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=sorted(timing.DTYPES))
@@ -114,10 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(timing.device_error(args.device))
     torch.set_num_threads(args.threads)
     timing.warm_up_compilers()
-    torch.manual_seed(0)
-    dtype = timing.DTYPES[args.dtype]
-    model = timm.create_model(args.model, pretrained=False).eval().to(args.device, dtype)
-    x = torch.randn(args.batch, *model.default_cfg["input_size"], device=args.device, dtype=dtype)
+    model, x = timing.seeded_timm_model(args.model, args.batch, args.device, timing.DTYPES[args.dtype])
     payload = {"model": args.model, "r": args.r, "batch": args.batch, "device": args.device, "dtype": args.dtype,
                "machine": timing.machine(), **measure(model, x, args.r, args.rounds, args.paths)}
     if args.device == "cuda":

@@ -76,19 +76,12 @@ def measure(model: torch.nn.Module, x: torch.Tensor, r: int, rounds: int) -> dic
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import timm
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="deit_small_patch16_224", help="a timm model name (random weights)")
-    p.add_argument("--r", type=int, default=13)
-    p.add_argument("--batch", type=int, default=8)
+    timing.add_model_arguments(p, "deit_small_patch16_224", batch=8, threads=2)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
-    x = torch.randn(args.batch, *model.default_cfg["input_size"])
+    model, x = timing.seeded_timm_model(args.model, args.batch)
     m = measure(model, x, args.r, args.rounds)
     print(timing.machine_line())
     print(f"{args.model} r={args.r} batch {args.batch}, medians of {args.rounds} interleaved rounds:")

@@ -231,6 +231,24 @@ def write_json_and_markdown(payload: dict, out_dir: str, name: str, render: Call
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def add_model_arguments(parser, model: str, batch: int, threads: int) -> None:
+    """The arguments every timm benchmark here takes: --model, --r, --batch, --threads."""
+    parser.add_argument("--model", default=model, help="a timm model name (random weights)")
+    parser.add_argument("--r", type=int, default=13)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--threads", type=int, default=threads)
+
+
+def seeded_timm_model(name: str, batch: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A timm model with random weights (seed 0), in eval mode, and a random input batch at
+    its default resolution."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval().to(device, dtype)
+    return model, torch.randn(batch, *model.default_cfg["input_size"], device=device, dtype=dtype)
+
+
 def device_error(device: str) -> Optional[str]:
     """Why ``device`` cannot run here (a usage error for the command line), or None."""
     if device == "cuda" and not torch.cuda.is_available():

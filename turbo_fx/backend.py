@@ -42,8 +42,8 @@ def turbo_backend(
     counters["graphs"] += 1
 
     start = time.perf_counter()
-    for_split = config.compiles_by_block and split_refusal(gm, example_inputs, mode) is None
-    rewritten = _rewrite_or_fallback(gm, example_inputs, config, report, for_split)
+    refusal = split_refusal(gm, example_inputs, mode) if config.compiles_by_block else None
+    rewritten = _rewrite_or_fallback(gm, example_inputs, config, report, config.compiles_by_block and refusal is None)
     report.rewrite_seconds = time.perf_counter() - start
 
     if wants_flops():
@@ -54,7 +54,7 @@ def turbo_backend(
     publish(report)
 
     start = time.perf_counter()
-    compiled = _compile_inner(rewritten, gm, example_inputs, config, mode, report)
+    compiled = _compile_inner(rewritten, gm, example_inputs, config, mode, report, refusal)
     report.compile_seconds = time.perf_counter() - start
     return compiled
 
@@ -128,13 +128,14 @@ def _fallback(gm: GraphModule, report: GraphReport, reason: str) -> GraphModule:
     return gm
 
 
-def _compile_inner(rewritten, original, example_inputs, config: TurboConfig, mode, report: GraphReport):
+def _compile_inner(rewritten, original, example_inputs, config: TurboConfig, mode, report: GraphReport,
+                   split_refused: Optional[str] = None):
     compiler = inner_compiler(config.inner_backend, mode)
     if rewritten is original:
         return compiler(original, example_inputs)
     if config.compiles_by_block and report.blocks:
         compiled = _compile_by_block(rewritten, example_inputs, mode, report, asked=config.compile_blocks is True,
-                                     compile_merges=config.compiles_merges)
+                                     compile_merges=config.compiles_merges, refused=split_refused)
         if compiled is not None:
             return guard(compiled, original, example_inputs, compiler, report)
     try:
@@ -147,19 +148,18 @@ def _compile_inner(rewritten, original, example_inputs, config: TurboConfig, mod
 
 
 def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, asked: bool,
-                      compile_merges: bool = False) -> Optional[Callable]:
+                      compile_merges: bool = False, refused: Optional[str] = None) -> Optional[Callable]:
     """``rewritten`` compiled piece by piece (``compile_blocks``), or None once the reason it
     is compiled whole instead is logged: a warning where the user ``asked`` for the split,
     an info record where it was only the default (the graph still merges; only its
-    compile takes the longer road)."""
+    compile takes the longer road). ``refused``: the reason ``split_refusal`` already gave."""
     from turbo_fx.block_compile import BlockCompileStats, BlockCompileUnsupported, compile_by_block
 
     piece_compiler = inner_compiler("inductor", mode)
     stats = BlockCompileStats()
     try:
-        reason = mode_refusal(mode)
-        if reason is not None:
-            raise BlockCompileUnsupported(reason)
+        if refused is not None:
+            raise BlockCompileUnsupported(refused)
         compiled = compile_by_block(rewritten, example_inputs, piece_compiler, stats, compile_merges)
     except BlockCompileUnsupported as exc:
         reason = str(exc)
@@ -179,19 +179,14 @@ def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, aske
     return None
 
 
-def mode_refusal(mode: Optional[str]) -> Optional[str]:
-    """Why a torch.compile ``mode`` rules out the block-by-block compile, or None."""
-    if mode and torch._inductor.list_mode_options(mode).get("triton.cudagraphs"):
-        return f"mode={mode!r} captures CUDA graphs, which this split does not support yet"
-    return None
-
-
 def split_refusal(gm: GraphModule, example_inputs: list, mode: Optional[str]) -> Optional[str]:
     """Why ``gm`` will not be compiled block by block, as far as is known before the rewrite
     (the split itself can still fail later, and the graph is then compiled whole), or None."""
     from turbo_fx.block_compile import unsupported_reason
 
-    return mode_refusal(mode) or unsupported_reason(gm, example_inputs)
+    if mode and torch._inductor.list_mode_options(mode).get("triton.cudagraphs"):
+        return f"mode={mode!r} captures CUDA graphs, which this split does not support yet"
+    return unsupported_reason(gm, example_inputs)
 
 
 def inner_compiler(name: str, mode: Optional[str] = None) -> Callable:
