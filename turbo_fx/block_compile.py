@@ -3,7 +3,9 @@
 After merging, every block runs at its own token count. Compiled as one graph, Inductor
 either generates code per block (static counts) or reasons about a fresh unbacked size per
 block (``symbolic_tokens``); both cost about twice Inductor's own compile time on CPU. Here
-the graph is split at its merge ops (``passes.split_at_merges``) and each compute piece is
+the graph is split at its merge ops (``passes.split_at_merges``, after
+``passes.hoist_merge_inputs`` has moved each merge's metric and semantic value into the
+attention's code before it) and each compute piece is
 compiled on its own, with its token count a *backed* symbolic size: the pieces of two
 blocks then have the same code and the same shape guards, so a later block runs the first
 one's compiled callable (``shared_pieces``, checked as a Dynamo guard would), and another
@@ -31,6 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
+from turbo_fx.passes.hoist_merge_inputs import hoist_merge_inputs
 from turbo_fx.passes.propagate_shapes import CannotRewrite
 from turbo_fx.passes.split_at_merges import name_positionally, split_at_merges
 from turbo_fx.shared_pieces import SharedPieces
@@ -159,7 +162,7 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
     if reason is not None:
         raise BlockCompileUnsupported(reason)
     try:
-        split = split_at_merges(gm)
+        split = split_at_merges(hoist_merge_inputs(gm))
     except CannotRewrite as exc:
         raise BlockCompileUnsupported(str(exc)) from exc
     stats = BlockCompileStats() if stats is None else stats
@@ -209,16 +212,17 @@ def caches_on():
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    from turbo_fx.ops.merge_step import merge_source_hash, traced_merge_block
+    from turbo_fx.ops.merge_step import (merge_source_hash, metric_as_one_head, semantic_as_one_head,
+                                         traced_merge_block)
 
     # AOT-autograd's cache keys a graph by its code, so a call of a Python function is cached
     # only by name; marked here with the merge code's digest, which enters the key.
-    # (A torch without the setting only loses the cache hits: the merge pieces are traced anew.)
+    # (A torch without the setting only loses the cache hits: those pieces are traced anew.)
     patches: dict[str, Any] = {"fx_graph_cache": True}
     if hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
-        traced_name = f"{traced_merge_block.__module__}.{traced_merge_block.__name__}"
-        patches["unsafe_marked_cacheable_functions"] = {
-            **inductor_config.unsafe_marked_cacheable_functions, traced_name: merge_source_hash()}
+        traced = {f"{f.__module__}.{f.__name__}": merge_source_hash()
+                  for f in (traced_merge_block, metric_as_one_head, semantic_as_one_head)}
+        patches["unsafe_marked_cacheable_functions"] = {**inductor_config.unsafe_marked_cacheable_functions, **traced}
     with inductor_config.patch(patches), functorch_config.patch(enable_autograd_cache=True):
         yield
 
@@ -256,11 +260,10 @@ def _compile_merge_piece(compile_piece: Callable, merge: GraphModule, args: Sequ
         traced = traced_merge_piece(merge)
         if traced is None:
             return None
-        inputs = traced.inputs(args)
-        count = inputs[traced.x_input].shape[1]
-        dynamic = [[] if i == traced.assign_input else _axes_of_size(a, count) for i, a in enumerate(inputs)]
-        with merge_codegen_options(inputs[traced.x_input].device.type):
-            compiled = _compile_with_token_dims(compile_piece, traced.module, inputs, dynamic, stats.merge_pieces,
+        x = args[traced.x_input]
+        dynamic = [[] if i == traced.assign_input else _axes_of_size(a, x.shape[1]) for i, a in enumerate(args)]
+        with merge_codegen_options(x.device.type):
+            compiled = _compile_with_token_dims(compile_piece, traced.module, args, dynamic, stats.merge_pieces,
                                                 shared, example_values=False, kind="merge")
     except Exception as exc:  # the eager op is always there to fall back on
         log.info("turbo: a merge piece was not compiled and runs as the opaque op: %s: %s", type(exc).__name__, exc)
@@ -270,9 +273,8 @@ def _compile_merge_piece(compile_piece: Callable, merge: GraphModule, args: Sequ
     from turbo_fx.ops.merge_step import record_merge
 
     def run(*piece_args):
-        inputs = traced.inputs(piece_args)
-        outputs = compiled(*inputs)
-        record_merge(traced.block, inputs[traced.x_input].shape[1], outputs)
+        outputs = compiled(*piece_args)
+        record_merge(traced.block, piece_args[traced.x_input].shape[1], outputs)
         return traced.outputs(outputs)
 
     return _Piece(run, "merge")
@@ -313,21 +315,7 @@ class TracedMerge:
     single: bool  # it expects one value, not a tuple
     x_input: int  # the input position of the tokens
     assign_input: Optional[int]  # the input position of the assign map (None: not an input)
-    zero_bias: Optional[torch.dtype]  # dtype of the all-zero key bias appended as the last input
     block: int  # the merge's block number, for record_merges (the traced call reads 0 in its place)
-
-    _zeros: Optional[torch.Tensor] = None
-
-    def inputs(self, args: Sequence[Any]) -> tuple:
-        if self.zero_bias is None:
-            return tuple(args)
-        x = args[self.x_input]
-        shape = (x.shape[0], 1, 1, x.shape[1])
-        # Made once and kept: nothing writes to it, and the split graph's shapes are static,
-        # so a forward dispatches no extra op for it.
-        if self._zeros is None or self._zeros.shape != shape or self._zeros.device != x.device:
-            self._zeros = torch.zeros(shape, dtype=self.zero_bias, device=x.device)
-        return (*args, self._zeros)
 
     def outputs(self, outputs: tuple) -> Any:
         return outputs[self.picks[0]] if self.single else tuple(outputs[i] for i in self.picks)
@@ -337,9 +325,9 @@ def traced_merge_piece(piece: GraphModule) -> Optional[TracedMerge]:
     """A merge piece for Inductor to generate: a copy with the traced merge
     (``traced_merge_block``) in the opaque op's place, its arguments those every block shares,
     returning all four of the merge's outputs, so that the last block's piece (whose later
-    graph needs fewer of them) reads like the others. A merge whose semantic value reads no
-    mask (the first merge of a model without one) gets an all-zero key bias as one more
-    input, which changes no value and makes it read like the merges after it. None for the
+    graph needs fewer of them) reads like the others. Its metric and semantic value come in
+    ready (``passes.hoist_merge_inputs``), so the first merge of a model without a mask reads
+    like the merges after it, whose semantic value saw the merged tokens' key bias. None for the
     "layer" fusion (it weighs each block by a float of its own, so no two blocks' pieces would
     share code) and where Inductor would not compute the step exactly (``compiles_exactly``):
     those run the opaque op, as the compiled step of ``merge_block`` does too."""
@@ -354,11 +342,6 @@ def traced_merge_piece(piece: GraphModule) -> Optional[TracedMerge]:
         return None
     block, step = step["block"], shared_block_step(step)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    zero_bias = None
-    if step["semantic_mask"] is None and step["semantic_q"] is not None and step["semantic_probs"] is None:
-        with graph.inserting_after(placeholders[-1]):
-            step["semantic_mask"] = graph.placeholder("zero_bias")
-        zero_bias = step["bias_dtype"]
     merge.target, merge.args, merge.kwargs = traced_merge_block, tuple(step.values()), {}
     items = {n.args[1]: n for n in merge.users if n.target is operator.getitem}
     output = next(n for n in graph.nodes if n.op == "output")
@@ -373,7 +356,7 @@ def traced_merge_piece(piece: GraphModule) -> Optional[TracedMerge]:
     graph.eliminate_dead_code()
     assign_input = placeholders.index(step["assign"]) if step["assign"] in placeholders else None
     name_positionally(traced)
-    return TracedMerge(traced, picks, single, placeholders.index(step["x"]), assign_input, zero_bias, block)
+    return TracedMerge(traced, picks, single, placeholders.index(step["x"]), assign_input, block)
 
 
 def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: Sequence[Any],

@@ -79,6 +79,24 @@ def merge_step_outputs(
     return merged, new_size, new_assign, key_bias(new_size, bias_dtype, prop_attn)
 
 
+def metric_as_one_head(metric_source: Tensor, token_axis: int) -> Tensor:
+    """The merge metric (``metric_source`` averaged over heads) as a one-head [B, 1, N, D]
+    tensor: handed to the merge as its ``metric_source`` (token axis -2), it gives the same
+    metric, since the mean over one head is the value itself. ``hoist_merge_inputs`` puts
+    this call before the merge, where the attention's own code computes it."""
+    return head_mean(metric_source, token_axis).unsqueeze(1)
+
+
+def semantic_as_one_head(q: Tensor | None, k: Tensor | None, scale: float | None, mask: Tensor | None,
+                         probs: Tensor | None) -> Tensor:
+    """The semantic value as attention probabilities of one head and one (the CLS) query,
+    [B, 1, 1, N] float32: the head-averaged CLS row is itself a probability row, so a merge
+    handed it as ``semantic_probs`` reads the same semantic value. From the CLS query row
+    (``cls_attention``) or from materialised probabilities."""
+    semantic = cls_attention_from_probs(probs) if probs is not None else cls_attention(q, k, scale, mask)
+    return semantic[:, None, None, :]
+
+
 def _signature_with_compiled(step: inspect.Signature) -> inspect.Signature:
     """``merge_step_outputs``'s signature and one more parameter, ``compiled``: the opaque op's
     schema, spelled once (the op, its shape function and the step share it)."""
