@@ -399,9 +399,13 @@ def record_example_values(piece: GraphModule, fake_mode, fake_args: Sequence[Any
     """Give every node of ``piece`` its fake value as ``example_value``, as Dynamo's graphs
     carry them: AOT-autograd's cache refuses method calls on values it cannot see are
     tensors, and without that cache every block's piece would be traced anew."""
+    from torch._dispatch.python import enable_python_dispatcher
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    with torch.no_grad():
+    # The Python dispatcher runs composite ops (matmul) by their symbolic decompositions, as
+    # tracing does: torch 2.11's C++ matmul reads concrete sizes, which would specialise the
+    # token count and give every block its own compile.
+    with torch.no_grad(), enable_python_dispatcher():
         FakeTensorProp(piece, fake_mode).propagate_dont_convert_inputs(*fake_args)
     for node in piece.graph.nodes:
         if "val" in node.meta:
