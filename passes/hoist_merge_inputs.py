@@ -9,8 +9,8 @@ merge their results as a one-head metric and one-head, one-query probabilities.
 Why: split block by block (``compile_blocks``), these calls then fall into the compute piece
 before the merge, whose generated code already reads the attention's q and k: the head mean
 and the CLS softmax run in its vectorised kernels, and the merge piece (scalar code on CPU,
-``block_compile.merge_codegen_options``) reads a dense [B, 1, N, D] metric and [B, N]
-semantic row instead of the strided q and k.
+``block_compile.merge_codegen_options``) reads a dense [B, 1, N, D] metric and a
+[B, 1, 1, N] semantic row instead of the strided q and k.
 
 Guarantees: ``gm`` is left untouched; the returned module computes the same values (the mean
 over one head, and the CLS row read back from one-head probabilities, are the values
