@@ -15,6 +15,7 @@ import torch
 from torch.fx import GraphModule
 
 from turbo_fx.config import TurboConfig, TurboConfigError, resolve_config
+from turbo_fx.cuda_graphs import CapturedForward, capture_refusal, captures_cuda_graphs
 from turbo_fx.flops import count_flops
 from turbo_fx.guarded_call import guard
 from turbo_fx.passes.propagate_shapes import CannotRewrite
@@ -38,11 +39,15 @@ def turbo_backend(
     if mode is not None and config.mode is not None and mode != config.mode:
         raise TurboConfigError(f"torch.compile asked for mode={mode!r} and turbo's options for mode={config.mode!r}")
     mode = mode or config.mode
+    if captures_cuda_graphs(mode) and config.symbolic_tokens and config._symbolic_tokens_given is None:
+        # Inductor captures no CUDA graph of a graph with a data-dependent size: compiled
+        # whole, such a graph keeps concrete token counts (the split never uses symbolic ones).
+        config = config.replace(symbolic_tokens=False)
     report = GraphReport(graph_index=counters["graphs"], n_nodes=len(gm.graph.nodes))
     counters["graphs"] += 1
 
     start = time.perf_counter()
-    refusal = split_refusal(gm, example_inputs, mode) if config.compiles_by_block else None
+    refusal = split_refusal(gm, example_inputs) if config.compiles_by_block else None
     rewritten = _rewrite_or_fallback(gm, example_inputs, config, report, config.compiles_by_block and refusal is None)
     report.rewrite_seconds = time.perf_counter() - start
 
@@ -137,7 +142,14 @@ def _compile_inner(rewritten, original, example_inputs, config: TurboConfig, mod
         compiled = _compile_by_block(rewritten, example_inputs, mode, report, asked=config.compile_blocks is True,
                                      compile_merges=config.compiles_merges, refused=split_refused)
         if compiled is not None:
+            if captures_cuda_graphs(mode):
+                compiled = _captured(compiled, rewritten, example_inputs, report)
             return guard(compiled, original, example_inputs, compiler, report)
+    built_symbolic = config.symbolic_tokens and not (config.compiles_by_block and split_refused is None)
+    if captures_cuda_graphs(mode) and built_symbolic and config.inner_backend == "inductor" and report.blocks:
+        log.warning("turbo: graph %d: Inductor captures no CUDA graph of it: symbolic_tokens=True makes the merged "
+                    "token counts data-dependent sizes; leave symbolic_tokens unset for CUDA graphs",
+                    report.graph_index)
     try:
         compiled = compiler(rewritten, example_inputs)
     except Exception as exc:
@@ -155,7 +167,9 @@ def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, aske
     compile takes the longer road). ``refused``: the reason ``split_refusal`` already gave."""
     from turbo_fx.block_compile import BlockCompileStats, BlockCompileUnsupported, compile_by_block
 
-    piece_compiler = inner_compiler("inductor", mode)
+    # The pieces get the mode's options but its CUDA graphs: the whole split forward is
+    # captured instead (``_captured``).
+    piece_compiler = inner_compiler("inductor", mode, cuda_graphs=False)
     stats = BlockCompileStats()
     try:
         if refused is not None:
@@ -179,21 +193,35 @@ def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, aske
     return None
 
 
-def split_refusal(gm: GraphModule, example_inputs: list, mode: Optional[str]) -> Optional[str]:
+def _captured(forward: Callable, rewritten: GraphModule, example_inputs: list, report: GraphReport) -> Callable:
+    """The split ``forward`` replayed from one CUDA graph (``cuda_graphs``), or ``forward``
+    itself where the graph cannot be captured (an info record says why)."""
+    refusal = capture_refusal(rewritten, example_inputs)
+    if refusal is None:
+        return CapturedForward(forward, report.graph_index, report)
+    report.cuda_graph = f"not captured: {refusal}"
+    log.info("turbo: graph %d runs without a CUDA graph: %s", report.graph_index, refusal)
+    return forward
+
+
+def split_refusal(gm: GraphModule, example_inputs: list) -> Optional[str]:
     """Why ``gm`` will not be compiled block by block, as far as is known before the rewrite
-    (the split itself can still fail later, and the graph is then compiled whole), or None."""
+    (the split itself can still fail later, and the graph is then compiled whole), or None.
+    A CUDA-graph mode does not rule the split out: the split forward is captured whole."""
     from turbo_fx.block_compile import unsupported_reason
 
-    if mode and torch._inductor.list_mode_options(mode).get("triton.cudagraphs"):
-        return f"mode={mode!r} captures CUDA graphs, which this split does not support yet"
     return unsupported_reason(gm, example_inputs)
 
 
-def inner_compiler(name: str, mode: Optional[str] = None) -> Callable:
+def inner_compiler(name: str, mode: Optional[str] = None, cuda_graphs: bool = True) -> Callable:
+    """The compiler of ``name`` with Inductor's options for ``mode``; ``cuda_graphs=False``
+    leaves out the mode's CUDA graphs."""
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        patches = torch._inductor.list_mode_options(mode) if mode else {}
+        patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+        if not cuda_graphs:
+            patches.pop("triton.cudagraphs", None)
         return lambda gm, inputs: compile_fx(gm, inputs, config_patches=patches)
     if name == "eager":
         return lambda gm, inputs: gm.forward

@@ -82,6 +82,7 @@ class GraphReport:
     reductions_unweighted: int = 0  # token-axis means/sums over merged tokens left unweighted
     fallback_reason: Optional[str] = None
     block_compile: str = ""  # compile_blocks: the pieces compiled, or why the graph was compiled whole
+    cuda_graph: str = ""  # CUDA-graph modes, split graphs: "captured (...)" or "not captured: <why>"
     flops_before: Optional[int] = None
     flops_after: Optional[int] = None
     rewrite_seconds: float = 0.0

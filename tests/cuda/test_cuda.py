@@ -5,7 +5,9 @@ What it holds a GPU to: the default compile (block by block, the merge pieces co
 computes the reference; a warm
 forward of every merge path never waits for the device (CUDA's sync debug mode turns any
 host synchronisation into an error); ``mode="reduce-overhead"`` never raises and gives the
-reference or, after a logged fallback, the unmerged model's output."""
+reference or, after a logged fallback, the unmerged model's output; the split forward is
+captured as one CUDA graph whose replays compute each call's own reference, and compiled
+whole the graph keeps concrete token counts, so that Inductor captures it itself."""
 from __future__ import annotations
 
 import copy
@@ -25,7 +27,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEPTH, R = 4, 3
 # The default compiles the merge pieces too; "eager merge op" runs the opaque op's ATen calls.
 PATHS = {"default": {}, "eager merge op": {"compile_merge_step": False}, "fuse_merges": {"fuse_merges": True},
-         "compile_merge_step, compiled whole": {"compile_merge_step": True, "compile_blocks": False}}
+         "compile_merge_step, compiled whole": {"compile_merge_step": True, "compile_blocks": False},
+         "CUDA graph of the split forward": {"mode": "reduce-overhead"}}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,7 @@ def test_a_warm_forward_never_waits_for_the_gpu(model, path):
     compiled = torch.compile(model, backend="turbo", options={"r": R, **PATHS[path]})
     x = _x()
     with torch.no_grad():
-        for _ in range(3):  # compile, and the compiled step's own first calls
+        for _ in range(3):  # compile, the compiled step's own first calls, the CUDA graph's capture
             compiled(x)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -96,3 +99,31 @@ def test_reduce_overhead_never_raises(model, path):
     assert "wrong" not in kinds, (kinds, report.fallback_reason)
     assert kinds == sorted(kinds), kinds  # "merged" < "unmerged": no merged call after the fallback
     assert ("unmerged" in kinds) == bool(report.fallback_reason), (kinds, report.fallback_reason)
+
+
+def test_the_split_forward_is_captured_once_and_replays_compute_each_calls_reference(model):
+    compiled = torch.compile(model, backend="turbo", options={"r": R, "mode": "reduce-overhead"})
+    xs = [_x(seed) for seed in range(5)]
+    with turbo_fx.recording() as rec, torch.no_grad():
+        outs = [compiled(x) for x in xs]  # kept, not cloned: turbo's replays hand out copies
+        expected = [reference_forward(model, x, TurboConfig(r=R)) for x in xs]
+    report = rec.graphs[-1]
+    assert report.block_compile.startswith(f"{DEPTH + 1} compute pieces"), report.block_compile
+    assert report.cuda_graph.startswith("captured (1 capture;") and "1 copied per call" in report.cuda_graph, \
+        report.cuda_graph
+    for out, ref in zip(outs, expected):
+        assert (out - ref).abs().max().item() < 1e-3
+
+
+def test_compiled_whole_in_reduce_overhead_inductor_captures_the_graph(model):
+    from torch._dynamo.utils import counters
+
+    counters["inductor"].clear()
+    compiled = torch.compile(model, backend="turbo", options={"r": R, "mode": "reduce-overhead",
+                                                              "compile_blocks": False})
+    x = _x()
+    with torch.no_grad():
+        outs = [compiled(x).clone() for _ in range(4)]
+        expected = reference_forward(model, x, TurboConfig(r=R))
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert all((out - expected).abs().max().item() < 1e-3 for out in outs)

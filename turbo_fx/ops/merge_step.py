@@ -278,6 +278,11 @@ def record_merges() -> Iterator[list[MergeRecord]]:
         _MERGE_RECORDERS.remove(records)
 
 
+def recording_merges() -> bool:
+    """Whether a ``record_merges`` block is open (merges then copy their maps to the host)."""
+    return bool(_MERGE_RECORDERS)
+
+
 def _is_fake(t: Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
