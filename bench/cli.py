@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
     b.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="the model's and its float inputs' dtype (default fp32)")
+    b.add_argument("--mode", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="Inductor's compile mode for Inductor and every turbo row (reduce-overhead: CUDA graphs)")
 
     e = sub.add_parser("eval", parents=[common], help="fidelity of merged models on real weights and data",
                        description="Accuracy kept at each FLOP budget: baseline, redundancy-only, "

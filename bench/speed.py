@@ -31,7 +31,9 @@ def run(args, command: str) -> int:
     model = zoo.model.to(device, dtype)
     inputs = on_device(zoo.example_inputs(args.batch), device, dtype)
     weights = "real weights" if zoo.real_weights else "RANDOM weights"
-    where = f"{device} {args.dtype}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
+    mode = getattr(args, "mode", None)
+    where = (f"{device} {args.dtype}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
+             + (f", mode {mode}" if mode else ""))
     timing.log(f"machine: {timing.machine_line()}; {where}")
     timing.log(f"{args.model}: {zoo.description} ({weights}), batch {args.batch}, r {args.r}, options {args.options}")
     r_values = sorted(set(args.r))
@@ -49,9 +51,10 @@ def run(args, command: str) -> int:
 
     def compiled(name):
         if name == "inductor":
-            fn = torch.compile(model)
+            fn = torch.compile(model, mode=mode)
         else:
-            fn = torch.compile(model, backend="turbo", options={**args.options, "r": int(name.split("=")[1])})
+            options = {**args.options, "r": int(name.split("=")[1]), **({"mode": mode} if mode else {})}
+            fn = torch.compile(model, backend="turbo", options=options)
         return timing.synchronised(fn, torch.device(device))
 
     first = {}
@@ -101,7 +104,7 @@ def run(args, command: str) -> int:
         f.write(text)
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"command": command, "machine": timing.machine(), "model": args.model, "device": device,
-                   "dtype": args.dtype, "real_weights": zoo.real_weights, "batch": args.batch,
+                   "dtype": args.dtype, "mode": mode, "real_weights": zoo.real_weights, "batch": args.batch,
                    "configs": payload}, f, indent=1)
     _plot(payload, baseline_flops, os.path.join(args.out, stem + ".png"), args.model)
     timing.log(f"wrote {stem}.md, .json and .png in {args.out}")

@@ -100,13 +100,11 @@ class CudaGraph:
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, fn: Callable, args: Sequence[Any]) -> Any:
-        # A side stream first waits for the work already queued (the inputs' producers).
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
-            outputs = fn(*args)
-        torch.cuda.current_stream().wait_stream(stream)
-        return outputs
+        """Record ``fn(*args)`` (``torch.cuda.graph`` synchronises first and captures on a side
+        stream; nothing runs until a replay). "thread_local": another thread's CUDA calls
+        during the capture are not an error."""
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            return fn(*args)
 
     def replay(self) -> None:
         self.graph.replay()

@@ -37,6 +37,7 @@ def test_help_of_every_command(command, capsys):
     (["eval", "--resolution", "100"], "--resolution must be a multiple of 14"),
     (["eval", "--task", "audio"], "invalid choice: 'audio'"),
     (["bench", "--r", "-1"], "must be >= 0"),
+    (["bench", "--mode", "fast"], "invalid choice: 'fast'"),
     (["eval", "--train", "0"], "must be a positive integer"),
     (["compress"], "invalid choice: 'compress'"),
     ([], "required: COMMAND"),
