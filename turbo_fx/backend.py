@@ -39,10 +39,8 @@ def turbo_backend(
     if mode is not None and config.mode is not None and mode != config.mode:
         raise TurboConfigError(f"torch.compile asked for mode={mode!r} and turbo's options for mode={config.mode!r}")
     mode = mode or config.mode
-    if captures_cuda_graphs(mode) and config.symbolic_tokens and config._symbolic_tokens_given is None:
-        # Inductor captures no CUDA graph of a graph with a data-dependent size: compiled
-        # whole, such a graph keeps concrete token counts (the split never uses symbolic ones).
-        config = config.replace(symbolic_tokens=False)
+    if captures_cuda_graphs(mode):
+        config = config.for_cuda_graphs()
     report = GraphReport(graph_index=counters["graphs"], n_nodes=len(gm.graph.nodes))
     counters["graphs"] += 1
 
@@ -167,7 +165,7 @@ def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, aske
     compile takes the longer road). ``refused``: the reason ``split_refusal`` already gave."""
     from turbo_fx.block_compile import BlockCompileStats, BlockCompileUnsupported, compile_by_block
 
-    # The pieces get the mode's options but its CUDA graphs: the whole split forward is
+    # The pieces get the mode's options but not its CUDA graphs: the whole split forward is
     # captured instead (``_captured``).
     piece_compiler = inner_compiler("inductor", mode, cuda_graphs=False)
     stats = BlockCompileStats()

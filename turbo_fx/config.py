@@ -308,6 +308,14 @@ class TurboConfig:
         ``replace(fuse_merges=True)`` stays valid)."""
         return self.compile_merge_step is not False
 
+    def for_cuda_graphs(self) -> "TurboConfig":
+        """This config for a compile mode that captures CUDA graphs: merged token counts stay
+        concrete unless ``symbolic_tokens`` was asked for, since Inductor captures no graph
+        that has a data-dependent size (the opaque op's symbolic counts are)."""
+        if self._symbolic_tokens_given is not None or not self.symbolic_tokens:
+            return self
+        return self.replace(symbolic_tokens=False)
+
     def replace(self, **changes: Any) -> "TurboConfig":
         """A copy with ``changes``; defaults that depend on other options (``symbolic_tokens``)
         are resolved again for the new values, as if the copy were built from scratch."""
