@@ -17,7 +17,7 @@ from torch.fx import GraphModule, symbolic_trace
 import turbo_fx
 from turbo_fx import backend, cuda_graphs
 from turbo_fx.cuda_graphs import MAX_CAPTURES, CapturedForward, layout_refusal, unsafe_op_refusal
-from model_builders import images, small_vit
+from model_builders import images, padded_batch, small_hf, small_vit
 from turbo_fx.config import TurboConfig
 from turbo_fx.reference import reference_forward
 
@@ -240,3 +240,38 @@ def test_compiled_whole_in_a_cuda_graph_mode_the_token_counts_stay_concrete(mode
             assert "merge_block" in str(seen[0].target) and len(warnings) == 1 and "no CUDA graph" in warnings[0]
         with torch.no_grad():
             assert (out - reference_forward(model, x, TurboConfig(r=R))).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2"])
+def test_captured_transformers_encoders_compute_what_the_uncaptured_split_does(replaying, kind):
+    """Models the capture was not written for (transformers' ViT and DINOv2 with layer scale):
+    over three new inputs, the replayed forward equals the same split run uncaptured."""
+    model = small_hf(kind, layers=4)
+    xs = [images(2, seed=s) for s in range(3)]
+    plain = torch.compile(model, backend="turbo", options={"r": 2})
+    with torch.no_grad():
+        expected = [plain(pixel_values=x).last_hidden_state for x in xs]
+    torch._dynamo.reset()
+    captured = torch.compile(model, backend="turbo", options={"r": 2, "mode": "reduce-overhead"})
+    with turbo_fx.recording() as rec, torch.no_grad():
+        outs = [captured(pixel_values=x).last_hidden_state for x in xs]
+    assert rec.graphs[-1].cuda_graph.startswith("captured (1 capture;"), rec.graphs[-1].cuda_graph
+    assert ReplayingGraph.captures == 1
+    for out, ref in zip(outs, expected):
+        assert out.shape == ref.shape and (out - ref).abs().max().item() < 1e-5
+
+
+def test_a_padded_text_encoder_is_not_captured_since_its_mask_check_waits_for_the_device():
+    """BERT with padding keeps the run-time key-padding check, which reads the mask on the
+    host: the rewritten graph is refused by name, and a ViT's is not."""
+    ids, mask = padded_batch([16, 9], 16)
+    graphs = {}
+    for kind, model, inputs in [("bert", small_hf("bert", layers=3), dict(input_ids=ids, attention_mask=mask)),
+                                ("vit", small_vit("vit", patch_size=4, depth=3), dict(x=images(2)))]:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="turbo", options={"r": 2, "inner_backend": "eager"})
+        with turbo_fx.recording(keep_graphs=True) as rec, torch.no_grad():
+            compiled(**inputs)
+        graphs[kind] = rec.graphs[-1].graph_module
+    assert "check_key_padding_mask" in unsafe_op_refusal(graphs["bert"])
+    assert unsafe_op_refusal(graphs["vit"]) is None
