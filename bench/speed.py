@@ -74,7 +74,6 @@ def run(args, command: str) -> int:
     torch._dynamo.reset()
 
     rows, payload = [], {}
-    ind = timing.stats(times["inductor"])["median"]
     for name in ["eager"] + names:
         st = timing.stats(times[name])
         before, after, fallbacks, tokens = flops.get(name, (baseline_flops, baseline_flops, [], None))

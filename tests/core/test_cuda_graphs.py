@@ -141,9 +141,6 @@ def test_overlapping_inputs_and_ops_that_wait_for_the_device_are_not_captured():
     assert layout_refusal([torch.zeros(3, 4), torch.zeros(4, 1).expand(4, 4)]).startswith("input 1 has overlapping")
     assert layout_refusal([torch.zeros(3, 4).t(), torch.zeros(8)[::2]]) is None  # transposed, gapped: copyable
 
-    def checked(mask):
-        return torch.ops.turbo_fx.check_key_padding_mask.default(mask) * 2
-
     graph = torch.fx.Graph()
     mask = graph.placeholder("mask")
     graph.output(graph.call_function(torch.ops.turbo_fx.check_key_padding_mask.default, (mask,)))
