@@ -35,6 +35,8 @@ import torch
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_map_only
 
+from turbo_fx.ops.merge_step import recording_merges
+
 log = logging.getLogger("turbo_fx")
 
 MAX_CAPTURES = 4
@@ -131,7 +133,7 @@ class CapturedForward:
         self.outputs: Any = None
 
     def __call__(self, *args: Any) -> Any:
-        if self.disabled or _recording_merges():
+        if self.disabled or recording_merges():
             return self.forward(*args)
         if self.graph is None:
             return self._warm_up_or_capture(args)
@@ -205,9 +207,3 @@ class CapturedForward:
 
 def _address(value: Any) -> Optional[int]:
     return value.data_ptr() if isinstance(value, torch.Tensor) else None
-
-
-def _recording_merges() -> bool:
-    from turbo_fx.ops.merge_step import recording_merges
-
-    return recording_merges()
