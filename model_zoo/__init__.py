@@ -3,6 +3,11 @@
 Real weights (DINOv2 ViT-S/14, all-MiniLM-L6-v2), random-weight timm and transformers models,
 and real offline data (Fashion-MNIST, digits, photos, Lee similarity, polarity). Heavy
 optional packages (transformers, onnx, onnxruntime, timm, ...) are imported only when used.
+
+Imports run one way (``tests/model_zoo/test_layers.py`` holds it): ``registry`` on top; the
+trained stand-ins ``fashion_diffusion`` and ``fashion_captioner`` below it; ``data``,
+``dinov2`` and ``minilm`` below those; ``deps`` (optional imports, ``MissingDependency``, the
+cache folder) and ``training`` at the bottom.
 """
 from .data import (
     FASHION_MNIST_CLASSES,

@@ -1,7 +1,7 @@
 """Real data that installs offline: Fashion-MNIST (Debian), sklearn digits and photos, skimage photos, gensim's text sets.
 
 Nothing here touches the network. Each loader raises :class:`DatasetUnavailable` (data files
-absent) or :class:`~turbo_fx.model_zoo.registry.MissingDependency` (Python package absent)
+absent) or :class:`~turbo_fx.model_zoo.deps.MissingDependency` (Python package absent)
 with the command that fixes it.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .registry import package_path, require
+from .deps import package_path, require
 
 FASHION_MNIST_ENV = "TURBO_FX_FASHION_MNIST"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -34,13 +34,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .registry import MissingDependency, package_path, require
+from .deps import CACHE_ENV, MissingDependency, default_cache_dir, package_path, require
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import Dinov2Config, Dinov2Model
 
 ONNX_ENV = "TURBO_FX_DINOV2_ONNX"
-CACHE_ENV = "TURBO_FX_CACHE"
 # Bump when the conversion changes so that state_dicts cached by an older version are rebuilt.
 CONVERTER_VERSION = 1
 
@@ -86,14 +85,6 @@ def onnx_stamp(path: str | os.PathLike) -> str:
     """A short string that changes whenever the file's size or modification time changes."""
     st = os.stat(path)
     return f"{st.st_size}-{st.st_mtime_ns}"
-
-
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache folder: ``cache_dir`` if given, else ``$TURBO_FX_CACHE``, else ``~/.cache/turbo_fx``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "turbo_fx"
 
 
 def cached_state_dict_path(onnx_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -366,7 +357,7 @@ def prune_to(model: Any, output: str) -> Any:
 
 @functools.lru_cache(maxsize=2)
 def _backbone_session(path: str, stamp: str) -> tuple[Any, str]:
-    """An onnxruntime session of the pruned backbone and its input name; cached per file and stamp."""
+    """An onnxruntime ``InferenceSession`` of the pruned backbone and its input name; cached per file and stamp."""
     require("onnx")
     require("onnxruntime")
     import onnx

@@ -30,11 +30,11 @@ decoder's cross-attention sites read the merged tokens with their ``log(size)`` 
   reads the cached weights (``fashion_captioner_v1.safetensors``, the decoder only: DINOv2's
   weights come from its own loader) and trains only when they are absent. The training's
   time, loss and held-out accuracy are in the JSON next to the weights.
-* Measured (2026-12-02, the shared 2-core Intel Xeon, one thread, load average 3-6 from other
-  jobs): features of 3000 training images (2500 to train on, 500 held out, class-balanced)
-  713 s, then 600 steps of batch 64 (15 epochs, AdamW, lr 1e-3 with warm-up and cosine decay,
-  dropout 0.1) 397 s; final training loss 0.102, held-out loss 0.254 and exact match 0.828
-  (the same as its first-word class accuracy). A linear probe on these features gets 0.80-0.82.
+* Measured on a 2-core Intel Xeon shared with other jobs, one thread: features of 3000 training
+  images (2500 to train on, 500 held out, class-balanced) 713 s, then 600 steps of batch 64 (15
+  epochs, AdamW, lr 1e-3 with warm-up and cosine decay, dropout 0.1) 397 s; final training loss
+  0.102, held-out loss 0.254 and exact match 0.828 (the same as its first-word class accuracy).
+  A linear probe on these features gets 0.80-0.82.
 * 224 px rather than a smaller multiple of 14: the project's r = 8, 12, 16 per block over 12
   blocks remove 96 to 192 tokens, which 257 tokens allow (257 -> 65 at r = 16); at 168 px (145
   tokens) r = 12 would already be clamped. The features took 12 of the 18.5 minutes.
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import training
-from .dinov2 import default_cache_dir
+from .deps import default_cache_dir
 
 # --------------------------------------------------------------------------- vocabulary and captions
 

@@ -40,9 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .dinov2 import default_cache_dir
 from . import training
-from .registry import require
+from .deps import default_cache_dir, require
 
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES  # the "no class" label of classifier-free guidance

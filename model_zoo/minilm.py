@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .registry import require
+from .deps import require
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import BertModel

