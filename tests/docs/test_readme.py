@@ -3,7 +3,8 @@
 Every ```python block of README.md runs, in order, in one namespace (later examples use the
 names earlier ones made), so a test of block k first runs the blocks before it. A block
 preceded by the HTML comment ``<!-- no-test -->`` is shown, not run (it needs weights from
-the network); there are to be few of those.
+the network); there are to be few of those. Dynamo is reset between tests (tests/conftest.py),
+so a later block that calls an earlier block's compiled model compiles it again.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -66,13 +66,6 @@ def run_block(index: int) -> None:
                 _done[k] = err
         if _done[k] is not None:
             raise AssertionError(f"the README example at line {block.line} fails") from _done[k]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"line{b.line}" for b in BLOCKS])
