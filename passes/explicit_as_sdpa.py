@@ -20,7 +20,7 @@ the fused attention kernel that plain Inductor gives them. As SDPA the bias beco
 Guarantees: the SDPA call computes the same function (up to floating-point rounding:
 softmax(scale * q k^T + mask) v); it takes the value matmul's place and its example
 value, every node of the replaced path that nothing else reads is erased, and no other
-node changes. Returns the indices of the converted sites; the caller re-finds sites.
+node changes. Returns each converted site found anew at its SDPA call, under its old index.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from . import graph_utils as gu
-from .find_attention import AttentionSite
+from .find_attention import AttentionSite, site_at
 
 CAST_METHODS = {"to", "float", "type", "type_as", "contiguous"}
 DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
@@ -52,16 +52,16 @@ class SdpaForm:
     path: list[Node]  # score matmul ... value matmul, in graph order
 
 
-def explicit_as_sdpa(gm: GraphModule, sites: Iterable[AttentionSite]) -> list[int]:
+def explicit_as_sdpa(gm: GraphModule, sites: Iterable[AttentionSite]) -> dict[int, AttentionSite]:
     """Replace every matching explicit site of ``sites`` by an SDPA call (in place, see the
-    module docstring); returns the indices of the sites converted."""
-    converted = []
+    module docstring); returns the converted sites as SDPA sites, by index."""
+    converted = {}
     for site in sites:
         form = sdpa_form(site)
         if form is None:
             continue
-        _emit(gm.graph, site, form)
-        converted.append(site.index)
+        sdpa = _emit(gm.graph, site, form)
+        converted[site.index] = site_at(sdpa, site.index)
     if converted:
         gm.graph.lint()
         gm.recompile()
@@ -196,7 +196,7 @@ def _same_dtype_4d(q: Node, k: Node, v: Node, out: Node, mask: Optional[Node]) -
     return True
 
 
-def _emit(graph, site: AttentionSite, form: SdpaForm) -> None:
+def _emit(graph, site: AttentionSite, form: SdpaForm) -> Node:
     with graph.inserting_before(site.attn):
         k = form.k
         if form.k_transposed:
@@ -211,3 +211,4 @@ def _emit(graph, site: AttentionSite, form: SdpaForm) -> None:
     for node in reversed(form.path):
         if not node.users:
             graph.erase_node(node)
+    return sdpa

@@ -67,20 +67,27 @@ def find_attention_sites(gm: GraphModule) -> list[AttentionSite]:
     """All attention sites of ``gm`` in graph order (see the module docstring)."""
     sites: list[AttentionSite] = []
     for node in gm.graph.nodes:
-        site = None
-        if gu.is_sdpa(node):
-            site = _sdpa_site(node)
-        elif gu.is_packed_attention(node):
-            site = _packed_site(node)
-        elif gu.is_softmax(node):
-            site = _explicit_site(node)
+        site = site_at(node, len(sites))
         if site is not None:
-            site.index = len(sites)
-            site.module = gu.module_path(node)
-            _find_residual(site)
-            _check_site(site)
             sites.append(site)
     return sites
+
+
+def site_at(node: Node, index: int) -> Optional[AttentionSite]:
+    """The attention site whose call is ``node`` (numbered ``index``), or None."""
+    site = None
+    if gu.is_sdpa(node):
+        site = _sdpa_site(node)
+    elif gu.is_packed_attention(node):
+        site = _packed_site(node)
+    elif gu.is_softmax(node):
+        site = _explicit_site(node)
+    if site is not None:
+        site.index = index
+        site.module = gu.module_path(node)
+        _find_residual(site)
+        _check_site(site)
+    return site
 
 
 def _sdpa_site(node: Node) -> AttentionSite:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.fx import Node
+from torch.fx import GraphModule, Node
 
 SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -234,3 +234,12 @@ def depends_on_data(node: Node) -> bool:
             if isinstance(value, torch.Tensor):
                 return True
     return False
+
+
+def graph_fake_mode(gm: GraphModule):
+    """The fake mode the graph's recorded values live in (Dynamo's), or None."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch._subclasses.FakeTensor):
+            return value.fake_mode
+    return None

@@ -36,7 +36,7 @@ from turbo_fx.report import BlockReport
 
 from . import graph_utils as gu
 from .find_attention import AttentionSite
-from .propagate_shapes import CannotRewrite
+from turbo_fx.errors import CannotRewrite
 
 
 @dataclass
@@ -75,7 +75,7 @@ def insert_merges(
     come before and after the merged ones (which get no bias)."""
     graph = gm.graph
     result = MergeInsertion(blocks=plans, padding=any(s.mask is not None for s in sites))
-    merge_fn = ops.merge_block if config.fuse_merges else torch.ops.turbo_fx.merge_block.default
+    merge_fn = ops.merge_block if config.strategy.fuse_merges else torch.ops.turbo_fx.merge_block.default
     sizes = assign = bias = None
 
     def call(fn, *args) -> Node:
@@ -105,9 +105,9 @@ def insert_merges(
                 merge_fn, stream, sizes, assign, *_metric_args(site, config, call), *_semantic_args(site, config, call),
                 plan.r_applied, protected, config.fusion, config.alpha, config.beta, config.gamma,
                 site.index, result.padding, config.prop_attn, _logit_dtype(site),
-                config.symbolic_tokens and plan.tokens_out >= 2,
-                config.redundancy, config.keep_salient, tail, config.fuse_merges,
-                config.compile_merge_step is True,
+                config.strategy.uses_symbolic_tokens and plan.tokens_out >= 2,
+                config.redundancy, config.keep_salient, tail, config.strategy.fuse_merges,
+                config.strategy.compile_merge_step is True,
             )
             new_stream, sizes, assign, bias = (call(operator.getitem, merged, i) for i in range(4))
         inserted = set(result.touched)

@@ -60,21 +60,21 @@ def plan_components(runs: list[GridRun], config: TurboConfig) -> list[ComponentP
     plans = []
     for run in runs:
         height, width = run.grid
-        sources = run.tokens - (height // config.sy) * (width // config.sx)
+        sources = run.tokens - (height // config.generation.sy) * (width // config.generation.sx)
         downsample = round((largest / run.tokens) ** 0.5)
         for component in run.components:
-            r = min(int(config.ratio * run.tokens), sources)
+            r = min(int(config.generation.ratio * run.tokens), sources)
             reason = ""
-            if component.kind not in config.merge_components:
+            if component.kind not in config.generation.merge_components:
                 reason = f"'{component.kind}' is not in merge_components"
-            elif downsample > config.max_downsample:
-                reason = f"grid {height}x{width} is {downsample}x smaller than the largest; max_downsample={config.max_downsample}"
+            elif downsample > config.generation.max_downsample:
+                reason = f"grid {height}x{width} is {downsample}x smaller than the largest; max_downsample={config.generation.max_downsample}"
             elif component.site is not None and component.kind == SELF_ATTENTION and component.site.mask is not None:
                 reason = "self-attention with its own mask"
             elif component.site is not None and component.site.kind == "packed":
                 reason = "packed (nn.MultiheadAttention) attention in merge-and-restore mode is not supported yet"
             elif r == 0:
-                reason = f"ratio {config.ratio} merges no token of {run.tokens}"
+                reason = f"ratio {config.generation.ratio} merges no token of {run.tokens}"
             plans.append(ComponentPlan(component, r, reason))
     return plans
 
@@ -116,7 +116,7 @@ def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config
             with graph.inserting_before(c.stream_in.next):
                 if state.assign is None:
                     state.semantic, semantic = _semantic_source(saliency.get(c.grid), config)
-                    seed = config.seed + n_blocks if config.use_rand else None
+                    seed = config.generation.seed + n_blocks if config.generation.use_rand else None
                     dst, src = _partition_constants(gm, c, config, seed, n_blocks, fake_mode)
                     n_blocks += 1
                     merged = call(ops.grid_merge, c.stream_in, dst, src, plan.r, semantic, config.alpha, config.redundancy, config.prop_attn,
@@ -149,7 +149,7 @@ def _partition_constants(gm: GraphModule, c: Component, config: TurboConfig, see
     of its tokens), read by get_attr nodes: constants, so the compiled graph never rebuilds them."""
     device = gu.example_value(c.stream_in).device
     with torch._subclasses.fake_tensor.unset_fake_temporarily():
-        tensors = [t.to(device) for t in ops.grid_partition(c.grid[0], c.grid[1], config.sx, config.sy, seed)]
+        tensors = [t.to(device) for t in ops.grid_partition(c.grid[0], c.grid[1], config.generation.sx, config.generation.sy, seed)]
     nodes = []
     for name, tensor in zip(("dst", "src"), tensors):
         attr = f"_turbo_grid_{name}_{block}"

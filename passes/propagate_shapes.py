@@ -28,6 +28,8 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from turbo_fx.errors import CannotRewrite
+
 from .graph_utils import depends_on_data, is_merge, is_token_cat
 
 RESHAPE_METHODS = {"view", "reshape"}
@@ -36,10 +38,6 @@ EXPAND_METHODS = {"expand"}
 # Where the ``dim`` argument sits (tensor first) for ops whose meaning depends on the
 # token count when applied along the token axis.
 DIM_ARG_POSITION = {"split": 2, "unflatten": 1, "unbind": 1, "chunk": 2, "narrow": 1, "select": 1, "tensor_split": 2}
-
-
-class CannotRewrite(RuntimeError):
-    """The graph cannot be rewritten safely; the message says where and why."""
 
 
 def propagate_shapes(
@@ -95,7 +93,9 @@ def _fetch_attr(gm: GraphModule, target: str) -> Any:
     return obj
 
 
-def _run_node(gm: GraphModule, node: Node, env: dict, fake_mode) -> Any:
+def run_node_on_fakes(gm: GraphModule, node: Node, env: dict, fake_mode) -> Any:
+    """``node`` run on the fake values of ``env`` (its inputs); any failure on the new shapes
+    becomes a ``CannotRewrite`` naming the node."""
     args = map_arg(node.args, lambda n: env[n])
     kwargs = map_arg(node.kwargs, lambda n: env[n])
     grad = torch.is_grad_enabled()
@@ -222,7 +222,7 @@ class _Propagation:
         return self.changed
 
     def evaluate(self, node: Node) -> Any:
-        value = _run_node(self.gm, node, self.env, self.fake_mode)
+        value = run_node_on_fakes(self.gm, node, self.env, self.fake_mode)
         self.env[node] = value
         node.meta["example_value"] = value
         return value

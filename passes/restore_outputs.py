@@ -18,8 +18,9 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from turbo_fx import ops
+from turbo_fx.errors import CannotRewrite
 
-from .propagate_shapes import CannotRewrite, ShapeHints, _run_node, changed_axes
+from .propagate_shapes import ShapeHints, changed_axes, run_node_on_fakes
 
 
 def restore_outputs(
@@ -51,7 +52,7 @@ def restore_outputs(
                 )
             with gm.graph.inserting_before(output):
                 current = gm.graph.call_function(ops.restore_tokens, (current, assign, axis))
-            value = _run_node(gm, current, env, fake_mode)
+            value = run_node_on_fakes(gm, current, env, fake_mode)
             env[current] = value
             current.meta["example_value"] = value
         if hints.shape(current.meta["example_value"].shape) != hints.shape(old.shape):

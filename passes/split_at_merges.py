@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.split_module import split_module
 
 from .graph_utils import is_merge
-from .propagate_shapes import CannotRewrite
+from turbo_fx.errors import CannotRewrite
 
 
 @dataclass

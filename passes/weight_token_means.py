@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 from turbo_fx import ops
 
 from .graph_utils import is_merge
-from .propagate_shapes import ShapeHints, _run_node, changed_axes
+from .propagate_shapes import ShapeHints, run_node_on_fakes, changed_axes
 
 REDUCTIONS = {"mean": ops.weighted_token_mean, "sum": ops.weighted_token_sum}
 
@@ -43,7 +43,7 @@ def weight_token_means(gm: GraphModule, fake_mode, old_values: dict[Node, Any], 
         keepdim = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
         with gm.graph.inserting_before(node):
             replacement = gm.graph.call_function(REDUCTIONS[kind], (node.args[0], sizes, offset, keepdim))
-        env[replacement] = replacement.meta["example_value"] = _run_node(gm, replacement, env, fake_mode)
+        env[replacement] = replacement.meta["example_value"] = run_node_on_fakes(gm, replacement, env, fake_mode)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
         weighted += 1

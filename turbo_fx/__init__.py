@@ -2,9 +2,10 @@
 
     fast = torch.compile(model, backend="turbo", options={"r": 13})
 
-See ``TurboConfig`` for the options and ``explain`` for a report of what changes.
+See ``TurboConfig`` for the options (``GenerationOptions`` and ``CompileStrategy`` for the
+generation mode and the compile strategy) and ``explain`` for a report of what changes.
 """
-from turbo_fx.config import LinearSchedule, TurboConfig, TurboConfigError
+from turbo_fx.config import CompileStrategy, GenerationOptions, LinearSchedule, TurboConfig, TurboConfigError
 from turbo_fx.report import GraphReport, TurboReport, counters, recording
 from turbo_fx.backend import turbo_backend
 from turbo_fx.explain import explain
@@ -38,6 +39,8 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
+    "CompileStrategy",
+    "GenerationOptions",
     "LinearSchedule",
     "TurboConfig",
     "TurboConfigError",

@@ -2,6 +2,13 @@
 
 Registered through the ``torch_dynamo_backends`` entry point, so
 ``torch.compile(model, backend="turbo", options={...})`` needs no import.
+
+One flow per graph, each step entered once:
+    resolve the config -> analyse the graph into a plan (``plan.analyse``) -> rewrite it
+    (``rewrite.rewrite``: the pass list) -> report -> compile (whole, or block by block, and
+    captured as one CUDA graph in a CUDA-graph mode) -> guard (``guarded_call``).
+Whatever fails on the way, the user's graph still compiles and runs, unchanged, with one
+warning that names the reason.
 """
 from __future__ import annotations
 
@@ -16,11 +23,13 @@ from torch.fx import GraphModule
 
 from turbo_fx.config import TurboConfig, TurboConfigError, resolve_config
 from turbo_fx.cuda_graphs import CapturedForward, capture_refusal, captures_cuda_graphs
+from turbo_fx.errors import CannotRewrite, NothingToMerge
 from turbo_fx.flops import count_flops
 from turbo_fx.guarded_call import guard
-from turbo_fx.passes.propagate_shapes import CannotRewrite
+from turbo_fx.passes.graph_utils import graph_fake_mode
+from turbo_fx.plan import GraphPlan, analyse
 from turbo_fx.report import GraphReport, counters, publish, wants_flops, wants_graphs
-from turbo_fx.rewrite import NothingToMerge, rewrite_graph
+from turbo_fx.rewrite import report_facts, rewrite
 
 log = logging.getLogger("turbo_fx")
 
@@ -33,20 +42,14 @@ def turbo_backend(
     **unexpected: Any,
 ) -> Callable:
     """Dynamo backend entry: validate options, rewrite ``gm``, hand it to the inner compiler."""
-    if unexpected:
-        raise TurboConfigError(f"turbo backend got unexpected arguments {sorted(unexpected)}; pass options={{...}}")
-    config = resolve_config(options)
-    if mode is not None and config.mode is not None and mode != config.mode:
-        raise TurboConfigError(f"torch.compile asked for mode={mode!r} and turbo's options for mode={config.mode!r}")
-    mode = mode or config.mode
-    if captures_cuda_graphs(mode):
-        config = config.for_cuda_graphs()
+    config, mode = resolve_options(options, mode, unexpected)
     report = GraphReport(graph_index=counters["graphs"], n_nodes=len(gm.graph.nodes))
     counters["graphs"] += 1
 
     start = time.perf_counter()
-    refusal = split_refusal(gm, example_inputs) if config.compiles_by_block else None
-    rewritten = _rewrite_or_fallback(gm, example_inputs, config, report, config.compiles_by_block and refusal is None)
+    plan = analyse(gm, example_inputs, config)
+    split = config.strategy.uses_compile_blocks and plan.split_refusal is None
+    rewritten = rewrite_or_fallback(gm, plan, split, report)
     report.rewrite_seconds = time.perf_counter() - start
 
     if wants_flops():
@@ -57,32 +60,52 @@ def turbo_backend(
     publish(report)
 
     start = time.perf_counter()
-    compiled = _compile_inner(rewritten, gm, example_inputs, config, mode, report, refusal)
+    compiled = compile_rewritten(rewritten, gm, example_inputs, plan, split, mode, report)
     report.compile_seconds = time.perf_counter() - start
     return compiled
 
 
-def _rewrite_or_fallback(gm: GraphModule, example_inputs: list, config: TurboConfig, report: GraphReport,
-                         for_split: bool = False) -> GraphModule:
+def resolve_options(options: Union[None, dict, TurboConfig], mode: Optional[str],
+                    unexpected: dict) -> tuple[TurboConfig, Optional[str]]:
+    """The config and compile mode of one compile, from what torch.compile passed."""
+    if unexpected:
+        raise TurboConfigError(f"turbo backend got unexpected arguments {sorted(unexpected)}; pass options={{...}}")
+    config = resolve_config(options)
+    if mode is not None and config.strategy.mode is not None and mode != config.strategy.mode:
+        raise TurboConfigError(f"torch.compile asked for mode={mode!r} and turbo's options for "
+                               f"mode={config.strategy.mode!r}")
+    mode = mode or config.strategy.mode
+    if captures_cuda_graphs(mode):
+        config = config.for_cuda_graphs()
+    return config, mode
+
+
+def rewrite_or_fallback(gm: GraphModule, plan: GraphPlan, split: bool, report: GraphReport) -> GraphModule:
+    """The rewritten graph, or ``gm`` itself where it stays unchanged (with the reason logged);
+    the report gets the plan's and the passes' facts either way."""
     fake_mode = graph_fake_mode(gm)
-    if fake_mode is not None and config.symbolic_tokens and not for_split:
-        allow_unbacked_token_counts(fake_mode)
+    done = None
     try:
+        if fake_mode is not None and plan.config.strategy.uses_symbolic_tokens and not split:
+            allow_unbacked_token_counts(fake_mode)
         with torch_meta_errors_silenced():
-            rewritten = rewrite_graph(gm, fake_mode, config, report, example_inputs, for_split=for_split)
+            done = rewrite(gm, plan, fake_mode, split)
     except NothingToMerge as exc:
         log.info("turbo: graph %d compiled unchanged: %s", report.graph_index, exc)
         counters["graphs_unchanged"] += 1
-        return gm
     except CannotRewrite as exc:
-        return _fallback(gm, report, str(exc))
+        _fallback(report, str(exc))
     except Exception as exc:  # a pass bug must never break the user's model
         log.debug("turbo: internal error while rewriting", exc_info=True)
-        return _fallback(gm, report, f"internal error in a turbo pass: {type(exc).__name__}: {exc}")
+        _fallback(report, f"internal error in a turbo pass: {type(exc).__name__}: {exc}")
+    for name, value in report_facts(plan, done).items():
+        setattr(report, name, value)
+    if done is None:
+        return gm
     counters["graphs_rewritten"] += 1
     counters["merges_inserted"] += report.merges
     counters["tokens_removed"] += sum(b.r_applied for b in report.blocks) + sum(c.r_applied for c in report.components)
-    return rewritten
+    return done.module
 
 
 # torch logs every meta kernel that fails on fake tensors at ERROR level, with a traceback.
@@ -115,54 +138,47 @@ def allow_unbacked_token_counts(fake_mode) -> None:
         shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
 
 
-def graph_fake_mode(gm: GraphModule):
-    """The fake mode the graph's recorded values live in (Dynamo's), or None."""
-    for node in gm.graph.nodes:
-        value = node.meta.get("example_value")
-        if isinstance(value, torch._subclasses.FakeTensor):
-            return value.fake_mode
-    return None
-
-
-def _fallback(gm: GraphModule, report: GraphReport, reason: str) -> GraphModule:
+def _fallback(report: GraphReport, reason: str) -> None:
     report.fallback_reason = reason
     counters["graphs_fallback"] += 1
     log.warning("turbo: graph %d compiled without token merging: %s", report.graph_index, reason)
-    return gm
 
 
-def _compile_inner(rewritten, original, example_inputs, config: TurboConfig, mode, report: GraphReport,
-                   split_refused: Optional[str] = None):
-    compiler = inner_compiler(config.inner_backend, mode)
+def compile_rewritten(rewritten: GraphModule, original: GraphModule, example_inputs: list, plan: GraphPlan,
+                      split: bool, mode: Optional[str], report: GraphReport) -> Callable:
+    """``rewritten`` compiled as the plan's strategy says, behind the run-time guard; ``original``
+    compiled by the inner compiler where nothing was rewritten."""
+    strategy = plan.config.strategy
+    compiler = inner_compiler(strategy.inner_backend, mode)
     if rewritten is original:
         return compiler(original, example_inputs)
-    if config.compiles_by_block and report.blocks:
-        compiled = _compile_by_block(rewritten, example_inputs, mode, report, asked=config.compile_blocks is True,
-                                     compile_merges=config.compiles_merges, refused=split_refused)
-        if compiled is not None:
-            if captures_cuda_graphs(mode):
-                compiled = _captured(compiled, rewritten, example_inputs, report)
-            return guard(compiled, original, example_inputs, compiler, report)
-    built_symbolic = config.symbolic_tokens and not (config.compiles_by_block and split_refused is None)
-    if captures_cuda_graphs(mode) and built_symbolic and config.inner_backend == "inductor" and report.blocks:
-        log.warning("turbo: graph %d: Inductor captures no CUDA graph of it: symbolic_tokens=True makes the merged "
-                    "token counts data-dependent sizes; leave symbolic_tokens unset for CUDA graphs",
-                    report.graph_index)
-    try:
-        compiled = compiler(rewritten, example_inputs)
-    except Exception as exc:
-        log.debug("turbo: inner compiler failed on the rewritten graph", exc_info=True)
-        _fallback(original, report, f"{config.inner_backend} failed on the rewritten graph: {type(exc).__name__}: {exc}")
-        return compiler(original, example_inputs)
-    return guard(compiled, original, example_inputs, compiler, report)
+    compiled = None
+    if strategy.uses_compile_blocks and report.blocks:
+        compiled = _compile_blocks(rewritten, example_inputs, mode, report, strategy.compile_blocks is True,
+                                   strategy.uses_compile_merge_step, None if split else plan.split_refusal)
+        if compiled is not None and captures_cuda_graphs(mode):
+            compiled = _captured(compiled, rewritten, example_inputs, report)
+    if compiled is None:
+        if captures_cuda_graphs(mode) and not split and strategy.uses_symbolic_tokens \
+                and strategy.inner_backend == "inductor" and report.blocks:
+            log.warning("turbo: graph %d: Inductor captures no CUDA graph of it: symbolic_tokens=True makes the "
+                        "merged token counts data-dependent sizes; leave symbolic_tokens unset for CUDA graphs",
+                        report.graph_index)
+        try:
+            compiled = compiler(rewritten, example_inputs)
+        except Exception as exc:
+            log.debug("turbo: inner compiler failed on the rewritten graph", exc_info=True)
+            _fallback(report, f"{strategy.inner_backend} failed on the rewritten graph: {type(exc).__name__}: {exc}")
+            return compiler(original, example_inputs)
+    return guard(compiled, original, compiler, report, plan.traits)
 
 
-def _compile_by_block(rewritten, example_inputs, mode, report: GraphReport, asked: bool,
-                      compile_merges: bool = False, refused: Optional[str] = None) -> Optional[Callable]:
+def _compile_blocks(rewritten: GraphModule, example_inputs: list, mode: Optional[str], report: GraphReport,
+                    asked: bool, compile_merges: bool, refused: Optional[str]) -> Optional[Callable]:
     """``rewritten`` compiled piece by piece (``compile_blocks``), or None once the reason it
     is compiled whole instead is logged: a warning where the user ``asked`` for the split,
     an info record where it was only the default (the graph still merges; only its
-    compile takes the longer road). ``refused``: the reason ``split_refusal`` already gave."""
+    compile takes the longer road). ``refused``: the plan's reason it cannot be split."""
     from turbo_fx.block_compile import BlockCompileStats, BlockCompileUnsupported, compile_by_block
 
     # The pieces get the mode's options but not its CUDA graphs: the whole split forward is
@@ -202,15 +218,6 @@ def _captured(forward: Callable, rewritten: GraphModule, example_inputs: list, r
     return forward
 
 
-def split_refusal(gm: GraphModule, example_inputs: list) -> Optional[str]:
-    """Why ``gm`` will not be compiled block by block, as far as is known before the rewrite
-    (the split itself can still fail later, and the graph is then compiled whole), or None.
-    A CUDA-graph mode does not rule the split out: the split forward is captured whole."""
-    from turbo_fx.block_compile import unsupported_reason
-
-    return unsupported_reason(gm, example_inputs)
-
-
 def inner_compiler(name: str, mode: Optional[str] = None, cuda_graphs: bool = True) -> Callable:
     """The compiler of ``name`` with Inductor's options for ``mode``; ``cuda_graphs=False``
     leaves out the mode's CUDA graphs."""
@@ -226,4 +233,3 @@ def inner_compiler(name: str, mode: Optional[str] = None, cuda_graphs: bool = Tr
     from torch._dynamo.backends.registry import lookup_backend
 
     return lookup_backend(name)
-

@@ -34,7 +34,7 @@ import torch
 from torch.fx import GraphModule, Interpreter, Node
 
 from turbo_fx.passes.hoist_merge_inputs import hoist_merge_inputs
-from turbo_fx.passes.propagate_shapes import CannotRewrite
+from turbo_fx.errors import CannotRewrite
 from turbo_fx.passes.split_at_merges import name_positionally, split_at_merges
 from turbo_fx.shared_pieces import SharedPieces
 
@@ -75,82 +75,6 @@ class BlockCompileStats(PieceCounts):
         return text
 
 
-def unsupported_reason(gm: GraphModule, example_inputs: Sequence[Any]) -> Optional[str]:
-    """Why ``gm`` cannot be compiled block by block, or None."""
-    reason = dynamic_shape_reason(gm, example_inputs) or in_place_reason(gm)
-    if reason is not None:
-        return reason
-    for node in gm.graph.nodes:
-        if _draws_random(node):
-            return f"node {node.name} ({node.target}) draws random numbers (the compile run would consume them)"
-    if torch.is_grad_enabled() and any(x.requires_grad for x in example_inputs):
-        return "gradients are recorded (block-by-block compile is for inference)"
-    return None
-
-
-def dynamic_shape_reason(gm: GraphModule, example_inputs: Sequence[Any]) -> Optional[str]:
-    """Why ``gm`` (a Dynamo graph) has dynamic shapes, or None where every input is static."""
-    if any(not isinstance(x, torch.Tensor) for x in example_inputs):
-        return "the graph takes non-tensor (symbolic) inputs: dynamic shapes"
-    for node in gm.graph.nodes:
-        value = node.meta.get("example_value")
-        if node.op == "placeholder" and isinstance(value, torch.Tensor) and any(
-                isinstance(s, torch.SymInt) for s in value.shape):
-            return f"input {node.name} has a dynamic shape"
-    return None
-
-
-def in_place_reason(gm: GraphModule) -> Optional[str]:
-    """Which node of ``gm`` updates a tensor in place, or None."""
-    for node in gm.graph.nodes:
-        if _mutates(node):
-            return f"node {node.name} ({node.target}) updates a tensor in place"
-    return None
-
-
-def _mutates(node: Node) -> bool:
-    """Whether ``node`` writes into a tensor: ``x.add_()``, ``torch.relu_(x)``, an op whose
-    schema says so, ``x[i] = v`` or ``x += y`` as Dynamo records them."""
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op != "call_function":
-        return False
-    schema = getattr(node.target, "_schema", None)
-    if schema is not None:
-        return schema.is_mutable
-    name = getattr(node.target, "__name__", "")
-    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
-        # operator.and_ / or_ are not in place; operator.iadd, iand ... and setitem are.
-        return name in ("setitem", "delitem") or (
-            name.startswith("i") and (hasattr(operator, name[1:]) or hasattr(operator, name[1:] + "_")))
-    return name.endswith("_") and not name.endswith("__")
-
-
-# Random draws by name as Dynamo records them (torch functions, Tensor methods); aten
-# overloads say so with a tag. Dropouts draw only when training, and their defaults differ.
-_RANDOM_FUNCTIONS = frozenset({"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
-                               "bernoulli", "multinomial", "normal", "poisson", "native_dropout"})
-_DROPOUT_TRAINING_DEFAULT = {"dropout": True, "dropout1d": True, "dropout2d": True, "dropout3d": True,
-                             "alpha_dropout": False, "feature_alpha_dropout": False}
-
-
-def _draws_random(node: Node) -> bool:
-    """Whether ``node`` consumes the random number generator: running it once at compile
-    time would change every random number the user draws afterwards."""
-    if node.op not in ("call_function", "call_method"):
-        return False
-    if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
-        return True
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if name in _RANDOM_FUNCTIONS:
-        return True
-    if name in _DROPOUT_TRAINING_DEFAULT:
-        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else _DROPOUT_TRAINING_DEFAULT[name])
-        return training is not False and p != 0
-    return False
-
-
 def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_piece: Callable,
                      stats: Optional[BlockCompileStats] = None, compile_merges: bool = False) -> Callable:
     """A callable computing ``gm`` whose compute pieces were each compiled by
@@ -158,9 +82,6 @@ def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_pie
     ``compile_merges``: the merge pieces too, each with the traced merge in the opaque op's
     place and its incoming token count a backed symbolic size, so that the merges share one
     compiled step (a few kernels instead of tens of ATen calls per block)."""
-    reason = unsupported_reason(gm, example_inputs)
-    if reason is not None:
-        raise BlockCompileUnsupported(reason)
     try:
         split = split_at_merges(hoist_merge_inputs(gm))
     except CannotRewrite as exc:
@@ -286,7 +207,7 @@ def merge_codegen_options(device_type: str) -> contextlib.AbstractContextManager
     Why: with a symbolic token count, Inductor's C++ vectoriser spends most of the merge
     piece's compile simplifying index expressions with sympy (``select_tiling``,
     ``stride_at_vec_range``). Scalar code cut DeiT-S's merge piece compile from 8.6 to 4.0 s
-    (2-core Xeon, fresh processes, stop 22) and costs little at run time, the piece's loops
+    (2-core Xeon, fresh processes) and costs little at run time, the piece's loops
     being small: 1.18 ms per merge piece against 0.95 ms vectorised (profiled), about 1.4% of
     a DeiT-S forward, which the end-to-end rounds did not resolve. The option enters Inductor's
     cache key, so these pieces never share code with vectorised ones. Other devices get

@@ -62,9 +62,166 @@ class LinearSchedule:
 RSpec = Union[int, Sequence[int], LinearSchedule]
 
 
+# The rewrite's passes, by name, in the order the driver runs them (``turbo_fx.rewrite.PASSES``
+# holds the passes themselves; a test keeps the two lists equal). Named here, at the bottom of
+# the package, so that ``disabled_passes`` is checked with every other option at the edge.
+PASS_NAMES = ("explicit_as_sdpa", "insert_merges", "merge_and_restore", "propagate_shapes", "weight_token_means",
+              "restore_outputs")
+
+
 @dataclass(frozen=True)
+class GenerationOptions:
+    """Merge-and-restore mode, for generation models: blocks whose tokens return to a spatial
+    grid (diffusion UNets and DiTs). The graph decides the mode; ``r`` does not apply there.
+
+    ratio: fraction of a block's tokens merged before each merging component, tomesd's
+        meaning (0.5 halves them); clamped to the sources, 1 - 1/(sx*sy) of the tokens.
+    max_downsample: only blocks whose grid is at most this many times smaller (per side)
+        than the graph's largest grid merge: 1 (default) merges only the top resolution.
+    merge_components: which components run on merged tokens, a subset of
+        ("self-attention", "cross-attention", "feed-forward"). Default: self-attention only
+        (tomesd's default). The paper merges all three; on the trained Fashion-MNIST stand-in
+        that cost far more fidelity than it saved FLOPs (docs/results.md).
+    sx, sy: each sx x sy cell of the grid holds one merge destination (default 2 x 2).
+    use_rand: the destination's place in its cell is pseudo-random, fixed by ``seed`` and
+        the block (default True); False takes each cell's top-left token.
+    seed: the seed of those places.
+
+    The information degree is the one of ``TurboConfig``: ``alpha`` weighs the semantic value,
+    here taken from the latest earlier cross-attention to text at the same resolution.
+    """
+
+    ratio: float = 0.5
+    max_downsample: int = 1
+    merge_components: tuple = ("self-attention",)
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        ratio = self.ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise TurboConfigError(f"option 'ratio' must be a number in [0, 1), got {ratio!r}")
+        object.__setattr__(self, "ratio", float(ratio))
+        for name in ("max_downsample", "sx", "sy"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise TurboConfigError(f"option '{name}' must be an int >= 1, got {getattr(self, name)!r}")
+        if self.sx * self.sy < 2:
+            raise TurboConfigError("options 'sx' and 'sy' are both 1: a 1 x 1 cell leaves no token to merge")
+        if not _is_int(self.seed):
+            raise TurboConfigError(f"option 'seed' must be an int, got {self.seed!r}")
+        if not isinstance(self.use_rand, bool):
+            raise TurboConfigError(f"option 'use_rand' must be True or False, got {self.use_rand!r}")
+        components = (self.merge_components,) if isinstance(self.merge_components, str) else self.merge_components
+        if not isinstance(components, (tuple, list)) or not all(c in COMPONENTS for c in components):
+            raise TurboConfigError(
+                f"option 'merge_components' must be a subset of {COMPONENTS}, got {self.merge_components!r}"
+            )
+        object.__setattr__(self, "merge_components", tuple(c for c in COMPONENTS if c in components))
+
+
+@dataclass(frozen=True)
+class CompileStrategy:
+    """How the rewritten graph is compiled: advanced options, documented in full in
+    docs/compile-paths.md. They change speed and compile time, never what the model computes.
+    ``None`` means "decide from the other options"; the ``uses_*`` properties say what was decided.
+
+    inner_backend: what compiles the rewritten graph: "inductor", "aot_eager", "eager".
+    mode: Inductor's compile mode ("default", "reduce-overhead", "max-autotune",
+        "max-autotune-no-cudagraphs"), as ``torch.compile(mode=...)`` gives it; torch.compile
+        takes a mode or options but not both, so this is how CUDA graphs combine with turbo's
+        options. Default None: the mode torch.compile passed, if any.
+    fuse_merges: False (default): each block's merge is one opaque op, so compile time barely
+        grows. True: Inductor traces the merge ops and fuses them among the model's own kernels;
+        compile time then grows with the number of merging blocks.
+    compile_merge_step: generate the merge step's kernels with Inductor instead of running it as
+        about 70 ATen calls per block (on a GPU, as many kernel launches). Compiled block by
+        block, each merge piece gets its token count symbolic, so all the merges of a model share
+        one compiled step; compiled whole, the opaque op runs one dynamic-shape Inductor compile
+        of the step, shared by every block. Default None: on for graphs compiled block by block,
+        off for graphs compiled whole.
+    compile_blocks: compile the merged graph piece by piece, split at its merge ops, each piece
+        with its token count a backed symbolic size, so one block's compiled code serves the
+        blocks after it and the graph is rewritten once. Only inference graphs with static
+        shapes, no in-place updates and no random ops are split; any other is compiled whole.
+        Default None: on wherever it applies (opaque merges, Inductor), with an info log where
+        it does not; True: the same, with a warning; False: always compiled whole.
+    symbolic_tokens: report each merged token count to Inductor as a symbolic (unbacked) size,
+        so blocks that differ only in token count share shape-generic kernels (graphs compiled
+        whole). Default None: on with opaque merges, off with ``fuse_merges``, and off in a
+        CUDA-graph mode (Inductor captures no graph with a data-dependent size).
+    explicit_as_sdpa: explicit attention (``softmax(q @ k^T * c + mask) @ v``) of the merged
+        sequence and its readers is emitted as one ``scaled_dot_product_attention`` call
+        (default True), so the key bias rides in its mask and Inductor keeps its fused kernel.
+    disabled_passes: names of rewrite passes to skip, for debugging (``PASS_NAMES``). A
+        skipped pass that the merged graph needs makes the graph fall back, naming it.
+    """
+
+    inner_backend: str = "inductor"
+    mode: Optional[str] = None
+    fuse_merges: bool = False
+    compile_merge_step: Optional[bool] = None
+    compile_blocks: Optional[bool] = None
+    symbolic_tokens: Optional[bool] = None
+    explicit_as_sdpa: bool = True
+    disabled_passes: tuple = ()
+
+    def __post_init__(self) -> None:
+        _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
+        if self.mode is not None:
+            from torch._inductor import list_mode_options
+
+            _check_choice("mode", self.mode, tuple(list_mode_options()))
+        for name in ("compile_blocks", "compile_merge_step", "symbolic_tokens"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise TurboConfigError(f"option '{name}' must be True, False or None, got {getattr(self, name)!r}")
+        for name in ("fuse_merges", "explicit_as_sdpa"):
+            if not isinstance(getattr(self, name), bool):
+                raise TurboConfigError(f"option '{name}' must be True or False, got {getattr(self, name)!r}")
+        if self.compile_merge_step is True and self.fuse_merges:
+            raise TurboConfigError("option 'compile_merge_step' compiles the opaque merge op; with fuse_merges=True "
+                                   "there is no such op (Inductor already generates the merge): set one of them")
+        if self.compile_blocks is True and (self.fuse_merges or self.inner_backend != "inductor"):
+            raise TurboConfigError("option 'compile_blocks' splits the graph at its opaque merge ops for Inductor: "
+                                   "it needs fuse_merges=False and inner_backend='inductor'")
+        disabled = (self.disabled_passes,) if isinstance(self.disabled_passes, str) else self.disabled_passes
+        if not isinstance(disabled, (tuple, list)) or any(name not in PASS_NAMES for name in disabled):
+            raise TurboConfigError(f"option 'disabled_passes' must name passes of {PASS_NAMES}, "
+                                   f"got {self.disabled_passes!r}")
+        object.__setattr__(self, "disabled_passes", tuple(disabled))
+
+    @property
+    def uses_compile_blocks(self) -> bool:
+        if self.compile_blocks is None:
+            return not self.fuse_merges and self.inner_backend == "inductor"
+        return self.compile_blocks
+
+    @property
+    def uses_compile_merge_step(self) -> bool:
+        """For graphs compiled block by block; a graph compiled whole compiles the opaque op's
+        step only when ``compile_merge_step=True`` was asked for."""
+        return self.compile_merge_step is not False
+
+    @property
+    def uses_symbolic_tokens(self) -> bool:
+        if self.symbolic_tokens is None:
+            return not self.fuse_merges
+        return self.symbolic_tokens
+
+    def for_cuda_graphs(self) -> "CompileStrategy":
+        """This strategy for a compile mode that captures CUDA graphs: merged token counts stay
+        concrete unless ``symbolic_tokens`` was asked for, since Inductor captures no graph
+        that has a data-dependent size (the opaque op's symbolic counts are)."""
+        if self.symbolic_tokens is not None:
+            return self
+        return dataclasses.replace(self, symbolic_tokens=False)
+
+
+@dataclass(frozen=True, init=False)
 class TurboConfig:
-    """What the turbo backend does to a model.
+    """What the turbo backend does to a model: the algorithm's options, plus the generation
+    options (``GenerationOptions``) and how the result is compiled (``CompileStrategy``).
 
     r: tokens removed per attention block: an int (every block), a list with one
         entry per attention block, or a ``LinearSchedule``. Clamped per block to
@@ -96,72 +253,17 @@ class TurboConfig:
         Padding keys stay masked either way.
     min_tokens: never merge a sequence below this many tokens (the paper's threshold).
     protected: "auto" (prepended parameter tokens, such as CLS, distillation and
-        register tokens; the first token when there are none) or a count of leading
+        register tokens; none in a sequence of patch tokens only) or a count of leading
         tokens that never merge.
     restore_outputs: graph outputs that carry the token axis get the original token
         count back (each original token takes its merged token's value).
-    inner_backend: what compiles the rewritten graph: "inductor", "aot_eager", "eager".
-    mode: Inductor's compile mode for the rewritten graph ("default", "reduce-overhead",
-        "max-autotune", "max-autotune-no-cudagraphs"), as ``torch.compile(mode=...)`` gives it;
-        torch.compile takes a mode or options but not both, so this is how CUDA graphs
-        ("reduce-overhead") combine with turbo's options. Default None: the mode torch.compile
-        passed, if any.
-    fuse_merges: False (default): each block's merge is one opaque op, so compile time barely
-        grows. True: Inductor traces the merge ops and generates fused kernels for them among
-        the model's own (2 library calls per block remain: the similarity bmm and the topk);
-        compile time then grows with the number of merging blocks (DeiT-Tiny on CPU: about 4x
-        Inductor's).
-    compile_merge_step: generate the merge step's kernels with Inductor instead of running it as
-        about 70 ATen calls per block, which on a GPU are as many kernel launches. Where the graph
-        is compiled block by block (``compile_blocks``), each merge piece is compiled with its
-        token count symbolic, so all the merges of a model share one compiled step (a second
-        one where the first merge reads the model's own mask); otherwise the opaque op runs one
-        Inductor compile of the step with dynamic shapes, shared by every block and model of
-        the process. Padded merges stay eager below torch 2.13 (whose Inductor got them wrong).
-        On CPU the merge pieces get scalar C++ (``block_compile.merge_codegen_options``).
-        Default None: on for graphs compiled block by block (any device), off for graphs
-        compiled whole. Measured on CPU (DeiT-S r=13, batch 8, 2-core Xeon): 1.57x Inductor's
-        speed against the eager op's 1.42x, 2 library calls per block instead of about 70,
-        the same outputs, a cold compile 1.33x Inductor's against 1.11x (README). False runs
-        the opaque op's ATen calls (the default before stop 22 on CPU).
-    compile_blocks: compile the merged graph piece by piece, split at its merge ops, each
-        piece with its token count a backed symbolic size, so that one block's compiled code
-        serves the blocks after it (``shared_pieces``; Inductor's FX graph cache serves later
-        compiles), and the graph is rewritten once, without the symbolic build. Only
-        inference graphs with static shapes, no in-place updates and no random ops are split;
-        any other graph is compiled whole. Default None: on whenever it can apply (opaque merges, Inductor), and
-        a graph it cannot split is compiled whole with an info log; True: the same, but such
-        a graph gets a warning that says why; False: always compiled whole. Measured on
-        DeiT-Tiny and DeiT-S, CPU: about half the compile time, the same speed; with shared
-        pieces, 0.93-1.15x Inductor's compile time (README).
-    symbolic_tokens: report each merged token count to Inductor as a symbolic (unbacked) size,
-        so blocks that differ only in token count share shape-generic kernels. Default: True
-        with opaque merges (their compile time then barely grows); False with fuse_merges,
-        where it made Inductor compile fewer kernels (15 C++ files against 26, DeiT-Tiny with 4
-        blocks) but not sooner on CPU, since the Python side of Inductor dominates there.
-    explicit_as_sdpa: explicit attention (``softmax(q @ k^T * c + mask) @ v``) of the merged
-        sequence and of its readers is emitted as one ``scaled_dot_product_attention`` call
-        (default True), so the key bias rides in its mask and Inductor keeps its fused
-        attention kernel; paths SDPA does not compute (talking heads, active dropout, a
-        mask added before the scale) stay explicit. False keeps every explicit site as it is.
+    generation: ``GenerationOptions`` (merge-and-restore mode).
+    strategy: ``CompileStrategy`` (how the rewritten graph is compiled).
 
-    Merge-and-restore mode (generation models: blocks whose tokens return to a spatial grid,
-    such as diffusion UNets and DiTs; chosen from the graph, and ``r`` does not apply there):
-    ratio: fraction of a block's tokens merged before each merging component, tomesd's
-        meaning (0.5 halves them); clamped to the sources, 1 - 1/(sx*sy) of the tokens.
-    max_downsample: only blocks whose grid is at most this many times smaller (per side)
-        than the graph's largest grid merge: 1 (default) merges only the top resolution.
-    merge_components: which components run on merged tokens, a subset of
-        ("self-attention", "cross-attention", "feed-forward"). Default: self-attention only
-        (tomesd's default). The paper merges all three; on the trained Fashion-MNIST stand-in
-        that cost 68 FD points and 10 dB PSNR to the unmerged images for 2% fewer FLOPs
-        (bench/results/generation).
-    sx, sy: each sx x sy cell of the grid holds one merge destination (default 2 x 2).
-    use_rand: the destination's place in its cell is pseudo-random, fixed by ``seed`` and
-        the block (default True); False takes each cell's top-left token.
-    seed: the seed of those places.
-    The information degree is the same as above: ``alpha`` weighs the semantic value, here
-    taken from the latest earlier cross-attention to text at the same resolution.
+    Options are given flat, as in ``options={...}`` of torch.compile: ``TurboConfig(r=13,
+    ratio=0.4, fuse_merges=True)`` routes ``ratio`` to ``generation`` and ``fuse_merges`` to
+    ``strategy`` (the flat name wins over the same field of a ``generation``/``strategy`` given
+    whole). Each option has that one name; it is read where it lives (``config.strategy.mode``).
 
     The semantic value I is the CLS query's attention over the current tokens
     multiplied by the number of tokens that can be attended (1.0 = uniform
@@ -183,22 +285,25 @@ class TurboConfig:
     min_tokens: int = 0
     protected: Union[str, int] = "auto"
     restore_outputs: bool = True
-    inner_backend: str = "inductor"
-    mode: Optional[str] = None
-    fuse_merges: bool = False
-    compile_merge_step: Optional[bool] = None
-    compile_blocks: Optional[bool] = None
-    symbolic_tokens: Optional[bool] = None
-    explicit_as_sdpa: bool = True
-    ratio: float = 0.5
-    max_downsample: int = 1
-    merge_components: tuple = ("self-attention",)
-    sx: int = 2
-    sy: int = 2
-    use_rand: bool = True
-    seed: int = 0
-    # symbolic_tokens as given (None = follow fuse_merges), for replace() to resolve afresh.
-    _symbolic_tokens_given: Optional[bool] = field(default=None, init=False, repr=False, compare=False)
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    strategy: CompileStrategy = field(default_factory=CompileStrategy)
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(OPTIONS) - {"generation", "strategy"})
+        if unknown:
+            raise TurboConfigError(f"unknown turbo option(s) {unknown}; allowed options: {sorted(OPTIONS)}")
+        for name in ALGORITHM_OPTIONS:
+            object.__setattr__(self, name, options.get(name, _ALGORITHM_DEFAULTS[name]))
+        for group, cls, names in (("generation", GenerationOptions, GENERATION_OPTIONS),
+                                  ("strategy", CompileStrategy, STRATEGY_OPTIONS)):
+            given = options.get(group, cls())
+            if isinstance(given, Mapping):
+                given = cls(**given)
+            if not isinstance(given, cls):
+                raise TurboConfigError(f"option '{group}' must be a {cls.__name__} or a dict, got {given!r}")
+            flat = {name: options[name] for name in names if name in options}
+            object.__setattr__(self, group, dataclasses.replace(given, **flat) if flat else given)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "r", _validate_r(self.r))
@@ -218,31 +323,11 @@ class TurboConfig:
             )
         object.__setattr__(self, "fusion", fusion)
         _check_choice("metric", self.metric, METRICS)
-        _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
-        if self.mode is not None:
-            from torch._inductor import list_mode_options
-
-            _check_choice("mode", self.mode, tuple(list_mode_options()))
         if self.cross_attention_bias is None:
             object.__setattr__(self, "cross_attention_bias", self.prop_attn)
-        object.__setattr__(self, "_symbolic_tokens_given", self.symbolic_tokens)
-        if self.symbolic_tokens is None:
-            object.__setattr__(self, "symbolic_tokens", not self.fuse_merges)
-        if self.compile_blocks is not None and not isinstance(self.compile_blocks, bool):
-            raise TurboConfigError(f"option 'compile_blocks' must be True, False or None, got {self.compile_blocks!r}")
-        if self.compile_merge_step is not None and not isinstance(self.compile_merge_step, bool):
-            raise TurboConfigError(
-                f"option 'compile_merge_step' must be True, False or None, got {self.compile_merge_step!r}")
-        for name in ("semantic", "redundancy", "prop_attn", "cross_attention_bias", "restore_outputs", "fuse_merges",
-                     "symbolic_tokens", "explicit_as_sdpa"):
+        for name in ("semantic", "redundancy", "prop_attn", "cross_attention_bias", "restore_outputs"):
             if not isinstance(getattr(self, name), bool):
                 raise TurboConfigError(f"option '{name}' must be True or False, got {getattr(self, name)!r}")
-        if self.compile_merge_step is True and self.fuse_merges:
-            raise TurboConfigError("option 'compile_merge_step' compiles the opaque merge op; with fuse_merges=True "
-                                   "there is no such op (Inductor already generates the merge): set one of them")
-        if self.compile_blocks is True and (self.fuse_merges or self.inner_backend != "inductor"):
-            raise TurboConfigError("option 'compile_blocks' splits the graph at its opaque merge ops for Inductor: "
-                                   "it needs fuse_merges=False and inner_backend='inductor'")
         if not (self.semantic or self.redundancy):
             raise TurboConfigError(
                 "options 'semantic' and 'redundancy' are both False: nothing left to rank tokens by"
@@ -257,28 +342,6 @@ class TurboConfig:
             raise TurboConfigError(
                 f"option 'protected' must be 'auto' or an int >= 0, got {self.protected!r}"
             )
-        self._validate_generation()
-
-    def _validate_generation(self) -> None:
-        ratio = self.ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-            raise TurboConfigError(f"option 'ratio' must be a number in [0, 1), got {ratio!r}")
-        object.__setattr__(self, "ratio", float(ratio))
-        for name in ("max_downsample", "sx", "sy"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise TurboConfigError(f"option '{name}' must be an int >= 1, got {getattr(self, name)!r}")
-        if self.sx * self.sy < 2:
-            raise TurboConfigError("options 'sx' and 'sy' are both 1: a 1 x 1 cell leaves no token to merge")
-        if not _is_int(self.seed):
-            raise TurboConfigError(f"option 'seed' must be an int, got {self.seed!r}")
-        if not isinstance(self.use_rand, bool):
-            raise TurboConfigError(f"option 'use_rand' must be True or False, got {self.use_rand!r}")
-        components = (self.merge_components,) if isinstance(self.merge_components, str) else self.merge_components
-        if not isinstance(components, (tuple, list)) or not all(c in COMPONENTS for c in components):
-            raise TurboConfigError(
-                f"option 'merge_components' must be a subset of {COMPONENTS}, got {self.merge_components!r}"
-            )
-        object.__setattr__(self, "merge_components", tuple(c for c in COMPONENTS if c in components))
 
     def r_per_block(self, n_blocks: int) -> list[int]:
         """Requested merges for each of ``n_blocks`` attention blocks (before clamping)."""
@@ -292,35 +355,25 @@ class TurboConfig:
             )
         return list(self.r)
 
-    @property
-    def compiles_by_block(self) -> bool:
-        """Whether the merged graph is split at its merge ops and compiled piece by piece:
-        ``compile_blocks`` resolved (None = wherever it applies; kept unresolved in the
-        field, so that ``replace(fuse_merges=True)`` stays valid)."""
-        if self.compile_blocks is None:
-            return not self.fuse_merges and self.inner_backend == "inductor"
-        return self.compile_blocks
-
-    @property
-    def compiles_merges(self) -> bool:
-        """Whether a graph compiled block by block also compiles its merge pieces:
-        ``compile_merge_step`` resolved (None = yes; kept unresolved in the field, so that
-        ``replace(fuse_merges=True)`` stays valid)."""
-        return self.compile_merge_step is not False
-
     def for_cuda_graphs(self) -> "TurboConfig":
-        """This config for a compile mode that captures CUDA graphs: merged token counts stay
-        concrete unless ``symbolic_tokens`` was asked for, since Inductor captures no graph
-        that has a data-dependent size (the opaque op's symbolic counts are)."""
-        if self._symbolic_tokens_given is not None or not self.symbolic_tokens:
-            return self
-        return self.replace(symbolic_tokens=False)
+        """This config for a compile mode that captures CUDA graphs (``CompileStrategy.for_cuda_graphs``)."""
+        return dataclasses.replace(self, strategy=self.strategy.for_cuda_graphs())
 
     def replace(self, **changes: Any) -> "TurboConfig":
-        """A copy with ``changes``; defaults that depend on other options (``symbolic_tokens``)
-        are resolved again for the new values, as if the copy were built from scratch."""
-        changes.setdefault("symbolic_tokens", self._symbolic_tokens_given)
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``, given flat as in ``options={...}``; a default that depends
+        on another option (``cross_attention_bias`` on ``prop_attn``) follows the new value
+        unless it is given too."""
+        if "prop_attn" in changes and "cross_attention_bias" not in changes:
+            changes["cross_attention_bias"] = None
+        options = {name: getattr(self, name) for name in ALGORITHM_OPTIONS}
+        return TurboConfig(**{**options, "generation": self.generation, "strategy": self.strategy, **changes})
+
+
+ALGORITHM_OPTIONS = tuple(f.name for f in dataclasses.fields(TurboConfig) if f.name not in ("generation", "strategy"))
+_ALGORITHM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TurboConfig) if f.name in ALGORITHM_OPTIONS}
+GENERATION_OPTIONS = tuple(f.name for f in dataclasses.fields(GenerationOptions))
+STRATEGY_OPTIONS = tuple(f.name for f in dataclasses.fields(CompileStrategy))
+OPTIONS = ALGORITHM_OPTIONS + GENERATION_OPTIONS + STRATEGY_OPTIONS
 
 
 def _is_int(value: Any) -> bool:
@@ -360,7 +413,8 @@ def _validate_r(r: Any) -> RSpec:
 
 
 def resolve_config(options: Union[None, TurboConfig, Mapping[str, Any]] = None, **extra: Any) -> TurboConfig:
-    """Turn whatever the user passed (None, a dict, a TurboConfig, keywords) into a TurboConfig."""
+    """Turn whatever the user passed (None, a dict of flat options, a TurboConfig, keywords)
+    into a TurboConfig."""
     if isinstance(options, TurboConfig):
         return options.replace(**extra) if extra else options
     if options is None:
@@ -369,11 +423,4 @@ def resolve_config(options: Union[None, TurboConfig, Mapping[str, Any]] = None, 
         raise TurboConfigError(
             f"turbo options must be a dict or turbo_fx.TurboConfig, got {type(options).__name__}"
         )
-    merged = {**options, **extra}
-    known = {f.name for f in dataclasses.fields(TurboConfig)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise TurboConfigError(
-            f"unknown turbo option(s) {unknown}; allowed options: {sorted(known)}"
-        )
-    return TurboConfig(**merged)
+    return TurboConfig(**{**options, **extra})

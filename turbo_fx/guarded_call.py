@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch.fx import GraphModule
 
+from turbo_fx.passes.graph_traits import GraphTraits
 from turbo_fx.report import GraphReport, counters
 
 log = logging.getLogger("turbo_fx")
@@ -63,17 +64,15 @@ class GuardedCompiled:
         return result
 
 
-def guard(merged: Callable, original: GraphModule, example_inputs: Sequence[Any],
-          compiler: Callable[[GraphModule, list], Callable], report: GraphReport) -> Callable:
+def guard(merged: Callable, original: GraphModule, compiler: Callable[[GraphModule, list], Callable],
+          report: GraphReport, traits: GraphTraits) -> Callable:
     """``merged`` behind a ``GuardedCompiled`` whose fallback is ``original`` compiled by
     ``compiler`` (or run eagerly, for dynamic shapes), or ``merged`` itself where ``original``
-    updates a tensor in place: after a partial first run, a second could apply an update
-    twice, which is worse than the error."""
-    from turbo_fx.block_compile import dynamic_shape_reason, in_place_reason
-
-    if in_place_reason(original) is not None:
+    updates a tensor in place (``traits``, from the plan): after a partial first run, a second
+    could apply an update twice, which is worse than the error."""
+    if traits.in_place is not None:
         return merged
-    static = dynamic_shape_reason(original, example_inputs) is None
+    static = traits.dynamic_shapes is None
 
     def compile_unmerged(args: Sequence[Any]) -> Callable:
         if static:

@@ -13,6 +13,17 @@ counters: collections.Counter = collections.Counter()
 
 
 @dataclass
+class PassRecord:
+    """One rewrite pass of one graph: whether it ran ("ran", or "off (<why>)"), its time, and
+    how many nodes it inserted or edited."""
+
+    name: str
+    status: str
+    seconds: float = 0.0
+    changes: int = 0
+
+
+@dataclass
 class BlockReport:
     index: int
     module: str
@@ -80,6 +91,7 @@ class GraphReport:
     outputs_restored: int = 0
     reductions_weighted: int = 0  # token-axis means/sums made size-weighted
     reductions_unweighted: int = 0  # token-axis means/sums over merged tokens left unweighted
+    passes: list[PassRecord] = field(default_factory=list)  # the rewrite's passes, in order
     fallback_reason: Optional[str] = None
     block_compile: str = ""  # compile_blocks: the pieces compiled, or why the graph was compiled whole
     cuda_graph: str = ""  # CUDA-graph modes, split graphs: "captured (...)" or "not captured: <why>"
@@ -134,6 +146,10 @@ class GraphReport:
     def untouched_sites(self) -> list[SiteReport]:
         return [s for s in self.sites if s.decision == "untouched"]
 
+    def passes_table(self, fmt: str = "github") -> str:
+        rows = [[p.name, p.status, f"{p.seconds * 1e3:.1f}", p.changes] for p in self.passes]
+        return tabulate(rows, headers=["pass", "status", "ms", "nodes changed"], tablefmt=fmt)
+
     def sites_table(self, fmt: str = "github") -> str:
         rows = [[s.index, s.module or "-", s.kind, s.stream, s.decision, s.reason or "-"] for s in self.sites]
         head = ["site", "module", "attention", "sequence", "decision", "reason"]
@@ -166,6 +182,10 @@ class GraphReport:
             )
         if self.outputs_restored:
             lines.append(f"  outputs restored to the original token count: {self.outputs_restored}")
+        ran = [p for p in self.passes if p.status == "ran"]
+        if ran:
+            lines.append("  passes (nodes changed, time): " + ", ".join(
+                f"{p.name} {p.changes} ({p.seconds * 1e3:.0f} ms)" for p in ran))
         if self.flops_before is not None and self.flops_after is not None:
             lines.append(
                 f"  FLOPs: {self.flops_before / 1e9:.3f} G -> {self.flops_after / 1e9:.3f} G "

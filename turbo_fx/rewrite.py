@@ -1,232 +1,276 @@
-"""The pass pipeline: find sites, check masks, insert merges, re-propagate shapes, restore outputs."""
+"""The rewrite: an ordered list of named passes, run by one driver over a copy of the graph.
+
+Every pass has one signature, ``run(gm, plan, ctx) -> PassResult``: it edits ``gm`` (a copy of
+the Dynamo graph; the plan's node references already point into it), reads and extends the
+shared ``RewriteContext``, and returns how many nodes it changed and the facts it found. The
+driver (``run_passes``) times each pass, counts its changes (``counters["pass.<name>"]``),
+records both in the report, and skips the passes named in ``disabled_passes``: a skipped pass
+that the merged graph needs (``required``) stops the rewrite there, naming it, and the graph
+is compiled unchanged.
+
+A build is one run of the list over a fresh copy (``build``). ``rewrite`` builds the graph
+with concrete token counts first, so fake propagation catches every shape that no longer
+fits; only a graph compiled whole by a code generator is then built again with symbolic
+(unbacked) counts, keeping the concrete build if that fails.
+"""
 from __future__ import annotations
 
 import copy
 import dataclasses
 import logging
-from typing import Any, Optional, Sequence
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
-from torch.fx import GraphModule
+import torch
+from torch.fx import GraphModule, Node
 
-from turbo_fx.config import TurboConfig
-from turbo_fx.passes.check_masks import check_masks, drop_cleared_masks
+from turbo_fx.config import PASS_NAMES, TurboConfig
+from turbo_fx.errors import CannotRewrite
 from turbo_fx.passes.explicit_as_sdpa import explicit_as_sdpa
-from turbo_fx.passes.find_attention import find_attention_sites
-from turbo_fx.passes.find_components import GridRun, find_grid_runs
-from turbo_fx.passes.merge_and_restore import insert_merge_and_restore, plan_components
-from turbo_fx.passes.insert_merges import insert_merges, plan_merges
-from turbo_fx.passes.propagate_shapes import CannotRewrite, ShapeHints, propagate_shapes
-from turbo_fx.passes.protected_tokens import count_protected_tokens, count_trailing_tokens, has_class_token
+from turbo_fx.passes.insert_merges import insert_merges
+from turbo_fx.passes.merge_and_restore import insert_merge_and_restore
+from turbo_fx.passes.propagate_shapes import ShapeHints, propagate_shapes
 from turbo_fx.passes.restore_outputs import restore_outputs
 from turbo_fx.passes.weight_token_means import weight_token_means
-from turbo_fx.passes.streams import StreamPlan, plan_streams
-from turbo_fx.report import ComponentReport, GraphReport, SiteReport
+from turbo_fx.plan import GENERATION, MERGE, GraphPlan, component_report
+from turbo_fx.report import PassRecord, counters
 
 log = logging.getLogger("turbo_fx")
 
 
-class NothingToMerge(Exception):
-    """The graph is fine but the configuration merges nothing in it (e.g. r=0)."""
+@dataclass
+class RewriteContext:
+    """What the passes of one build share: the fake mode, the build's config, the values each
+    node had before the rewrite, the learnt sizes, and what the merge-inserting pass did."""
+
+    fake_mode: Any
+    config: TurboConfig
+    read_sizes: bool = False  # rewritten sizes read from tensors (``propagate_shapes``)
+    old_values: dict[Node, Any] = field(default_factory=dict)
+    hints: ShapeHints = field(default_factory=ShapeHints)
+    insertion: Any = None  # MergeInsertion (merge mode) or RestoreInsertion (merge-and-restore)
 
 
-def copy_graph_module(gm: GraphModule) -> GraphModule:
-    """A new GraphModule over a copy of ``gm``'s graph (node metadata copied, modules shared),
-    so a failed rewrite leaves the original untouched."""
-    new = GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    new.meta.update(gm.meta)
-    return new
+@dataclass
+class PassResult:
+    changes: int  # nodes inserted or edited
+    facts: dict[str, Any] = field(default_factory=dict)  # GraphReport fields this pass decides
 
 
-def rewrite_graph(
-    gm: GraphModule,
-    fake_mode,
-    config: TurboConfig,
-    report: GraphReport,
-    example_inputs: Optional[Sequence[Any]] = None,
-    for_split: bool = False,
-) -> GraphModule:
-    """Return a rewritten copy of ``gm`` that merges tokens as ``config`` says, filling ``report``.
-
-    The merges are first built with concrete token counts: fake propagation then catches
-    every shape that no longer fits. Only when that succeeds is the graph built again
-    with symbolic (unbacked) counts, where a mismatch could only surface at run time;
-    if that second build fails, the concrete one is kept.
-
-    ``for_split``: the graph will be compiled block by block (``block_compile``), which
-    compiles each piece from the values it runs on, its token count a backed symbolic size.
-    The concrete build then serves alone, its rewritten sizes read from the tensors
-    (``propagate_shapes(read_sizes=True)``) so that the blocks' pieces have the same code;
-    the symbolic build, most of a rewrite's time (1.9 of 2.2 s on DeiT-S, 2 cores), is skipped.
-
-    Raises ``CannotRewrite`` (the caller compiles ``gm`` unchanged and says why) or
-    ``NothingToMerge``.
-    """
-    sites = find_attention_sites(gm)
-    if not sites:
-        raise CannotRewrite("no attention site found in the graph")
-    runs = find_grid_runs(gm, sites)
-    if runs:
-        return rewrite_generation(gm, fake_mode, config, report, sites, runs)
-    cleared = check_masks(gm, example_inputs, sites) if example_inputs is not None else []
-    plan = plan_streams(sites)
-    report.sites = site_reports(sites, plan)
-    if plan.chosen is None:
-        raise CannotRewrite(plan.problems())
-    sites = plan.chosen.sites
-    tail = 0
-    if config.protected == "auto":
-        protected, note = count_protected_tokens(gm, sites[0].residual)
-        tail = count_trailing_tokens(sites[0].residual)
-        if tail:
-            note += f"; and {tail} appended parameter token(s) at the end"
-    else:
-        protected, note = config.protected, "set by the 'protected' option"
-    report.protected, report.protected_note, report.protected_tail = protected, note, tail
-    if config.semantic and not has_class_token(sites[0].residual):
-        config = _without_class_token(config)
-        report.semantic_source = ("off: the sequence has no class token (only patch tokens), so no attention "
-                                  "row ranks them; redundancy only")
-    else:
-        report.semantic_source = semantic_source(config, plan)
-    report.padding = any(s.mask is not None for s in sites)
-    try:
-        report.blocks = plan_merges(sites, config, protected, tail)
-    except ValueError as exc:  # a per-block r list of the wrong length
-        raise CannotRewrite(str(exc)) from exc
-    if not any(b.r_applied for b in report.blocks):
-        report.sites = [dataclasses.replace(s, decision="untouched", reason="the configuration merges no token "
-                                            "(r = 0 after clamping)") for s in report.sites]
-        raise NothingToMerge("the configuration merges no token in this graph")
-    if fake_mode is None:
-        raise CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")
-
-    chosen = {s.index for s in sites}
-    readers = {i: (after, plan.chosen.key_layout.get(i, (0, 0))) for i, after in plan.chosen.read_after.items()}
-    rewritten = _build(gm, fake_mode, config.replace(symbolic_tokens=False), (protected, tail), report, chosen, cleared,
-                       readers, read_sizes=for_split)
-    if for_split:
-        return rewritten
-    # Symbolic token counts only serve a compiler that generates kernels; "eager" runs the
-    # graph as it is, so the second build would be wasted work.
-    if config.symbolic_tokens and config.inner_backend != "eager":
-        try:
-            rewritten = _build(gm, fake_mode, config, (protected, tail), report, chosen, cleared, readers)
-        except CannotRewrite as exc:
-            log.info("turbo: kept concrete token counts; symbolic ones failed: %s", exc)
-    return rewritten
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[GraphModule, GraphPlan, RewriteContext], PassResult]
+    modes: frozenset
+    required: bool = True  # the merged graph is wrong or fails without it
+    applies: Callable[[TurboConfig], bool] = lambda config: True  # else skipped: an option turned it off
 
 
-def rewrite_generation(gm: GraphModule, fake_mode, config: TurboConfig, report: GraphReport,
-                       sites, runs: list[GridRun]) -> GraphModule:
-    """Merge-and-restore mode: a copy of ``gm`` whose chosen generation components run on
-    merged tokens and restore them, so every stream between components keeps its shape."""
-    plans = plan_components(runs, config)
-    in_runs = {c.site.index: c for run in runs for c in run.components if c.site is not None}
-    merging = {p.component.site.index for p in plans if p.merges and p.component.site is not None}
-    report.sites = [
-        SiteReport(s.index, s.module, s.kind, in_runs[s.index].run if s.index in in_runs else -1,
-                   "merges" if s.index in merging else "untouched",
-                   "" if s.index in merging else _generation_untouched_reason(s, in_runs, plans))
-        for s in sites
-    ]
-    if not any(p.merges for p in plans):
-        report.components = [_component_report(p) for p in plans]
-        raise NothingToMerge("the configuration merges no token of this generation graph")
-    if fake_mode is None:
-        raise CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")
-    work = copy_graph_module(gm)
-    work_runs = find_grid_runs(work, find_attention_sites(work))
-    work_plans = plan_components(work_runs, config)
-    old_values = {n: n.meta.get("example_value") for n in work.graph.nodes}
-    insertion = insert_merge_and_restore(work, work_plans, config, fake_mode)
-    report.components = insertion.reports
-    propagate_shapes(work, fake_mode, old_values, insertion.touched, 0, ShapeHints())
-    work.graph.lint()
-    work.recompile()
-    return work
+def _explicit_as_sdpa(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> PassResult:
+    """Explicit attention of the merged sequence and its readers as SDPA calls; the plan's
+    sites follow the converted calls."""
+    wanted = sorted([*plan.merging, *(reader for reader, _, _ in plan.readers)], key=lambda s: s.index)
+    converted = explicit_as_sdpa(gm, wanted)
+    for index, site in converted.items():
+        old = plan.sites[index]
+        if site is None or site.kind != "sdpa" or site.module != old.module:
+            raise CannotRewrite("emitting explicit attention as SDPA changed the attention sites found")
+        if old.dropped_mask is not None:  # a mask that allows every key, cleared by the analysis
+            site.dropped_mask, site.mask = site.mask, None
+            site.problems = list(old.problems)
+        plan.sites[index] = site
+    plan.merging = [plan.sites[s.index] for s in plan.merging]
+    plan.readers = [(plan.sites[r.index], after, layout) for r, after, layout in plan.readers]
+    return PassResult(len(converted), {"sdpa_sites": sorted(converted)})
 
 
-def _without_class_token(config: TurboConfig) -> TurboConfig:
-    """The ranking a sequence without a class token allows: redundancy alone."""
-    if not config.redundancy:
-        raise CannotRewrite("semantic-only ranking (redundancy=False) needs a class token, and this sequence "
-                            "has none (only patch tokens)")
-    return config.replace(semantic=False, keep_salient=0)
-
-
-def _component_report(plan) -> ComponentReport:
-    c = plan.component
-    return ComponentReport(c.index, c.module, c.kind, c.block, c.grid, c.tokens, 0, "untouched", plan.reason)
-
-
-def _generation_untouched_reason(site, in_runs, plans) -> str:
-    if site.index not in in_runs:
-        return "not in a block whose tokens return to a grid"
-    component = in_runs[site.index]
-    return next(p.reason for p in plans if p.component is component) or "untouched"
-
-
-def _build(gm: GraphModule, fake_mode, config: TurboConfig, protected: tuple[int, int], report: GraphReport,
-           chosen: set[int], cleared_masks: list[int], readers: dict[int, tuple],
-           read_sizes: bool = False) -> GraphModule:
-    """One rewrite of a fresh copy of ``gm``: insert merges at the ``chosen`` sites (one
-    stream) and the key bias at the cross-attention sites that read it, re-propagate,
-    restore outputs (``read_sizes``: see ``rewrite_graph``'s ``for_split``)."""
-    work = copy_graph_module(gm)
-    every_site = find_attention_sites(work)
-    if config.explicit_as_sdpa:
-        every_site = _explicit_sites_as_sdpa(work, every_site, chosen | set(readers), report)
-    drop_cleared_masks(every_site, cleared_masks)
-    sites = [s for s in every_site if s.index in chosen]
-    reading = [(every_site[i], after, layout) for i, (after, layout) in sorted(readers.items())]
-    old_values = {n: n.meta.get("example_value") for n in work.graph.nodes}
-    head, tail = protected
-    insertion = insert_merges(work, sites, report.blocks, config, head, reading, tail)
+def _insert_merges(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> PassResult:
+    ctx.old_values = recorded_values(gm)
+    insertion = insert_merges(gm, plan.merging, plan.blocks, ctx.config, plan.protected, plan.readers, plan.tail)
     for merged, original in insertion.replaced.items():
-        old_values[merged] = old_values[original]
-    hints = ShapeHints()
-    propagate_shapes(work, fake_mode, old_values, insertion.touched, head, hints, tail=tail,
-                     assign_by_count=insertion.assign_by_count, read_sizes=read_sizes)
-    report.reductions_weighted, report.reductions_unweighted = weight_token_means(work, fake_mode, old_values, hints)
-    if config.restore_outputs:
-        report.outputs_restored = restore_outputs(work, fake_mode, old_values, insertion.assign_by_count, hints)
-    work.graph.lint()
-    work.recompile()
-    return work
+        ctx.old_values[merged] = ctx.old_values[original]
+    ctx.insertion = insertion
+    return PassResult(len(insertion.touched))
 
 
-def _explicit_sites_as_sdpa(work: GraphModule, every_site, wanted: set[int], report: GraphReport):
-    """Emit the ``wanted`` explicit sites that SDPA can express as SDPA calls and find the
-    sites again (the converted ones are now "sdpa" sites with the same indices)."""
-    converted = explicit_as_sdpa(work, [s for s in every_site if s.index in wanted])
-    report.sdpa_sites = converted
-    if not converted:
-        return every_site
-    found = find_attention_sites(work)
-    if [s.module for s in found] != [s.module for s in every_site] or any(
-            found[i].kind != "sdpa" for i in converted):
-        raise CannotRewrite("emitting explicit attention as SDPA changed the attention sites found")
-    return found
+def _merge_and_restore(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> PassResult:
+    ctx.old_values = recorded_values(gm)
+    ctx.insertion = insert_merge_and_restore(gm, plan.components, ctx.config, ctx.fake_mode)
+    return PassResult(len(ctx.insertion.touched), {"components": ctx.insertion.reports})
 
 
-def semantic_source(config: TurboConfig, plan: StreamPlan) -> str:
-    """Which attention map ranks the merged sequence's tokens by semantic value. The paper
-    also allows a text token's cross-attention map; that needs text attending to the tokens
-    before they merge, and a reader here reads them only after the merges it follows."""
-    if not config.semantic:
-        return "off (semantic=False: redundancy only)"
-    source = "the first token's (CLS) self-attention row at each merging block"
-    if plan.chosen is not None and plan.chosen.readers:
-        readers = ", ".join(str(r.index) for r in plan.chosen.readers)
-        source += (f"; the cross-attention of site(s) {readers} reads the tokens only after they merge, "
-                   "so its map cannot rank them")
-    return source
+def _propagate_shapes(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> PassResult:
+    merge_mode = plan.mode == MERGE
+    changed = propagate_shapes(gm, ctx.fake_mode, ctx.old_values, ctx.insertion.touched,
+                               plan.protected if merge_mode else 0, ctx.hints, tail=plan.tail if merge_mode else 0,
+                               assign_by_count=getattr(ctx.insertion, "assign_by_count", None),
+                               read_sizes=ctx.read_sizes)
+    return PassResult(len(changed))
 
 
-def site_reports(sites, plan: StreamPlan) -> list[SiteReport]:
-    by_index = {s.index: s for s in sites}
-    return [
-        SiteReport(d.site, by_index[d.site].module, by_index[d.site].kind, d.stream,
-                   "merges" if d.merge else ("reads merged" if d.reads is not None else "untouched"), d.reason)
-        for d in plan.decisions
-    ]
+def _weight_token_means(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> PassResult:
+    weighted, unweighted = weight_token_means(gm, ctx.fake_mode, ctx.old_values, ctx.hints)
+    return PassResult(weighted, {"reductions_weighted": weighted, "reductions_unweighted": unweighted})
+
+
+def _restore_outputs(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> PassResult:
+    restored = restore_outputs(gm, ctx.fake_mode, ctx.old_values, ctx.insertion.assign_by_count, ctx.hints)
+    return PassResult(restored, {"outputs_restored": restored})
+
+
+_BOTH = frozenset({MERGE, GENERATION})
+# Order matters: shapes are re-propagated after every insertion, and the passes after it read
+# the new shapes.
+PASSES: tuple[Pass, ...] = (
+    Pass("explicit_as_sdpa", _explicit_as_sdpa, frozenset({MERGE}), required=False,
+         applies=lambda config: config.strategy.explicit_as_sdpa),
+    Pass("insert_merges", _insert_merges, frozenset({MERGE})),
+    Pass("merge_and_restore", _merge_and_restore, frozenset({GENERATION})),
+    Pass("propagate_shapes", _propagate_shapes, _BOTH),
+    Pass("weight_token_means", _weight_token_means, frozenset({MERGE}), required=False),
+    Pass("restore_outputs", _restore_outputs, frozenset({MERGE}), required=False,
+         applies=lambda config: config.restore_outputs),
+)
+assert tuple(p.name for p in PASSES) == PASS_NAMES, "config.PASS_NAMES must list PASSES in order"
+
+
+def run_passes(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> tuple[list[PassRecord], dict[str, Any]]:
+    """Run ``PASSES`` for the plan's mode over ``gm`` in place (see the module docstring);
+    returns each pass's record and the facts they found."""
+    records: list[PassRecord] = []
+    facts: dict[str, Any] = {}
+    disabled = ctx.config.strategy.disabled_passes
+    for p in PASSES:
+        if plan.mode not in p.modes:
+            continue
+        if p.name in disabled:
+            if p.required:
+                raise CannotRewrite(f"pass '{p.name}' is switched off (disabled_passes) and the merged graph "
+                                    "needs it")
+            records.append(PassRecord(p.name, "off (disabled_passes)"))
+            continue
+        if not p.applies(ctx.config):
+            records.append(PassRecord(p.name, "off (an option turns it off)"))
+            continue
+        start = time.perf_counter()
+        result = p.run(gm, plan, ctx)
+        records.append(PassRecord(p.name, "ran", time.perf_counter() - start, result.changes))
+        counters[f"pass.{p.name}"] += result.changes
+        facts.update(result.facts)
+    gm.graph.lint()
+    gm.recompile()
+    return records, facts
+
+
+@dataclass
+class Build:
+    """One rewritten copy of the graph, with its plan (nodes of the copy) and what the passes found."""
+
+    module: GraphModule
+    plan: GraphPlan
+    passes: list[PassRecord]
+    facts: dict[str, Any]
+    symbolic: bool
+
+
+def rewrite(gm: GraphModule, plan: GraphPlan, fake_mode, split: bool) -> Build:
+    """The rewritten copy of ``gm`` that ``plan`` describes (see the module docstring).
+
+    ``split``: the graph will be compiled block by block, which compiles each piece from the
+    values it runs on, its token count a backed symbolic size. The concrete build then serves
+    alone, its rewritten sizes read from the tensors (``propagate_shapes(read_sizes=True)``) so
+    that the blocks' pieces have the same code, and the symbolic build is skipped.
+
+    Raises ``plan.stop`` or ``CannotRewrite``; the caller compiles ``gm`` unchanged."""
+    if plan.stop is not None:
+        raise plan.stop
+    strategy = plan.config.strategy
+    concrete = build(gm, plan, fake_mode, symbolic=False, read_sizes=split and plan.mode == MERGE)
+    # Symbolic token counts only serve a compiler that generates kernels for a graph compiled
+    # whole; "eager" runs the graph as it is.
+    if split or plan.mode != MERGE or not strategy.uses_symbolic_tokens or strategy.inner_backend == "eager":
+        return concrete
+    try:
+        return build(gm, plan, fake_mode, symbolic=True)
+    except CannotRewrite as exc:
+        log.info("turbo: kept concrete token counts; symbolic ones failed: %s", exc)
+        return concrete
+
+
+def build(gm: GraphModule, plan: GraphPlan, fake_mode, symbolic: bool, read_sizes: bool = False) -> Build:
+    """One run of the pass list over a fresh copy of ``gm``."""
+    work, nodes = copy_graph_module(gm)
+    local = remap_nodes(plan, nodes)
+    config = plan.config if symbolic else plan.config.replace(symbolic_tokens=False)
+    ctx = RewriteContext(fake_mode, config, read_sizes)
+    records, facts = run_passes(work, local, ctx)
+    return Build(work, local, records, facts, symbolic)
+
+
+def report_facts(plan: GraphPlan, done: Optional[Build] = None) -> dict[str, Any]:
+    """The GraphReport fields of the plan and, where the graph was rewritten, of its build:
+    the one place the rewrite's facts become the report."""
+    facts: dict[str, Any] = {
+        "sites": plan.site_reports, "blocks": plan.blocks, "protected": plan.protected,
+        "protected_note": plan.protected_note, "protected_tail": plan.tail,
+        "semantic_source": plan.semantic_source, "padding": plan.padding,
+    }
+    if plan.mode == GENERATION:
+        facts["components"] = [component_report(p) for p in plan.components]
+    if done is not None:
+        facts.update(done.facts)
+        facts["passes"] = done.passes
+    return facts
+
+
+def recorded_values(gm: GraphModule) -> dict[Node, Any]:
+    """Each node's value as Dynamo recorded it (before the rewrite changes any shape)."""
+    return {n: n.meta.get("example_value") for n in gm.graph.nodes}
+
+
+def copy_graph_module(gm: GraphModule) -> tuple[GraphModule, dict[Node, Node]]:
+    """A new GraphModule over a copy of ``gm``'s graph (node metadata copied, modules shared),
+    so a failed rewrite leaves the original untouched, and the map from each node to its copy."""
+    nodes: dict[Node, Node] = {}
+    graph = torch.fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    value, old_output = graph.graph_copy(gm.graph, val_map=nodes, return_output_node=True)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    output = graph.output(value, type_expr=getattr(old_output, "type", None))
+    output.meta = copy.copy(old_output.meta)
+    nodes[old_output] = output
+    new = GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta.update(gm.meta)
+    return new, nodes
+
+
+def remap_nodes(value: Any, nodes: dict[Node, Node], memo: Optional[dict[int, Any]] = None) -> Any:
+    """``value`` with every Node replaced by ``nodes[node]``: dataclasses, lists, tuples, dicts
+    and sets that hold nodes are copied (an object reached twice is copied once, so the plan's
+    objects that refer to each other still do); everything else is returned as it is."""
+    memo = {} if memo is None else memo
+    if isinstance(value, Node):
+        return nodes[value]
+    if id(value) in memo:
+        return memo[id(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = {f.name: remap_nodes(getattr(value, f.name), nodes, memo) for f in dataclasses.fields(value)}
+        if all(items[name] is getattr(value, name) for name in items):
+            result = value
+        else:
+            result = copy.copy(value)
+            for name, item in items.items():
+                object.__setattr__(result, name, item)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = [remap_nodes(v, nodes, memo) for v in value]
+        changed = any(a is not b for a, b in zip(items, value))
+        if not changed and not isinstance(value, list):
+            result = value
+        else:
+            result = type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    elif isinstance(value, dict):
+        result = {remap_nodes(k, nodes, memo): remap_nodes(v, nodes, memo) for k, v in value.items()}
+    else:
+        return value
+    memo[id(value)] = result
+    return result

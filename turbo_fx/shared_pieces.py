@@ -4,7 +4,7 @@ The blocks of a split encoder graph have the same code and differ only in their 
 token count, which the pieces take as inputs (the token count as a backed symbolic size).
 Inductor's FX graph cache and AOT-autograd's cache already hand a later block the first
 block's generated code, but each lookup first fake-propagates the piece and hashes it:
-about 0.15 s per DeiT-S block on 2 cores (stop 23), most of a model's cache hits. A piece
+about 0.15 s per DeiT-S block on 2 cores, most of a model's cache hits. A piece
 whose code and inputs match one compiled earlier in the same split runs that compiled
 callable instead, with no lookup at all.
 

@@ -154,7 +154,7 @@ def test_a_merge_piece_that_fails_to_compile_runs_the_opaque_op(turbo, model, mo
 @pytest.mark.parametrize("given, compiles", [(None, True), (True, True), (False, False)])
 def test_the_default_compiles_merge_pieces(given, compiles):
     config = TurboConfig(compile_merge_step=given)
-    assert config.compiles_merges is compiles
+    assert config.strategy.uses_compile_merge_step is compiles
 
 
 def test_by_default_a_cpu_model_runs_compiled_merge_pieces(turbo, model):
@@ -170,7 +170,7 @@ def test_the_option_is_validated():
         TurboConfig(compile_merge_step=1)
     with pytest.raises(TurboConfigError, match="there is no such op"):
         TurboConfig(compile_merge_step=True, fuse_merges=True)
-    assert TurboConfig(fuse_merges=True).compile_merge_step is None  # the default stays valid
+    assert TurboConfig(fuse_merges=True).strategy.compile_merge_step is None  # the default stays valid
 
 
 def test_the_traced_merge_is_cached_under_a_digest_of_the_merge_code():

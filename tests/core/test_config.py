@@ -74,8 +74,8 @@ def test_fusion_aliases_and_typed_config():
 def test_for_cuda_graphs_keeps_token_counts_concrete_unless_symbolic_ones_were_asked_for():
     """Inductor captures no graph with a data-dependent size: under a CUDA-graph mode the
     default (symbolic counts for the opaque op) turns concrete; a value the user gave stays."""
-    assert TurboConfig().symbolic_tokens is True
-    assert TurboConfig().for_cuda_graphs().symbolic_tokens is False
-    assert TurboConfig(symbolic_tokens=True).for_cuda_graphs().symbolic_tokens is True
-    assert TurboConfig(fuse_merges=True).for_cuda_graphs().symbolic_tokens is False
+    assert TurboConfig().strategy.uses_symbolic_tokens is True
+    assert TurboConfig().for_cuda_graphs().strategy.uses_symbolic_tokens is False
+    assert TurboConfig(symbolic_tokens=True).for_cuda_graphs().strategy.uses_symbolic_tokens is True
+    assert TurboConfig(fuse_merges=True).for_cuda_graphs().strategy.uses_symbolic_tokens is False
     assert TurboConfig(r=13, alpha=0.1).for_cuda_graphs() == TurboConfig(r=13, alpha=0.1, symbolic_tokens=False)

@@ -11,6 +11,7 @@ import torch
 import turbo_fx
 from model_builders import images, small_vit
 from turbo_fx.guarded_call import GuardedCompiled, guard
+from turbo_fx.passes.graph_traits import graph_traits
 from turbo_fx.ops import merge_step
 from turbo_fx.report import GraphReport
 
@@ -133,7 +134,8 @@ def _raises(*args):
 
 def test_graphs_that_update_in_place_are_not_guarded():
     """A second run after a partial first one could apply the update twice."""
-    assert guard(_raises, _graph(in_place=True), [torch.zeros(2)], compiler=None, report=None) is _raises
+    gm = _graph(in_place=True)
+    assert guard(_raises, gm, None, None, graph_traits(gm, [torch.zeros(2)])) is _raises
 
 
 @pytest.mark.parametrize("inputs, compiles", [([torch.zeros(2)], True), ([torch.zeros(2), 3], False)],
@@ -149,7 +151,7 @@ def test_the_unmerged_graph_is_compiled_only_for_static_shapes(inputs, compiles)
 
     gm = _graph(in_place=False)
     report = GraphReport(graph_index=0, n_nodes=0)
-    guarded = guard(_raises, gm, inputs, compiler, report)
+    guarded = guard(_raises, gm, compiler, report, graph_traits(gm, inputs))
     assert torch.equal(guarded(torch.ones(2)), torch.full((2,), 2.0))
     assert len(compiled_with) == int(compiles)
     if compiles:

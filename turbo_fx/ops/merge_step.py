@@ -196,8 +196,8 @@ _SOURCE_HASH: list[str] = []
 
 def compiles_exactly(padding: bool) -> bool:
     """Whether Inductor, compiling the merge step with a symbolic token count, computes what
-    the eager step does. Not on torch < 2.13 with padding: there (2.11.0, CPU, checked
-    2026-12-03) the similarities' argmax came out wrong in 7 of 8 rows while their max was
+    the eager step does. Not on torch < 2.13 with padding: there (2.11.0, CPU)
+    the similarities' argmax came out wrong in 7 of 8 rows while their max was
     right, so merges went to the wrong partners; such steps run eagerly instead."""
     return not padding or _torch_at_least(2, 13)
 

@@ -1,0 +1,184 @@
+"""The plan of one graph: everything the rewrite and the compile need to know, found once.
+
+``analyse`` reads the Dynamo graph (it never changes it) and decides, in this order: the
+attention sites; whether the graph is a generation graph (blocks whose tokens return to a
+grid: merge-and-restore mode) or an encoder (merge mode); for an encoder, the masks that
+vary by query, the sequence that merges and the sites of other sequences that read it, the
+protected tokens, the ranking the sequence allows and the tokens each block merges; and for
+every graph the traits that decide how it is compiled and guarded (``passes.graph_traits``).
+
+Where the graph cannot or need not merge, the plan says why in ``stop`` and keeps every fact
+found up to there, so that the report can show the sites and their reasons.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+from torch.fx import GraphModule
+
+from turbo_fx.config import TurboConfig
+from turbo_fx.errors import CannotRewrite, NothingToMerge
+from turbo_fx.passes.check_masks import check_masks
+from turbo_fx.passes.find_attention import AttentionSite, find_attention_sites
+from turbo_fx.passes.find_components import GridRun, find_grid_runs
+from turbo_fx.passes.graph_traits import GraphTraits, graph_traits
+from turbo_fx.passes.graph_utils import graph_fake_mode
+from turbo_fx.passes.insert_merges import plan_merges
+from turbo_fx.passes.merge_and_restore import ComponentPlan, plan_components
+from turbo_fx.passes.protected_tokens import count_protected_tokens, count_trailing_tokens, has_class_token
+from turbo_fx.passes.streams import StreamPlan, plan_streams
+from turbo_fx.report import BlockReport, ComponentReport, SiteReport
+
+log = logging.getLogger("turbo_fx")
+
+MERGE = "merge"
+GENERATION = "merge-and-restore"
+
+
+@dataclass
+class GraphPlan:
+    """What ``analyse`` found in one graph. Node references point into the analysed graph;
+    ``turbo_fx.rewrite`` maps them onto each copy it rewrites."""
+
+    config: TurboConfig  # as the graph allows it (no class token: redundancy only)
+    traits: GraphTraits
+    mode: str = MERGE
+    sites: list[AttentionSite] = field(default_factory=list)  # every site, in graph order
+    site_reports: list[SiteReport] = field(default_factory=list)
+    stop: Optional[Union[CannotRewrite, NothingToMerge]] = None  # why the graph is compiled unchanged
+    # merge mode
+    merging: list[AttentionSite] = field(default_factory=list)  # the sites of the merged sequence
+    readers: list[tuple] = field(default_factory=list)  # (site, merged site it reads after, (keys before, after))
+    blocks: list[BlockReport] = field(default_factory=list)
+    protected: Optional[int] = None
+    protected_note: str = ""
+    tail: int = 0  # protected tokens at the end of the sequence (YOLOS's detection tokens)
+    semantic_source: str = ""
+    padding: bool = False
+    # merge-and-restore mode
+    runs: list[GridRun] = field(default_factory=list)
+    components: list[ComponentPlan] = field(default_factory=list)
+
+    @property
+    def split_refusal(self) -> Optional[str]:
+        """Why the rewritten graph will not be compiled block by block, or None."""
+        return self.traits.split_refusal
+
+
+def analyse(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: TurboConfig) -> GraphPlan:
+    """The plan of ``gm`` (see the module docstring). It raises nothing: a failure of the
+    analysis itself becomes the plan's ``stop``, so the user's graph still compiles unchanged."""
+    plan = GraphPlan(config=config, traits=graph_traits(gm, example_inputs or []))
+    try:
+        plan.sites = find_attention_sites(gm)
+        if not plan.sites:
+            plan.stop = CannotRewrite("no attention site found in the graph")
+            return plan
+        plan.runs = find_grid_runs(gm, plan.sites)
+        if plan.runs:
+            _plan_generation(plan)
+        else:
+            _plan_merges(gm, example_inputs, plan)
+    except CannotRewrite as exc:
+        plan.stop = exc
+    except Exception as exc:  # an analysis bug must never break the user's model
+        log.debug("turbo: internal error while analysing the graph", exc_info=True)
+        plan.stop = CannotRewrite(f"internal error in a turbo pass: {type(exc).__name__}: {exc}")
+    if plan.stop is None and graph_fake_mode(gm) is None:
+        plan.stop = CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")
+    return plan
+
+
+def _plan_merges(gm: GraphModule, example_inputs: Optional[Sequence[Any]], plan: GraphPlan) -> None:
+    config = plan.config
+    if example_inputs is not None:
+        check_masks(gm, example_inputs, plan.sites)
+    streams = plan_streams(plan.sites)
+    plan.site_reports = site_reports(plan.sites, streams)
+    if streams.chosen is None:
+        plan.stop = CannotRewrite(streams.problems())
+        return
+    plan.merging = sites = streams.chosen.sites
+    plan.readers = [(plan.sites[i], after, streams.chosen.key_layout.get(i, (0, 0)))
+                    for i, after in sorted(streams.chosen.read_after.items())]
+    if config.protected == "auto":
+        plan.protected, plan.protected_note = count_protected_tokens(gm, sites[0].residual)
+        plan.tail = count_trailing_tokens(sites[0].residual)
+        if plan.tail:
+            plan.protected_note += f"; and {plan.tail} appended parameter token(s) at the end"
+    else:
+        plan.protected, plan.protected_note = config.protected, "set by the 'protected' option"
+    if config.semantic and not has_class_token(sites[0].residual):
+        if not config.redundancy:
+            plan.stop = CannotRewrite("semantic-only ranking (redundancy=False) needs a class token, and this "
+                                      "sequence has none (only patch tokens)")
+            return
+        plan.config = config = config.replace(semantic=False, keep_salient=0)
+        plan.semantic_source = ("off: the sequence has no class token (only patch tokens), so no attention "
+                                "row ranks them; redundancy only")
+    else:
+        plan.semantic_source = semantic_source(config, streams)
+    plan.padding = any(s.mask is not None for s in sites)
+    try:
+        plan.blocks = plan_merges(sites, config, plan.protected, plan.tail)
+    except ValueError as exc:  # a per-block r list of the wrong length
+        plan.stop = CannotRewrite(str(exc))
+        return
+    if not any(b.r_applied for b in plan.blocks):
+        plan.site_reports = [dataclasses.replace(s, decision="untouched", reason="the configuration merges no token "
+                                                 "(r = 0 after clamping)") for s in plan.site_reports]
+        plan.stop = NothingToMerge("the configuration merges no token in this graph")
+
+
+def _plan_generation(plan: GraphPlan) -> None:
+    plan.mode = GENERATION
+    plan.components = plan_components(plan.runs, plan.config)
+    in_runs = {c.site.index: c for run in plan.runs for c in run.components if c.site is not None}
+    merging = {p.component.site.index for p in plan.components if p.merges and p.component.site is not None}
+    plan.site_reports = [
+        SiteReport(s.index, s.module, s.kind, in_runs[s.index].run if s.index in in_runs else -1,
+                   "merges" if s.index in merging else "untouched",
+                   "" if s.index in merging else _generation_untouched_reason(s, in_runs, plan.components))
+        for s in plan.sites
+    ]
+    if not any(p.merges for p in plan.components):
+        plan.stop = NothingToMerge("the configuration merges no token of this generation graph")
+
+
+def component_report(plan: ComponentPlan) -> ComponentReport:
+    """The report of a component that does not merge."""
+    c = plan.component
+    return ComponentReport(c.index, c.module, c.kind, c.block, c.grid, c.tokens, 0, "untouched", plan.reason)
+
+
+def _generation_untouched_reason(site, in_runs, plans) -> str:
+    if site.index not in in_runs:
+        return "not in a block whose tokens return to a grid"
+    component = in_runs[site.index]
+    return next(p.reason for p in plans if p.component is component) or "untouched"
+
+
+def semantic_source(config: TurboConfig, streams: StreamPlan) -> str:
+    """Which attention map ranks the merged sequence's tokens by semantic value. The paper
+    also allows a text token's cross-attention map; that needs text attending to the tokens
+    before they merge, and a reader here reads them only after the merges it follows."""
+    if not config.semantic:
+        return "off (semantic=False: redundancy only)"
+    source = "the first token's (CLS) self-attention row at each merging block"
+    if streams.chosen is not None and streams.chosen.readers:
+        readers = ", ".join(str(r.index) for r in streams.chosen.readers)
+        source += (f"; the cross-attention of site(s) {readers} reads the tokens only after they merge, "
+                   "so its map cannot rank them")
+    return source
+
+
+def site_reports(sites: list[AttentionSite], streams: StreamPlan) -> list[SiteReport]:
+    by_index = {s.index: s for s in sites}
+    return [
+        SiteReport(d.site, by_index[d.site].module, by_index[d.site].kind, d.stream,
+                   "merges" if d.merge else ("reads merged" if d.reads is not None else "untouched"), d.reason)
+        for d in streams.decisions
+    ]
