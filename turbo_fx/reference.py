@@ -8,14 +8,18 @@ attention and the MLP sub-block of every block. Clarity beats speed here.
 
 Per block ``i`` and per sample, with ``x`` [N, C] the tokens, ``s`` [N] their
 sizes (how many original tokens each one stands for) and ``p`` protected
-leading tokens (``protected="auto"``: the model's prefix tokens, at least one):
+leading tokens (``protected="auto"``: the model's prefix tokens, none in a
+sequence of patch tokens only):
 
 1. Attention with proportional attention: logits ``q k^T * scale + log s_j``
    (the bias only when ``config.prop_attn``; before the first merge all sizes
    are 1 and the bias is exactly 0). ``x = x + ls1(proj(attn @ v))``.
 2. Metric: keys (or queries) averaged over heads -> [N, Dh].
 3. Semantic value: the attention row of token 0 (CLS), averaged over heads,
-   times N, so 1.0 means "attended like the average token".
+   times N, so 1.0 means "attended like the average token". A sequence of
+   patch tokens only (no class or register token) has no such row: it ranks by
+   redundancy alone (``semantic=False``, ``keep_salient=0``), and semantic-only
+   ranking (``redundancy=False``) is refused (``sequence_config``).
 4. ``r_eff = max(0, min(r_i, (N - p) // 2, N - min_tokens))``.
 5. Bipartite split of the unprotected tokens: A = p, p+2, ..., B = p+1, p+3, ...
    Each a in A finds its most cosine-similar b in B: redundancy R_a, match_a.
@@ -58,6 +62,8 @@ __all__ = [
     "reference_forward_tokens",
     "reference_blocks",
     "protected_count",
+    "has_class_token",
+    "sequence_config",
     "embed_tokens",
     "attention_probs",
     "token_metric",
@@ -81,12 +87,41 @@ def protected_count(model: nn.Module, config: TurboConfig) -> int:
     """Number of leading tokens that never merge.
 
     ``config.protected == "auto"``: the model's prefix tokens (CLS, distillation,
-    registers), or the first token when the model has none (as TurboConfig
-    documents); an int is used as given.
+    registers); none when the sequence is patch tokens only, as TurboConfig
+    documents and the backend finds. An int is used as given.
     """
     if config.protected == "auto":
-        return max(int(getattr(model, "num_prefix_tokens", 1)), 1)
+        return _prefix_tokens(model)
     return int(config.protected)
+
+
+def has_class_token(model: nn.Module) -> bool:
+    """Whether the sequence starts with a prefix token whose attention row can rank the others.
+
+    A timm ViT built with ``class_token=False`` and no registers feeds its blocks patch
+    tokens only: token 0 is an ordinary patch, so its attention row is no semantic value.
+    """
+    return _prefix_tokens(model) > 0
+
+
+def sequence_config(model: nn.Module, config: TurboConfig) -> TurboConfig:
+    """``config`` as ``model``'s sequence allows it: without a class token the ranking is
+    by redundancy alone (semantic value and ``keep_salient`` off), whatever ``protected``
+    says. Raises ``ValueError`` for semantic-only ranking there, which has nothing to rank by.
+    """
+    if has_class_token(model) or not config.semantic:
+        return config
+    if not config.redundancy:
+        raise ValueError(
+            "semantic-only ranking (redundancy=False) needs a class token, and this model's "
+            "sequence has none (only patch tokens)"
+        )
+    return config.replace(semantic=False, keep_salient=0)
+
+
+def _prefix_tokens(model: nn.Module) -> int:
+    # A model that does not say is taken to have one, as the backend takes an unknown origin.
+    return int(getattr(model, "num_prefix_tokens", 1))
 
 
 def embed_tokens(model: nn.Module, images: Tensor) -> Tensor:
@@ -107,6 +142,7 @@ def reference_blocks(
     where ``assign[b, j]`` is the index of the final token that original token j
     ended in. Every sample ends with the same N' (r_eff depends only on N).
     """
+    config = sequence_config(model, config)
     blocks = list(model.blocks)
     r_list = config.r_per_block(len(blocks))
     p = protected_count(model, config)

@@ -14,10 +14,12 @@ from turbo_fx.reference import (
     choose_merges,
     merge_count,
     merge_tokens,
+    protected_count,
     reference_forward,
     reference_forward_tokens,
     remove_reference,
     semantic_value,
+    sequence_config,
 )
 
 from model_builders import GRID, N_PATCHES, NUM_PREFIX, duplicated_pairs, images
@@ -247,6 +249,77 @@ def test_distilled_head_reads_the_unmerged_prefix_tokens():
         expected = (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2
         got = apply_reference(model, TurboConfig(r=8))(x)
     assert (got - expected).abs().max().item() <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------
+# Sequences of patch tokens only (class_token=False, no registers)
+# ----------------------------------------------------------------------------------------
+
+
+def patch_only_vit(reg_tokens: int = 0) -> torch.nn.Module:
+    """``tiny_model("vit_avg")``'s shape without a class token: the blocks see patches (and registers)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10,
+                              class_token=False, reg_tokens=reg_tokens, global_pool="avg")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 or "token" in name:
+                param.normal_(0.0, 0.3 if "qkv" in name else 0.15)
+    return model.eval()
+
+
+def test_patch_only_sequence_protects_none_and_ranks_by_redundancy_alone():
+    model = patch_only_vit()
+    x = images(2)
+    semantic = TurboConfig(r=[6, 4, 2, 2], alpha=1.0, keep_salient=2)
+    redundancy_only = TurboConfig(r=[6, 4, 2, 2], semantic=False, protected=0)
+    assert protected_count(model, semantic) == 0
+    assert sequence_config(model, semantic) == TurboConfig(r=[6, 4, 2, 2], alpha=1.0, semantic=False)
+    with torch.no_grad():
+        assert torch.equal(reference_forward(model, x, semantic), reference_forward(model, x, redundancy_only))
+
+
+def test_patch_only_sequence_ranks_by_redundancy_whatever_protected_says():
+    model = patch_only_vit()
+    x = images(2)
+    with torch.no_grad():
+        got = reference_forward(model, x, TurboConfig(r=4, alpha=1.0, protected=2))
+        expected = reference_forward(model, x, TurboConfig(r=4, semantic=False, protected=2))
+    assert torch.equal(got, expected)
+
+
+def test_twin_patches_of_a_patch_only_sequence_merge_losslessly():
+    """The twins 2k, 2k+1 straddle the split only when no token is protected: A = 0, 2, ...,
+    B = 1, 3, .... Protecting token 0 would shift the split by one and pair strangers."""
+    model = patch_only_vit().double()
+    x = duplicated_pairs(model, images(2).double())
+    with torch.no_grad():
+        expected = model(x)
+        tokens, sizes, _ = reference_forward_tokens(model, x, TurboConfig(r=[8, 0, 0, 0], alpha=1.0))
+        got = reference_forward(model, x, TurboConfig(r=[8, 0, 0, 0], alpha=1.0))
+    assert tokens.shape[1] == N_PATCHES - 8
+    assert torch.equal(sizes, torch.full_like(sizes, 2.0))
+    assert (got - expected).abs().max().item() <= 1e-10
+
+
+def test_semantic_only_ranking_without_a_class_token_is_refused():
+    model = patch_only_vit()
+    with pytest.raises(ValueError, match="semantic-only ranking .* needs a class token"):
+        reference_forward(model, images(1), TurboConfig(r=4, redundancy=False))
+
+
+def test_registers_without_a_class_token_are_protected_and_rank_the_patches():
+    """Register 0 leads the sequence, so its attention row gives the semantic values."""
+    model = patch_only_vit(reg_tokens=2)
+    config = TurboConfig(r=4, redundancy=False)
+    assert protected_count(model, config) == 2
+    assert sequence_config(model, config) is config
+    with torch.no_grad():
+        tokens, sizes, assign = reference_forward_tokens(model, images(2), config)
+    assert torch.equal(assign[:, :2], torch.arange(2).expand(2, 2))
+    assert torch.equal(sizes[:, :2], torch.ones(2, 2))
 
 
 # ----------------------------------------------------------------------------------------
