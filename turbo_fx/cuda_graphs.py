@@ -20,6 +20,15 @@ recaptured with that input copied from then on, at most ``MAX_CAPTURES`` times. 
 cloned out of the graph's memory, so a later call never overwrites what an earlier one
 returned (Inductor's own CUDA graphs do overwrite; the clone costs one copy per output).
 
+Threads and streams: one graph has one set of input buffers and one output memory, so two
+replays must not overlap. A lock is held from the input copy (or the capture) to the output
+clone, and the stream that last used the graph (the capture's, then each replay's) is kept:
+a replay from another stream first waits for it, and the buffers are marked as used on that
+stream so that the allocator keeps them until its work is done. The lock covers only the host
+launching the replay; the device work of calls from several streams runs one after another,
+as it would have to with one graph. (Inductor instead keeps a graph per thread, which
+multiplies the graph's memory by the threads.)
+
 Graphs not captured, each with an info record and the reason in ``GraphReport.cuda_graph``:
 inputs not all on one CUDA device; an op tagged ``cudagraph_unsafe`` (the key-padding check
 waits for the device); an input laid out so that it cannot be copied into (overlapping
@@ -29,6 +38,7 @@ copies to the host). A capture that fails runs the forward uncaptured from then 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -131,9 +141,18 @@ class CapturedForward:
         self.addresses: list[int] = []  # the in-place inputs' addresses at capture
         self.buffers: list[torch.Tensor] = []
         self.outputs: Any = None
+        self.lock = threading.Lock()  # held from the input copy (or the capture) to the output clone
+        self.home_stream: Any = None  # the CUDA stream the buffers were made on (None on the CPU)
+        self.stream: Any = None  # the CUDA stream that last used the buffers and outputs
 
     def __call__(self, *args: Any) -> Any:
         if self.disabled or recording_merges():
+            return self.forward(*args)
+        with self.lock:
+            return self._call(args)
+
+    def _call(self, args: tuple) -> Any:
+        if self.disabled:  # another thread gave up on the graph while this one waited
             return self.forward(*args)
         if self.graph is None:
             return self._warm_up_or_capture(args)
@@ -175,6 +194,8 @@ class CapturedForward:
             self.buffers = []
             return self._disable(f"the capture failed: {type(exc).__name__}: {exc}")
         self.graph, self.outputs, self.captures = graph, outputs, self.captures + 1
+        # The capture waited for the whole device, so nothing queued before it is pending.
+        self.home_stream = self.stream = _current_stream(args)
         self.copied = copied
         self.in_place = sorted(tensors - set(copied))
         self.addresses = [_address(args[i]) for i in self.in_place]
@@ -186,11 +207,15 @@ class CapturedForward:
         return True
 
     def _replay(self, args: tuple) -> Any:
+        stream = _current_stream(args)
+        _order_after(stream, self.stream, self.home_stream, self.buffers)
         for buffer, i in zip(self.buffers, self.copied):
             buffer.copy_(args[i])
         self.graph.replay()
         self.replays += 1
-        return tree_map_only(torch.Tensor, torch.clone, self.outputs)
+        outputs = tree_map_only(torch.Tensor, torch.clone, self.outputs)
+        self.stream = stream
+        return outputs
 
     def _disable(self, reason: str) -> bool:
         self.disabled = True
@@ -203,6 +228,27 @@ class CapturedForward:
     def _note(self, text: str) -> None:
         if self.report is not None:
             self.report.cuda_graph = text
+
+
+def _current_stream(args: Sequence[Any]) -> Any:
+    """The calling thread's current stream on the device of the first tensor in ``args``, or
+    None where that is not a CUDA device (the CPU stand-in graphs of the tests)."""
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    return torch.cuda.current_stream(device) if device is not None and device.type == "cuda" else None
+
+
+def _order_after(stream: Any, previous: Any, home: Any, buffers: Sequence[torch.Tensor]) -> None:
+    """Order work about to be queued on ``stream`` after what ``previous`` queued with the
+    same buffers and outputs. Buffers made on ``home`` and used on another stream are
+    recorded as used there: otherwise the allocator could hand their memory out again, once
+    they are freed, while that stream still reads them."""
+    if stream is None or previous is None:
+        return
+    if stream != previous:
+        stream.wait_stream(previous)
+    if stream != home:
+        for buffer in buffers:
+            buffer.record_stream(stream)
 
 
 def _address(value: Any) -> Optional[int]:

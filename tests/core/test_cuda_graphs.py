@@ -4,11 +4,15 @@ A real CUDA graph needs a GPU (``tests/cuda`` holds those checks). Here a stand-
 keeps what makes CUDA graphs easy to get wrong: a replay reads exactly the tensors the
 capture saw (so an input not copied into its buffer, or one that moved, gives stale
 results) and writes into the same output tensors every time (so an output handed out
-uncloned changes under the caller). Every test compares against the function run plainly
-or the reference implementation."""
+uncloned changes under the caller). A variant yields to other threads inside the replay, as
+a replay queued on the device lets the host go on, so that calls from two threads interleave
+there. Every test compares against the function run plainly or the reference implementation."""
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from threading import Barrier
 
 import pytest
 import torch
@@ -40,6 +44,21 @@ class ReplayingGraph:
         fresh = self.fn(*self.args)
         for old, new in zip(torch.utils._pytree.tree_leaves(self.outputs), torch.utils._pytree.tree_leaves(fresh)):
             old.copy_(new)
+
+
+class YieldingGraph(ReplayingGraph):
+    """A replay during which other threads run: after the inputs were copied in and before
+    they are read, and after the outputs were written and before they are cloned out. The
+    capture yields too, so that a recapture overlaps other threads' calls."""
+
+    def capture(self, fn, args):
+        time.sleep(0.002)
+        return super().capture(fn, args)
+
+    def replay(self):
+        time.sleep(0.0005)
+        super().replay()
+        time.sleep(0.0005)
 
 
 class FailingGraph:
@@ -137,6 +156,88 @@ def test_a_failed_capture_runs_the_forward_uncaptured(caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def _in_two_threads(work, calls):
+    """``work(thread, call)`` for ``calls`` calls in each of two threads started together; the
+    results by thread. An exception in either thread is raised here."""
+    start = Barrier(2)
+
+    def run(thread):
+        start.wait()
+        return [work(thread, call) for call in range(calls)]
+
+    with ThreadPoolExecutor(2) as pool:
+        return [f.result() for f in [pool.submit(run, thread) for thread in (0, 1)]]
+
+
+def test_two_threads_calling_one_captured_forward_each_get_their_own_outputs():
+    """One graph has one set of input buffers and one output memory: without a lock from the
+    input copy to the output clone, a thread's replay reads the other's inputs or hands out
+    the other's outputs."""
+    captured, _ = _captured(graph=YieldingGraph)
+    captured(W, _x(0)), captured(W, _x(1))  # warm up and capture
+
+    def call(thread, i):
+        x = _x(100 * thread + i + 2)
+        return x, captured(W, x)
+
+    for results in _in_two_threads(call, 30):
+        for x, (product, total) in results:
+            assert torch.equal(product, x @ W) and torch.equal(total, x.sum())
+    assert ReplayingGraph.captures == 1 and captured.replays == 61
+
+
+def test_a_recapture_in_one_thread_while_another_replays_does_not_raise():
+    """One thread moves an input read in place three times (three recaptures) while the other
+    replays: neither call raises, each returns its own result, and the captures stay bounded."""
+    ws = [W + i for i in range(3)]
+
+    def chain(*args):
+        return (sum(w.sum() for w in args[:-1]) * args[-1],)
+
+    captured, report = _captured(chain, YieldingGraph)
+    captured(*ws, _x(0)), captured(*ws, _x(1))
+
+    def call(thread, i):
+        args = [*ws, _x(100 * thread + i + 2)]
+        if thread == 1:  # a new tensor where a weight was: it moved
+            args[i % 3] = ws[i % 3].clone()
+        return args, captured(*args)
+
+    for results in _in_two_threads(call, 12):
+        for args, out in results:
+            assert torch.allclose(out[0], chain(*args)[0])
+    assert ReplayingGraph.captures == 4 and not captured.disabled
+    assert report.cuda_graph.startswith("captured (4 captures")
+
+
+class NamedStream:
+    """A CUDA stream's two calls the captured forward makes, recorded by name."""
+
+    def __init__(self, name):
+        self.name, self.waited_for = name, []
+
+    def wait_stream(self, other):
+        self.waited_for.append(other.name)
+
+
+def test_a_replay_from_another_stream_waits_for_the_stream_that_last_used_the_graph(monkeypatch):
+    """Captured on stream a; a replay on b waits for a and marks the buffers as used on b (the
+    allocator must not reuse them before b is done); back on a, it waits for b. Replays on the
+    stream that used the graph last wait for nothing."""
+    a, b = NamedStream("a"), NamedStream("b")
+    now = {"stream": a}
+    used_on = []
+    monkeypatch.setattr(cuda_graphs, "_current_stream", lambda args: now["stream"])
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: used_on.append(stream.name))
+    captured, _ = _captured()
+    for seed, stream in enumerate([a, a, a, b, b, a]):
+        now["stream"] = stream
+        x = _x(seed)
+        assert torch.equal(captured(W, x)[0], x @ W)
+    assert a.waited_for == ["b"] and b.waited_for == ["a"]
+    assert used_on == ["b", "b"]  # one copied buffer, two replays on b
+
+
 def test_overlapping_inputs_and_ops_that_wait_for_the_device_are_not_captured():
     assert layout_refusal([torch.zeros(3, 4), torch.zeros(4, 1).expand(4, 4)]).startswith("input 1 has overlapping")
     assert layout_refusal([torch.zeros(3, 4).t(), torch.zeros(8)[::2]]) is None  # transposed, gapped: copyable
@@ -178,6 +279,27 @@ def test_a_cuda_graph_mode_splits_then_captures_the_whole_forward(model, replayi
     assert ReplayingGraph.captures == 1
     for out, ref in zip(outs, expected):
         assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_two_threads_calling_one_compiled_model_each_get_their_own_reference(model, replaying, monkeypatch):
+    """The backend's captured forward called from two threads at once, with new images on
+    every call: each output is the reference's for its own images."""
+    monkeypatch.setattr(cuda_graphs, "CudaGraph", YieldingGraph)
+    compiled = torch.compile(model, backend="turbo", options={"r": R, "mode": "reduce-overhead"})
+    with torch.no_grad():
+        compiled(images(2, seed=0)), compiled(images(2, seed=1))  # compile, warm up, capture
+
+    def call(thread, i):
+        x = images(2, seed=100 * thread + i + 2)
+        with torch.no_grad():
+            return x, compiled(x)
+
+    outputs = _in_two_threads(call, 8)
+    assert ReplayingGraph.captures == 1
+    with torch.no_grad():
+        for results in outputs:
+            for x, out in results:
+                assert (out - reference_forward(model, x, TurboConfig(r=R))).abs().max().item() < 1e-4
 
 
 def test_merges_are_recorded_while_the_graph_is_captured(model, replaying):

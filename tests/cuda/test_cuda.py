@@ -6,12 +6,15 @@ computes the reference; a warm
 forward of every merge path never waits for the device (CUDA's sync debug mode turns any
 host synchronisation into an error); ``mode="reduce-overhead"`` never raises and gives the
 reference or, after a logged fallback, the unmerged model's output; the split forward is
-captured as one CUDA graph whose replays compute each call's own reference, and compiled
-whole the graph keeps concrete token counts, so that Inductor captures it itself."""
+captured as one CUDA graph whose replays compute each call's own reference, also when two
+threads on their own streams call it at once, and compiled whole the graph keeps concrete
+token counts, so that Inductor captures it itself."""
 from __future__ import annotations
 
 import copy
 import functools
+from concurrent.futures import ThreadPoolExecutor
+from threading import Barrier
 
 import pytest
 import torch
@@ -113,6 +116,34 @@ def test_the_split_forward_is_captured_once_and_replays_compute_each_calls_refer
         report.cuda_graph
     for out, ref in zip(outs, expected):
         assert (out - ref).abs().max().item() < 1e-3
+
+
+def test_two_threads_on_their_own_streams_share_the_captured_forward(model):
+    """The captured graph has one set of input buffers and one output memory: two threads, each
+    queuing on a stream of its own, call it at once with new images every time, and each
+    output is the reference's for its own images."""
+    compiled = torch.compile(model, backend="turbo", options={"r": R, "mode": "reduce-overhead"})
+    with turbo_fx.recording() as rec, torch.no_grad():
+        compiled(_x(0)), compiled(_x(1))  # compile, warm up, capture
+        xs = [[_x(100 * thread + i + 2) for i in range(25)] for thread in (0, 1)]
+        expected = [[reference_forward(model, x, TurboConfig(r=R)) for x in inputs] for inputs in xs]
+    torch.cuda.synchronize()
+    start = Barrier(2)
+
+    def run(inputs):
+        stream = torch.cuda.Stream()
+        start.wait()
+        with torch.cuda.stream(stream), torch.no_grad():
+            outs = [compiled(x) for x in inputs]
+        stream.synchronize()
+        return outs
+
+    with ThreadPoolExecutor(2) as pool:
+        outs = [f.result() for f in [pool.submit(run, inputs) for inputs in xs]]
+    assert rec.graphs[-1].cuda_graph.startswith("captured (1 capture;"), rec.graphs[-1].cuda_graph
+    for thread in (0, 1):
+        for out, ref in zip(outs[thread], expected[thread]):
+            assert (out - ref).abs().max().item() < 1e-3
 
 
 def test_compiled_whole_in_reduce_overhead_inductor_captures_the_graph(model):
