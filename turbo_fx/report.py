@@ -93,6 +93,8 @@ class GraphReport:
     reductions_unweighted: int = 0  # token-axis means/sums over merged tokens left unweighted
     passes: list[PassRecord] = field(default_factory=list)  # the rewrite's passes, in order
     fallback_reason: Optional[str] = None
+    run_time_failures: int = 0  # merged calls that failed at run time and ran unmerged (``guarded_call``)
+    last_run_time_failure: str = ""  # the latest of those failures, as "<error type>: <message>"
     block_compile: str = ""  # compile_blocks: the pieces compiled, or why the graph was compiled whole
     cuda_graph: str = ""  # CUDA-graph modes, split graphs: "captured (...)" or "not captured: <why>"
     flops_before: Optional[int] = None
@@ -167,6 +169,9 @@ class GraphReport:
         elif self.untouched_sites and self.merges:
             streams = sorted({s.stream for s in self.untouched_sites})
             lines.append(f"  untouched (exact): {len(self.untouched_sites)} site(s) in sequence(s) {streams}; see the sites table")
+        if self.run_time_failures and not self.fallback_reason:
+            lines.append(f"  run-time failures: {self.run_time_failures} call(s) ran unmerged, the latest: "
+                         f"{self.last_run_time_failure}")
         if self.protected is not None:
             lines.append(f"  protected tokens: {self.protected} ({self.protected_note})")
         if self.semantic_source:
