@@ -8,7 +8,7 @@ Per self-attention block, on one batch:
     heads, summed over the ceil(N/4) tokens it attends most (N real tokens).
 
 No per-model code: the model is compiled with a small Dynamo backend that taps
-every attention site (``passes/tap_attention.py``) and runs the graph eagerly;
+every attention site (``bench/tap_attention.py``) and runs the graph eagerly;
 each tap computes the two numbers from the live tensors.
 
     report = analyze_redundancy(model, images)
@@ -26,7 +26,7 @@ from tabulate import tabulate
 from torch import Tensor
 
 from turbo_fx import ops
-from turbo_fx.passes.tap_attention import TapSite, tap_attention
+from turbo_fx.bench.tap_attention import TapSite, tap_attention
 
 # C sums the top quarter of the CLS query's attention. The paper writes floor(n/4)
 # (Eq. 14); we take ceil so that a short sequence (n < 4) still counts one token.
@@ -281,3 +281,37 @@ def plot_redundancy(reports: ReportsArg, path: str, title: str = "Token redundan
     fig.suptitle(title)
     fig.savefig(path, dpi=100)
     return path
+
+
+# ---- ``turbo-fx analyze`` --------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    """S and C of each model in ``args.model`` on ``args.batch`` example inputs, one plot for all."""
+    import os
+
+    from turbo_fx.bench import output, timing
+    from turbo_fx.model_zoo.registry import build_model
+
+    reports, weights = {}, {}
+    for name in args.model:
+        zoo = build_model(name)
+        timing.log(f"analyzing {name}: {zoo.description}")
+        weights[name] = "real" if zoo.real_weights else "RANDOM"
+        reports[name] = analyze_redundancy(zoo.model, *zoo.example_inputs(args.batch), label=name)
+    png = plot_redundancy(reports, os.path.join(args.out, "redundancy.png"))
+    payload = {"command": args.command, "machine": timing.machine(),
+               "reports": {k: r.to_dict() for k, r in reports.items()}}
+
+    def render(_: dict) -> str:
+        lines = output.header("Token redundancy S and attention concentration C per block", payload)
+        for name, report in reports.items():
+            lines += [f"## {name} ({weights[name]} weights)", "", report.table(), ""]
+        return "\n".join(lines + [
+            "S: mean pairwise cosine similarity of the tokens entering the block (real tokens only). "
+            "C: the first token's attention (averaged over heads) on the top quarter of tokens.", "",
+            f"![redundancy]({os.path.basename(png)})", ""])
+
+    output.write(payload, args.out, "redundancy", render)
+    return payload
+

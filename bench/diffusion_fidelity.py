@@ -1,39 +1,26 @@
 """Generation fidelity of a diffusion configuration: images generated from fixed noise, scored
-against real Fashion-MNIST and against the unmerged model's images from the same noise.
-
-Every metric comes with a two-sided 95% interval:
+against real Fashion-MNIST and against the unmerged model's images from the same noise, every
+metric with a two-sided 95% interval.
 
 * **Frechet distance** (FD) between DINOv2-S CLS features of the generated images and of N real
-  test images, FID's formula in DINOv2's feature space:
-  ``|mu_g - mu_r|^2 + tr(S_g) + tr(S_r) - 2 tr((S_r^1/2 S_g S_r^1/2)^1/2)``, computed through
-  symmetric eigen-decompositions (exact for PSD covariances; :func:`frechet_distance_sqrtm` is
-  the scipy ``sqrtm`` form, the same value). Interval: a seeded bootstrap over the *generated*
-  set (its images resampled with replacement, FD recomputed against the fixed real statistics),
-  so it covers the sampling variability of the generated images only, not that of the N real
-  ones. A resample repeats about a third of the images, which by itself raises FD (seen: real
-  images at n = 200 have FD 35.6 and bootstrap replicates 53-69), so the replicates are
-  re-centred on the estimate first (their mean minus the estimate, ``fd_bootstrap_bias``, is
-  subtracted) and the interval is their central 95%: the spread of the bootstrap, around the
-  estimate. FD itself is biased upwards at small n too, so compare configurations at the same
-  number of images, from the same noise, against the same real set: then the bias is shared.
-* **Class accuracy**: a linear probe (scikit-learn LogisticRegression on standardised features,
-  ``bench.fidelity.fit_linear_probe``) fit on DINOv2 features of real Fashion-MNIST training
-  images, applied to the generated images with the labels they were generated for; Wilson
-  interval (``bench.stats``). The per-image outcomes are returned too, for paired McNemar tests
-  between configurations (``stats.paired_proportions``).
-* **Paired PSNR and SSIM** (scikit-image, data range 2 for pixels in [-1, 1]) of each image
-  against the unmerged model's image from the same noise: mean and percentile bootstrap
-  interval (``stats.bootstrap_mean``). Identical images have infinite PSNR; per-image PSNR is
-  capped at :data:`PSNR_CAP` dB so that means stay finite.
+  test images (FID's formula in DINOv2's feature space, through symmetric eigen-decompositions;
+  ``frechet_distance_sqrtm`` is scipy's ``sqrtm`` form, the same value). Interval: a seeded
+  bootstrap over the *generated* images against the fixed real statistics. A resample repeats
+  about a third of the images, which by itself raises FD (real images at n = 200: FD 35.6,
+  replicates 53-69), so the replicates are re-centred on the estimate (``fd_bootstrap_bias``
+  subtracted) and the interval is their central 95%. FD is biased upwards at small n too, so
+  configurations are compared at the same n, from the same noise, against the same real set.
+* **Class accuracy**: a linear probe fit on DINOv2 features of real training images, applied to
+  the generated images with the labels they were generated for; Wilson interval, and per-image
+  outcomes for paired McNemar tests between configurations.
+* **Paired PSNR and SSIM** (scikit-image, data range 2) of each image against the unmerged
+  model's image from the same noise: mean and percentile bootstrap interval; per-image PSNR is
+  capped at ``PSNR_CAP`` dB (identical images have infinite PSNR).
 
-Features go through the same code path as the vision evaluation (``bench.evaluation`` /
-``bench.suites``): ``dinov2_preprocess`` to 224 px by default, ``Dinov2Model``, then
-``suites.dinov2_features`` (the final LayerNorm's CLS token and mean patch token,
-concatenated); the probe uses all of it, FD its CLS half (DINOv2's pooled output).
-
-Images everywhere are float ``[N, 1, 32, 32]`` (or ``[N, 32, 32]``) in [-1, 1], numpy or torch:
-the diffusion model's range (``model_zoo.fashion_diffusion.to_model_range`` turns real uint8
-images into it, so real and generated images are featurised identically).
+Features take the vision evaluation's path (``dinov2_preprocess``, ``Dinov2Model``,
+``suites.dinov2_features``: CLS and mean patch token); the probe uses all of it, FD the CLS half.
+Images are float ``[N, 1, 32, 32]`` (or ``[N, 32, 32]``) in [-1, 1], the diffusion model's range
+(``fashion_diffusion.to_model_range`` brings real images there, so both are featurised alike).
 """
 from __future__ import annotations
 
@@ -309,24 +296,6 @@ def evaluate_images(reference: FidelityReference, images: Any, labels: Any, base
     return out
 
 
-def evaluate_configurations(reference: FidelityReference, images: Mapping[str, Any], labels: Any,
-                            baseline: Optional[str] = None, resamples: int = FD_RESAMPLES,
-                            seed: int = stats.SEED) -> dict[str, dict]:
-    """:func:`evaluate_images` for each named configuration; ``baseline`` names the one the others are
-    paired against (PSNR/SSIM, and a McNemar comparison of class accuracy under ``vs_baseline``)."""
-    reference_images = images[baseline] if baseline is not None else None
-    results = {name: evaluate_images(reference, imgs, labels, reference_images, resamples=resamples, seed=seed)
-               for name, imgs in images.items()}
-    if baseline is not None:
-        base = results[baseline]["correct"]
-        for name, result in results.items():
-            if name != baseline:
-                c = stats.paired_proportions(result["correct"], base)
-                result["vs_baseline"] = {"accuracy_difference": c.difference, "ci": [c.low, c.high],
-                                         "p_value": c.p_value, "test": c.test}
-    return results
-
-
 def summary_line(name: str, result: dict) -> str:
     """One line: FD, accuracy and (if present) PSNR / SSIM, each with its 95% interval."""
     parts = [f"{name}: FD {result['fd']:.1f} [{result['fd_ci'][0]:.1f}, {result['fd_ci'][1]:.1f}]",
@@ -384,8 +353,7 @@ def save_grid(rows: Mapping[str, Any], path: str, columns: Optional[int] = None,
     return str(path)
 
 
-
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- sampling
 
 
 def generate(unet: Any, class_tokens: Any, labels: Any, noise: Any, steps: int, guidance: float,
@@ -399,68 +367,3 @@ def generate(unet: Any, class_tokens: Any, labels: Any, noise: Any, steps: int, 
     chunks = [sample(unet, class_tokens, labels[i: i + batch_size], noise[i: i + batch_size], steps=steps,
                      guidance=guidance) for i in range(0, len(labels), batch_size)]
     return torch.cat(chunks).numpy()
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Sample the unmerged Fashion-MNIST diffusion model and score it (the baseline row of the fidelity tables)."""
-    import argparse
-    import json
-    import time
-
-    import torch
-
-    from turbo_fx.model_zoo import FASHION_MNIST_CLASSES, fashion_diffusion
-
-    parser = argparse.ArgumentParser(prog="python -m turbo_fx.bench.diffusion_fidelity", description=main.__doc__)
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=2.5)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    parser.add_argument("--real", type=int, default=1000, help="real test images for FD")
-    parser.add_argument("--train", type=int, default=2000, help="real training images for the probe")
-    parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="diffusion-fidelity")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    unet, tokens = fashion_diffusion.load_fashion_diffusion()
-    labels = fashion_diffusion.balanced_labels(args.samples)
-    noise = fashion_diffusion.noise_for(args.samples, args.seed)
-    images = generate(unet, tokens, labels, noise, args.steps, args.guidance)
-    sampled = time.perf_counter()
-    print(f"sampled {args.samples} images ({args.steps} DDIM steps, guidance {args.guidance}) in "
-          f"{sampled - started:.0f} s", flush=True)
-    reference = fashion_reference(args.real, args.train, resolution=args.resolution)
-    result = evaluate_images(reference, images, labels)
-    # Reference points at the same n: real images through the same metrics.
-    from turbo_fx.model_zoo import data
-
-    real_x, real_y = data.fashion_mnist("train", limit=args.train + args.samples)
-    real_x, real_y = real_x[args.train:], real_y[args.train:]  # not among the probe's training images
-    real = evaluate_images(reference, fashion_diffusion.to_model_range(real_x), real_y)
-    print(reference.description)
-    print(summary_line("generated", result))
-    print(summary_line("real train images (not the probe's), same n", real))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "generated.npy", images.astype(np.float32))
-    per_row = 10
-    rows = {FASHION_MNIST_CLASSES[c]: images[np.asarray(labels) == c][:per_row] for c in range(10)}
-    save_grid(rows, str(out / "samples.png"))
-    summary = {k: v for k, v in result.items() if k != "correct"}
-    (out / "fidelity.json").write_text(json.dumps(
-        {"command": "python -m turbo_fx.bench.diffusion_fidelity " + " ".join(argv or []), "args": vars(args),
-         "reference": reference.description, "generated": summary,
-         "real_same_n": {k: v for k, v in real.items() if k != "correct"},
-         "per_class_accuracy": [float(np.mean(np.asarray(result["correct"])[np.asarray(labels) == c])) for c in range(10)],
-         "seconds": round(time.perf_counter() - started, 1)}, indent=1) + "\n")
-    print(f"wrote {out / 'samples.png'}, {out / 'fidelity.json'}, {out / 'generated.npy'} "
-          f"({time.perf_counter() - started:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main(sys.argv[1:]))

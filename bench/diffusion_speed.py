@@ -1,77 +1,42 @@
-"""Diffusion models: eager vs Inductor vs tomesd (+ Inductor) vs turbo's merge-and-restore mode.
-
-    .venv/bin/python -m turbo_fx.bench.diffusion_speed --small          # smoke test, tiny configs
-    nice -n 10 .venv/bin/python -m turbo_fx.bench.diffusion_speed       # SD-1.5-sized UNet (random weights)
-    .venv/bin/python -m turbo_fx.bench.diffusion_speed --model unet dit --ratio 0.3 0.5 0.6
+"""``turbo-fx diffusion-speed``: eager vs Inductor vs tomesd (+ Inductor) vs turbo's
+merge-and-restore mode on diffusion models.
 
 Models (random weights, seeded; no Stable Diffusion or DiT weights install offline):
-- ``unet``: an SD-1.5-sized ``UNet2DConditionModel`` (SD 1.5's config: 320/640/1280/1280
-  channels, 2 layers per block, cross-attention dim 768, 8 heads, 64x64 latents), inputs
-  latents [2, 4, 64, 64] (batch 2 = classifier-free guidance), a timestep, text states [2, 77, 768].
-- ``dit``: a DiT-XL/2-sized ``DiTTransformer2DModel`` (28 layers, 16 heads x 72, patch 2,
-  32x32x4 latents), inputs latents [2, 4, 32, 32], timesteps [2], class labels [2] (class 1000
-  is DiT's null class, the unconditional half).
-``--small`` swaps both for tiny configurations of the same classes (well under a minute with
-``--compiler eager``; each model forward takes milliseconds).
+- ``unet``: an SD-1.5-sized ``UNet2DConditionModel`` (SD 1.5's config), inputs latents
+  [2, 4, 64, 64] (batch 2 = classifier-free guidance), a timestep, text states [2, 77, 768];
+- ``dit``: a DiT-XL/2-sized ``DiTTransformer2DModel`` (28 layers, 16 heads x 72, patch 2), inputs
+  latents [2, 4, 32, 32], timesteps [2], class labels [2] (class 1000 is DiT's null class).
+``--small`` swaps both for tiny configurations of the same classes (a smoke test).
 
-Configurations, each on its own copy of the same seeded model (``fresh_copy``: a deepcopy of
-the modules that shares the weight tensors, so that an SD-sized model is not held five times;
-inference never writes to them, and tomesd's class swap only touches its own copy's modules):
-- ``eager``: the unmerged model, the reference every closeness figure is measured against;
-- ``inductor``: ``torch.compile(model)``;
-- ``tomesd r=R``: ``tomesd.apply_patch(model, ratio=R)`` with tomesd's default options (as its
-  README shows), then ``torch.compile``, with ``tomesd_compile_shim`` (below); UNet only (see
-  ``TOMESD_ON_DIT``);
-- ``tomesd-eager r=R`` (opt in with ``--configs``): tomesd without torch.compile, how it is
-  normally used;
-- ``turbo r=R``: ``torch.compile(model, backend="turbo", options={"ratio": R, **--option})``.
-- ``turbo-sa r=R``: the same with ``merge_components=("self-attention",)``, tomesd's default.
-Every compiled configuration gets its own backend callable (``GraphCounter``, which delegates to
-the backend of that name), so none reuses another's compiled frames and each counts its graphs.
-``--compiler eager`` replaces Inductor by Dynamo's ``eager`` backend everywhere (and turbo's
-``inner_backend`` by ``eager``): for tests and smoke runs, no C++ compilation.
+Configurations, each on its own ``fresh_copy`` of the same seeded model (the weights shared):
+``eager`` (the reference every closeness figure is measured against), ``inductor``,
+``tomesd r=R`` (``tomesd.apply_patch(model, ratio=R)`` with its defaults, then ``torch.compile``
+through ``tomesd_compile_shim``; UNet only, see ``TOMESD_ON_DIT``), ``tomesd-eager r=R`` (opt in),
+``turbo r=R`` (``options={"ratio": R, **--option}``) and ``turbo-sa r=R`` (the same with
+``merge_components=("self-attention",)``, tomesd's default). Every compiled configuration gets
+its own ``timing.GraphCounter`` backend, so none reuses another's frames and each counts its
+graphs. ``--compiler eager`` replaces Inductor by Dynamo's eager backend everywhere.
 
-tomesd 0.1.3 with diffusers 0.42: its patched ``BasicTransformerBlock.forward`` (a copy of an
-old diffusers forward with the merge and unmerge calls added) covers the block as SD 1.x/2.x
-builds it (``norm_type="layer_norm"``, no positional embedding, no GLIGEN fuser, no chunked
-feed-forward) and DiT's ``ada_norm_zero``; at ratio 0 it reproduces the unpatched UNet exactly
-(tests/bench/test_diffusion_speed.py checks it), so no compatibility shim is needed. It drops
-what newer diffusers added to that forward (``ada_norm_single``, ``ada_norm_continuous``,
-``layer_norm_i2vgen``, ``pos_embed``, GLIGEN, ``set_chunk_feed_forward``), which no model
-benchmarked here uses. Under torch.compile, though, it breaks the graph (its torch.Generator),
-and the breaks make Dynamo skip the UNet's frames for every model in the process: see the
-comment above ``tomesd_compile_shim``, which the tomesd rows use unless ``--no-tomesd-shim``.
-The ``Dynamo graphs`` and ``graph breaks`` columns show what each configuration compiled to.
+tomesd 0.1.3 with diffusers 0.42: its patched ``BasicTransformerBlock.forward`` covers the
+blocks SD 1.x/2.x and DiT build, and at ratio 0 it reproduces the unpatched UNet exactly
+(tests/bench/test_diffusion_speed.py checks it). Under torch.compile it breaks the graph (its
+torch.Generator), and the breaks make Dynamo skip the UNet's frames for every model in the
+process: see ``tomesd_compile_shim``, which the tomesd rows use unless ``--no-tomesd-shim``.
 
 Measurements, in one process:
-1. FLOPs (``FlopCounterMode`` on an eager call, with turbo_fx.flops' formula for CPU SDPA):
-   ``eager`` (= ``inductor``), tomesd's patched eager model, and for turbo ``turbo_fx.explain``
-   (the rewritten Dynamo graph counted); "unavailable" when every turbo graph fell back.
-2. Compile seconds: each compiled configuration's first two calls, with a fresh
-   ``TORCHINDUCTOR_CACHE_DIR`` per configuration and the FX-graph / AOT caches off, minus two
-   steady-state medians. Two calls, not one, so that a recompile on the second call is counted
-   (unshimmed tomesd recompiles there, once its generator exists).
-3. Steady-state time: ``--rounds`` interleaved rounds (each runs every configuration once, in
-   a rotating order; see bench/timing.py), median and IQR; speed-up = Inductor's median / median.
-4. Closeness to the unmerged model on the same inputs: relative L2 error ``|y - y_ref| / |y_ref|``
-   and cosine similarity of the output (the second call's).
-5. A DDIM loop (``--ddim-steps`` steps, classifier-free guidance ``--guidance``, the same initial
-   noise for every configuration, each on its own trajectory): per step, the closeness of the
-   guided noise prediction to the reference's at that step; at the end, the final latent's.
-
-Writes ``<out>/<name>.json`` (everything, with the machine) and ``<out>/<name>.md`` (the tables,
-also printed). The default ``--out`` is build/bench_diffusion (ignored by git).
+1. FLOPs: ``FlopCounterMode`` on an eager call (with turbo_fx.flops' CPU SDPA formula) for
+   ``eager`` (= ``inductor``) and tomesd's patched model, ``turbo_fx.explain`` for turbo.
+2. Compile seconds: each compiled configuration's first two calls in an empty Inductor cache,
+   minus two steady-state medians (two calls, so that a recompile on the second is counted).
+3. Steady state: ``--rounds`` interleaved rounds, median and IQR; speed-up over Inductor.
+4. Closeness to the unmerged model on the same inputs: relative L2 error and cosine of the output.
+5. A DDIM loop (``--ddim-steps`` steps, guidance ``--guidance``, the same initial noise for every
+   configuration): per step, the closeness of the guided noise prediction to the reference's at
+   that step; at the end, the final latent's.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import copy
-import itertools
-import math
-import os
-import shutil
-import sys
 import tempfile
 import time
 import types
@@ -79,13 +44,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-from tabulate import tabulate
 
-from turbo_fx.bench import timing
+from turbo_fx.bench import output, timing
+from turbo_fx.bench.timing import fresh_copy
 
-DEFAULT_RATIOS = (0.3, 0.5, 0.6)
-DEFAULT_CONFIGS = ("eager", "inductor", "tomesd", "turbo")
-CONFIG_KINDS = ("eager", "inductor", "tomesd", "tomesd-eager", "turbo", "turbo-sa")
 # turbo-sa merges what tomesd merges by default (self-attention only), for equal-FLOP comparisons.
 TURBO_KINDS = ("turbo", "turbo-sa")
 TOMESD_ON_DIT = ("tomesd does not apply to DiT: it is written for UNets (it infers each block's "
@@ -240,12 +202,6 @@ def apply_tomesd(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
     return model
 
 
-def fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A deepcopy of ``model``'s modules that shares its parameter and buffer tensors."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
 def forward(fn: Callable, inputs: tuple) -> torch.Tensor:
     """One call of a diffusers model (or its compiled wrapper) on positional inputs: the output tensor.
     Positional, because tomesd's forward pre-hook reads the latent size from ``args[0]``."""
@@ -256,7 +212,7 @@ def forward(fn: Callable, inputs: tuple) -> torch.Tensor:
 @dataclass
 class Config:
     name: str
-    kind: str  # one of CONFIG_KINDS
+    kind: str  # eager, inductor, tomesd, tomesd-eager, turbo or turbo-sa
     ratio: Optional[float] = None
 
 
@@ -278,73 +234,24 @@ def configurations(kinds: Sequence[str], ratios: Sequence[float], case: Case) ->
     return configs, notes
 
 
-class GraphCounter:
-    """The backend of one configuration: counts the graphs Dynamo hands it and delegates.
-
-    A distinct callable per configuration, so that Dynamo never reuses a frame another
-    configuration compiled (its BACKEND_MATCH guard compares backend callables, and the
-    copies share weight tensors, so every other guard would pass): every configuration's
-    compile time and graph count are its own."""
-
-    def __init__(self, inner: Callable, **kwargs) -> None:
-        self.inner = inner
-        self.kwargs = kwargs
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self.inner(gm, example_inputs, **self.kwargs)
-
-
 def make_model(config: Config, base: torch.nn.Module, compiler: str, turbo_options: dict):
     """The callable of one configuration, on its own copy of ``base``, and its GraphCounter
-    (None for the eager configurations). ``torch.compile(model, backend=GraphCounter(X))`` is
-    ``torch.compile(model, backend="X")`` (for turbo: ``options=`` reaches the backend as the
-    same keyword), plus the count."""
+    (None for the eager configurations)."""
     model = fresh_copy(base)
     if config.kind in ("tomesd", "tomesd-eager"):
         apply_tomesd(model, config.ratio)
     if config.kind in ("eager", "tomesd-eager"):
         return model, None
-    lookup = torch._dynamo.lookup_backend
+    options = None
     if config.kind in TURBO_KINDS:
         options = {**turbo_options, "ratio": config.ratio}
         if config.kind == "turbo-sa":
             options["merge_components"] = ("self-attention",)
-        if compiler == "eager":
-            options.setdefault("inner_backend", "eager")
-        counter = GraphCounter(lookup("turbo"), options=options)
-    else:
-        counter = GraphCounter(lookup("inductor" if compiler == "inductor" else "eager"))
+    counter = timing.counted_backend(options, compiler)
     return torch.compile(model, backend=counter), counter
 
 
 # --------------------------------------------------------------------------- metrics
-def closeness(output: torch.Tensor, reference: torch.Tensor) -> dict:
-    """Relative L2 error ``|y - y_ref| / |y_ref|`` and cosine similarity, in float64 over all
-    elements. Identical tensors give exactly 0 and 1 (``sqrt(d * d) == d`` in IEEE arithmetic)."""
-    y = output.detach().double().flatten()
-    ref = reference.detach().double().flatten()
-    ref_norm2 = torch.dot(ref, ref)
-    y_norm2 = torch.dot(y, y)
-    diff = y - ref
-    rel_l2 = math.sqrt(torch.dot(diff, diff).item() / ref_norm2.item()) if ref_norm2.item() > 0 else float("nan")
-    denom = math.sqrt(y_norm2.item() * ref_norm2.item())
-    cosine = torch.dot(y, ref).item() / denom if denom > 0 else float("nan")
-    return {"rel_l2": rel_l2, "cosine": max(-1.0, min(1.0, cosine))}
-
-
-def eager_flops(fn: Callable, inputs: tuple) -> int:
-    """FLOPs of one eager call (turbo_fx.flops adds the CPU SDPA formula torch lacks)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import turbo_fx.flops  # noqa: F401  (registers the formula)
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        forward(fn, inputs)
-    return counter.get_total_flops()
-
-
 def turbo_flops(base: torch.nn.Module, inputs: tuple, options: dict) -> dict:
     """FLOPs of turbo's rewritten graphs (``turbo_fx.explain``), or why they are unavailable."""
     import turbo_fx
@@ -386,18 +293,6 @@ def ddim_loop(fn: Callable, case: Case, noise: torch.Tensor, steps: int, guidanc
 
 
 # --------------------------------------------------------------------------- the run
-@contextlib.contextmanager
-def _compile_cache(root: str, compiler: str):
-    """A fresh, empty Inductor cache dir (kept until ``root`` is removed: the compiled code stays loaded)."""
-    if compiler != "inductor":
-        yield
-        return
-    from torch._inductor.utils import fresh_cache
-
-    with fresh_cache(dir=root, delete=False):
-        yield
-
-
 def run_case(case: Case, ratios: Sequence[float], kinds: Sequence[str], rounds: int = 5, compiler: str = "inductor",
              turbo_options: Optional[dict] = None, ddim_steps: int = 10, guidance: float = 7.5, seed: int = 0,
              tomesd_shim: bool = True, log: Callable[[str], None] = timing.log) -> dict:
@@ -424,7 +319,7 @@ def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_optio
     results: dict = {c.name: {"kind": c.kind, "ratio": c.ratio} for c in configs}
 
     # 1. FLOPs, before anything is compiled (turbo_fx.explain resets Dynamo).
-    base_flops = eager_flops(base, inputs)
+    base_flops = timing.count_flops(forward, base, inputs)
     for c in configs:
         entry = results[c.name]
         if c.kind in ("eager", "inductor"):
@@ -432,7 +327,8 @@ def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_optio
         elif c.kind in ("tomesd", "tomesd-eager"):
             tomesd_model, _ = make_model(Config(c.name, "tomesd-eager", c.ratio), base, compiler, {})
             torch.manual_seed(seed)
-            entry.update(flops=eager_flops(tomesd_model, inputs), flops_note="tomesd's patched model, eager")
+            entry.update(flops=timing.count_flops(forward, tomesd_model, inputs),
+                         flops_note="tomesd's patched model, eager")
         else:
             extra = {"merge_components": ("self-attention",)} if c.kind == "turbo-sa" else {}
             info = turbo_flops(base, inputs, {**turbo_options, "ratio": c.ratio, **extra})
@@ -443,22 +339,19 @@ def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_optio
     # 2. Compile: the first two calls of each configuration, each with its own empty cache dir.
     if compiler == "inductor":
         timing.no_compile_caches()
-    dynamo_config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-    cache_root = tempfile.mkdtemp(prefix="turbo-fx-diffusion-")
+        turbo = any(c.kind in TURBO_KINDS for c in configs)
+        log(f"warming up the compilers (untimed): {timing.warm_up_compilers(turbo):.1f} s")
+    timing.raise_recompile_limits()
     fns, first_calls, outputs = {}, {}, {}
-    try:
-        if compiler == "inductor":
-            log(f"warming up the compilers (untimed): {timing.warm_up_compilers(turbo=any(c.kind in TURBO_KINDS for c in configs)):.1f} s")
+    # Each compile in an empty cache dir, kept until the end: the compiled code stays loaded.
+    with tempfile.TemporaryDirectory(prefix="turbo-fx-diffusion-") as cache_root:
         from turbo_fx.report import recording
 
         for c in configs:
             fn, counter = make_model(c, base, compiler, turbo_options)
             breaks_before = _graph_breaks()
             torch.manual_seed(seed)  # tomesd's random offsets (through the shim) come from the global RNG
-            with _compile_cache(cache_root, compiler), recording() as rec:
+            with timing.fresh_cache(cache_root, delete=False, enabled=compiler == "inductor"), recording() as rec:
                 start = time.perf_counter()
                 forward(fn, inputs)
                 first = time.perf_counter() - start
@@ -491,8 +384,6 @@ def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_optio
                 start = time.perf_counter()
                 trajectories[c.name] = ddim_loop(fns[c.name], case, noise, ddim_steps, guidance)
                 log(f"DDIM {ddim_steps} steps {c.name}: {time.perf_counter() - start:.1f} s")
-    finally:
-        shutil.rmtree(cache_root, ignore_errors=True)
 
     inductor_median = timing.stats(times["inductor"])["median"]
     reference = outputs["eager"]
@@ -505,12 +396,12 @@ def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_optio
         entry["speedup_vs_inductor"] = inductor_median / st["median"]
         entry["compile_s"] = None if c.kind in ("eager", "tomesd-eager") else first + second - 2 * st["median"]
         entry["flop_ratio"] = entry["flops"] / base_flops if entry["flops"] else None
-        entry["output"] = closeness(outputs[c.name], reference)
+        entry["output"] = timing.closeness(outputs[c.name], reference)
         if trajectories:
             ref_eps, ref_latent = trajectories["eager"]
             eps, latent = trajectories[c.name]
-            entry["ddim"] = {"per_step": [closeness(a, b) for a, b in zip(eps, ref_eps)],
-                             "final_latent": closeness(latent, ref_latent)}
+            entry["ddim"] = {"per_step": [timing.closeness(a, b) for a, b in zip(eps, ref_eps)],
+                             "final_latent": timing.closeness(latent, ref_latent)}
         if c.kind in TURBO_KINDS and entry.get("turbo_report") is not None:
             reports = entry["turbo_report"]
             if not any(g["rewritten"] for g in reports):
@@ -531,21 +422,16 @@ TABLE_HEADERS = ["config", "compile s", "median ms", "IQR ms", "speed-up vs Indu
                  "DDIM final rel L2", "DDIM final cosine"]
 
 
-def _fmt(value, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
-
-
 def table_rows(run: dict) -> list[list[str]]:
-    rows = []
+    f, rows = output.f, []
     for name, e in run["configs"].items():
-        ddim = e.get("ddim") or {}
-        final = ddim.get("final_latent") or {}
-        flops = _fmt(e["flops"] / 1e9 if e["flops"] else None, ".3g", "unavailable")
-        rows.append([name, _fmt(e.get("compile_s"), ".1f"), _fmt(e["latency"]["median"] * 1e3, ".1f"),
-                     _fmt(e["latency"]["iqr"] * 1e3, ".1f"), f"{e['speedup_vs_inductor']:.2f}x",
-                     _fmt(e.get("dynamo_graphs"), "d"), _fmt(e.get("graph_breaks"), "d"), flops,
-                     _fmt(e.get("flop_ratio"), ".3f"), f"{e['output']['rel_l2']:.2e}", f"{e['output']['cosine']:.6f}",
-                     _fmt(final.get("rel_l2"), ".2e"), _fmt(final.get("cosine"), ".6f")])
+        final = (e.get("ddim") or {}).get("final_latent") or {}
+        rows.append([name, f(e.get("compile_s"), ".1f"), f(e["latency"]["median"] * 1e3, ".1f"),
+                     f(e["latency"]["iqr"] * 1e3, ".1f"), f"{e['speedup_vs_inductor']:.2f}x",
+                     f(e.get("dynamo_graphs"), "d"), f(e.get("graph_breaks"), "d"),
+                     f(e["flops"] / 1e9 if e["flops"] else None, ".3g", "unavailable"), f(e.get("flop_ratio"), ".3f"),
+                     f"{e['output']['rel_l2']:.2e}", f"{e['output']['cosine']:.6f}",
+                     f(final.get("rel_l2"), ".2e"), f(final.get("cosine"), ".6f")])
     return rows
 
 
@@ -559,113 +445,35 @@ def ddim_rows(run: dict) -> list[list[str]]:
 
 
 def markdown(payload: dict) -> str:
-    machine = payload["machine"]
-    lines = ["# Diffusion speed: eager / Inductor / tomesd / turbo", "",
-             f"Machine: {timing.machine_line(machine)}; diffusers {machine.get('diffusers')}, "
-             f"tomesd {machine.get('tomesd')}.", f"Command: `{machine['command']}`", ""]
+    lines = output.header("Diffusion speed: eager / Inductor / tomesd / turbo", payload)
     for run in payload["runs"]:
         s = run["settings"]
         lines += [f"## {run['model']}", "", f"{run['description']}.", "",
                   f"Compiler {s['compiler']}, {s['rounds']} timed rounds (median), {s['torch_threads']} torch threads; "
                   f"closeness against the eager unmerged model on the same inputs; DDIM {s['ddim_steps']} steps, "
                   f"guidance {s['guidance']}, the same initial noise. Compile s: the first two calls minus two "
-                  f"medians, empty Inductor cache. Turbo options: {s['turbo_options'] or '{}'}.", ""]
-        lines.append(tabulate(table_rows(run), headers=TABLE_HEADERS, tablefmt="github"))
+                  f"medians, empty Inductor cache. Turbo options: {s['turbo_options'] or '{}'}.", "",
+                  output.table(TABLE_HEADERS, table_rows(run))]
         steps = ddim_rows(run)
         if steps:
-            n = len(steps[0]) - 1
             lines += ["", "Guided noise prediction per DDIM step, against the eager model's at that step "
-                      "(relative L2 / cosine):", ""]
-            lines.append(tabulate(steps, headers=["config"] + [f"step {i + 1}" for i in range(n)], tablefmt="github"))
-        if run["notes"]:
-            lines += [""] + [f"- {note}" for note in run["notes"]]
-        lines.append("")
+                      "(relative L2 / cosine):", "",
+                      output.table(["config"] + [f"step {i + 1}" for i in range(len(steps[0]) - 1)], steps)]
+        lines += [""] + [f"- {note}" for note in run["notes"]] + [""]
     return "\n".join(lines)
 
 
-def machine_info() -> dict:
-    info = timing.machine()
-    for module in ("diffusers", "tomesd"):
-        try:
-            info[module] = __import__(module).__version__ if module == "diffusers" else _tomesd_version()
-        except ImportError:
-            info[module] = None
-    return info
-
-
-def _tomesd_version() -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tomesd")
-    except PackageNotFoundError:
-        raise ImportError("tomesd") from None
-
-
-def write_results(payload: dict, out_dir: str, name: str) -> tuple[str, str]:
-    """``<out_dir>/<name>.json`` and ``.md``; returns both paths."""
-    return timing.write_json_and_markdown(payload, out_dir, name, markdown)
-
-
-# --------------------------------------------------------------------------- command line
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"a ratio must be in [0, 1), got {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m turbo_fx.bench.diffusion_speed",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", choices=sorted(BUILDERS), default=["unet"])
-    p.add_argument("--small", action="store_true", help="tiny configurations of the same classes (a smoke test)")
-    p.add_argument("--ratio", nargs="+", type=_ratio, default=list(DEFAULT_RATIOS))
-    p.add_argument("--configs", nargs="+", choices=CONFIG_KINDS, default=list(DEFAULT_CONFIGS),
-                   help="eager and inductor always run")
-    p.add_argument("--option", action="append", type=timing.option_pair, default=[], metavar="KEY=VALUE",
-                   help="a turbo option for every turbo configuration, e.g. max_downsample=2 (repeatable)")
-    p.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds")
-    p.add_argument("--ddim-steps", type=int, default=10, help="0 skips the denoising loop")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compiler", choices=("inductor", "eager"), default="inductor",
-                   help="'eager': Dynamo's eager backend instead of Inductor (turbo inner_backend=eager)")
-    p.add_argument("--out", default=os.path.join("build", "bench_diffusion"))
-    p.add_argument("--name", default=None, help="file name stem (default diffusion_speed[_small])")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's). 1 suits --small: on 2 shared cores two "
-                        "threads made the tiny UNet 70x slower")
-    p.add_argument("--no-tomesd-shim", dest="tomesd_shim", action="store_false",
-                   help="compile tomesd as it is (graph breaks; they also fragment the other compiled rows)")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = timing.log) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.rounds < 1:
-        raise SystemExit("--rounds must be >= 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    machine = machine_info()
-    log(f"machine: {timing.machine_line(machine)}")
-    payload = {"benchmark": "diffusion_speed", "machine": machine, "runs": []}
+def run(args) -> dict:
+    machine = timing.machine()
+    timing.log(f"machine: {timing.machine_line(machine)}")
+    payload = {"machine": machine, "command": args.command, "runs": []}
     for kind in args.model:
         case = BUILDERS[kind](small=args.small, seed=args.seed)
         payload["runs"].append(run_case(case, args.ratio, args.configs, rounds=args.rounds, compiler=args.compiler,
-                                        turbo_options=dict(args.option), ddim_steps=args.ddim_steps,
-                                        guidance=args.guidance, seed=args.seed, tomesd_shim=args.tomesd_shim,
-                                        log=log))
+                                        turbo_options=args.options, ddim_steps=args.ddim_steps,
+                                        guidance=args.guidance, seed=args.seed, tomesd_shim=args.tomesd_shim))
         del case
         torch._dynamo.reset()
-    name = args.name or ("diffusion_speed_small" if args.small else "diffusion_speed")
-    json_path, md_path = write_results(payload, args.out, name)
-    print(markdown(payload))
-    log(f"wrote {json_path} and {md_path}")
+    output.write(payload, args.out, args.name or ("diffusion_speed_small" if args.small else "diffusion_speed"),
+                 markdown)
     return payload
-
-
-if __name__ == "__main__":
-    main()
-    sys.exit(0)

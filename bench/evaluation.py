@@ -1,4 +1,4 @@
-"""Fidelity evaluation: what accuracy each turbo configuration keeps, at what FLOPs and time.
+"""Fidelity evaluation: what accuracy each turbo configuration keeps, at what FLOPs.
 
 Every configuration (a ``Variant``) runs through the same path: ``torch.compile`` with the
 turbo backend and ``dynamic=False``, the rewritten graph run by ``inner_backend`` (default
@@ -9,9 +9,6 @@ compiles the unmerged graph. Each row records
 * FLOPs per sample, counted on the compiled graphs (``turbo_fx.recording(count_flops=True)``:
   torch's FlopCounterMode plus turbo's CPU SDPA and merge-op formulas); rows at the same r
   merge the same number of tokens, so their FLOPs match to within the semantic row's cost;
-* seconds per sample: for batched images the median over batches that did not compile,
-  divided by the batch size; for texts (one compile per distinct length) every length group
-  is run a second time and timed, and the total is divided by the number of texts;
 * the task's metrics (``VisionProbeTask``, ``TextSimilarityTask``) and their drop from the baseline;
 * ``samples``: what the metrics are computed from, per test sample (the tasks' ``score_samples``),
   so that intervals and paired tests can be had from the JSON alone (``bench/intervals.py``).
@@ -20,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -103,44 +99,28 @@ def threshold_variants(r_values: Sequence[int], min_tokens: int, turbo_options: 
 
 
 class Meter:
-    """Calls a compiled model and keeps what each call cost: FLOPs (from the graphs compiled
-    for that input shape), time of the calls that did not compile, fallbacks, token counts."""
+    """Calls a compiled model and keeps what each call cost: FLOPs (from the graphs compiled for
+    that input shape, per real sample), fallbacks, token counts."""
 
-    def __init__(self, fn: Callable, retime_compiling_calls: bool = False) -> None:
+    def __init__(self, fn: Callable) -> None:
         self.fn = fn
-        self.retime = retime_compiling_calls
         self.flops_by_shape: dict[Any, tuple[float, float]] = {}
-        self.flops_before = 0.0
-        self.flops_after = 0.0
+        self.flops_before = self.flops_after = 0.0
         self.samples = 0
-        self.timed: list[tuple[float, int]] = []
         self.fallbacks: list[str] = []
         self.tokens_per_block: Optional[list[int]] = None
-        self.compile_seconds = 0.0
 
     def __call__(self, shape_key: Any, n_real: int, n_batch: int, *args, **kwargs):
         with torch.no_grad(), recording(count_flops=True) as rec:
-            start = time.perf_counter()
             out = self.fn(*args, **kwargs)
-            seconds = time.perf_counter() - start
         if rec.graphs:
-            self.compile_seconds += seconds
-            self.flops_by_shape[shape_key] = (
-                float(sum(g.flops_before or 0 for g in rec.graphs)),
-                float(sum(g.flops_after or 0 for g in rec.graphs)),
-            )
+            self.flops_by_shape[shape_key] = (float(sum(g.flops_before or 0 for g in rec.graphs)),
+                                              float(sum(g.flops_after or 0 for g in rec.graphs)))
             for g in rec.graphs:
                 if g.fallback_reason and g.fallback_reason not in self.fallbacks:
                     self.fallbacks.append(g.fallback_reason)
                 if g.blocks and self.tokens_per_block is None:
                     self.tokens_per_block = g.tokens_per_block
-            if self.retime:
-                with torch.no_grad():
-                    start = time.perf_counter()
-                    out = self.fn(*args, **kwargs)
-                    self.timed.append((time.perf_counter() - start, n_batch))
-        else:
-            self.timed.append((seconds, n_batch))
         if shape_key not in self.flops_by_shape:
             raise RuntimeError(f"no compiled graph was recorded for input shape {shape_key}")
         before, after = self.flops_by_shape[shape_key]
@@ -148,13 +128,6 @@ class Meter:
         self.flops_after += after * n_real / n_batch
         self.samples += n_real
         return out
-
-    def seconds_per_sample(self, median: bool) -> Optional[float]:
-        if not self.timed:
-            return None
-        if median:
-            return statistics.median(s / n for s, n in self.timed)
-        return sum(s for s, _ in self.timed) / sum(n for _, n in self.timed)
 
 
 def compile_variant(model: torch.nn.Module, options: dict, inner_backend: str = "eager") -> Callable:
@@ -199,9 +172,6 @@ class VisionProbeTask:
     Every batch has ``batch_size`` images (the last is padded by repeating its final image
     and the padding is dropped), so one graph serves the whole set.
     """
-
-    kind = "vision"
-    retime_compiling_calls = False
 
     def __init__(self, model: torch.nn.Module, data: VisionData, preprocess: Callable, features: Callable,
                  batch_size: int = 32, knn_k: int = 20, input_name: Optional[str] = None,
@@ -252,9 +222,6 @@ class VisionProbeTask:
     def set_reference(self, test_features: torch.Tensor) -> None:
         self.test_features = test_features
 
-    def score(self, features: torch.Tensor) -> dict:
-        return self.score_samples(features)[0]
-
     def score_samples(self, features: torch.Tensor) -> tuple[dict, dict]:
         """The metrics, and per test image what they are computed from (for intervals and
         paired tests): the label, the probe's and the k-NN's predictions, the cosine."""
@@ -301,10 +268,6 @@ class TextSimilarityTask:
     distinct length). FLOPs saved are reported against the *unpadded* unmerged model (each
     text at its own length), so the padding's cost is charged to every row, never credited.
     """
-
-    kind = "text"
-    # Every length bucket compiles on its first call, so each call is repeated to be timed.
-    retime_compiling_calls = True
 
     def __init__(self, model: torch.nn.Module, tokenizer, data: TextData, max_length: int = 256,
                  bucket: int = 16) -> None:
@@ -402,9 +365,6 @@ class TextSimilarityTask:
     def set_reference(self, embeddings: torch.Tensor) -> None:
         self.reference = embeddings
 
-    def score(self, embeddings: torch.Tensor) -> dict:
-        return self.score_samples(embeddings)[0]
-
     def score_samples(self, embeddings: torch.Tensor) -> tuple[dict, dict]:
         """The metrics, and what they are computed from: each Lee pair's embedding cosine and
         human score (upper triangles, row by row, so documents can be resampled), each
@@ -480,11 +440,11 @@ RECOMPILE_LIMIT = 4096
 def _evaluate(task, variants, model_name, inner_backend, progress, cache_dir, log, on_row) -> EvalResults:
     started = time.perf_counter()
     variants = [v for v in variants if not v.is_baseline]
-    baseline = Meter(compile_variant(task.model, {"r": 0}, inner_backend), task.retime_compiling_calls)
+    baseline = Meter(compile_variant(task.model, {"r": 0}, inner_backend))
     task.prepare(baseline, progress, cache_dir)
     if task.cache_note:
         log(f"  {task.cache_note}")
-    base_meter = Meter(baseline.fn, task.retime_compiling_calls)
+    base_meter = Meter(baseline.fn)
     base_meter.flops_by_shape = dict(baseline.flops_by_shape)
     reference = task.run(base_meter, progress, "baseline (no merging)")
     task.set_reference(reference)
@@ -502,7 +462,7 @@ def _evaluate(task, variants, model_name, inner_backend, progress, cache_dir, lo
         if key in done:  # the same computation in another table: reuse it
             row = {**done[key], "label": variant.label, "method": variant.method, "group": variant.group}
         else:
-            meter = Meter(compile_variant(task.model, variant.options, inner_backend), task.retime_compiling_calls)
+            meter = Meter(compile_variant(task.model, variant.options, inner_backend))
             features = task.run(meter, progress, variant.label)
             row = done[key] = _row(variant, meter, *task.score_samples(features), base_row, task)
         rows.append(row)
@@ -524,36 +484,26 @@ def _row(variant: Variant, meter: Meter, metrics: dict, samples: dict, base: Opt
     flops_unmerged = meter.flops_before / max(meter.samples, 1)
     if hasattr(task, "unmerged_flops_per_sample"):
         flops_unmerged = task.unmerged_flops_per_sample()
-    seconds = meter.seconds_per_sample(median=task.kind == "vision")
     row = {
         "label": variant.label, "method": variant.method, "group": variant.group, "options": variant.options,
         "gflops_per_sample": flops / 1e9,
         "flop_reduction": 1.0 - flops / flops_unmerged if flops_unmerged else None,
-        "ms_per_sample": seconds * 1e3 if seconds is not None else None,
-        "compile_s": meter.compile_seconds,
         "tokens_per_block": meter.tokens_per_block,
         "fallbacks": meter.fallbacks,
         "metrics": metrics,
     }
     if hasattr(task, "row_extras"):
         row["extra"] = task.row_extras()
-    if base is not None:
-        row["drop"] = {k: base["metrics"][k] - v for k, v in metrics.items()}
-        if row["ms_per_sample"] and base["ms_per_sample"]:
-            row["speedup"] = base["ms_per_sample"] / row["ms_per_sample"]
-    else:
-        row["drop"] = {k: 0.0 for k in metrics}
-        row["speedup"] = 1.0
+    row["drop"] = {k: (base["metrics"][k] if base is not None else v) - v for k, v in metrics.items()}
     row["samples"] = samples
     return row
 
 
 def _row_line(row: dict, metric_names: Sequence[str]) -> str:
     metrics = "  ".join(f"{k} {row['metrics'][k]:.4f}" for k in metric_names)
-    ms = f"{row['ms_per_sample']:.1f} ms/sample" if row["ms_per_sample"] else "-"
     red = f"{row['flop_reduction'] * 100:.1f}%" if row["flop_reduction"] is not None else "-"
     fb = f"  FALLBACK: {'; '.join(row['fallbacks'])}" if row["fallbacks"] else ""
-    return f"  {row['label']:<40} {row['gflops_per_sample']:.2f} GFLOPs ({red} fewer)  {ms}  {metrics}{fb}"
+    return f"  {row['label']:<40} {row['gflops_per_sample']:.2f} GFLOPs ({red} fewer)  {metrics}{fb}"
 
 
 def _load_cached(cache_dir: Optional[str], name: Optional[str]):

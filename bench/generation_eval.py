@@ -1,4 +1,4 @@
-"""The generation fidelity study: the Fashion-MNIST diffusion stand-in (weights trained here,
+"""``turbo-fx diffusion-fidelity``: the Fashion-MNIST diffusion stand-in (weights trained here,
 ``model_zoo.fashion_diffusion``) sampled unmerged, with tomesd and with turbo's
 merge-and-restore mode, every configuration from the same initial noise and labels.
 
@@ -21,19 +21,17 @@ tomesd row of the same ratio.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import time
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from tabulate import tabulate
 
 from turbo_fx.bench import diffusion_fidelity as fid
-from turbo_fx.bench import stats, timing
-from turbo_fx.bench.diffusion_speed import apply_tomesd, fresh_copy, machine_info
+from turbo_fx.bench import output, stats, timing
+from turbo_fx.bench.diffusion_speed import apply_tomesd
+from turbo_fx.bench.timing import fresh_copy
 
 SELF_ATTENTION_ONLY = {"merge_components": ("self-attention",)}
 ALL_COMPONENTS = {"merge_components": ("self-attention", "cross-attention", "feed-forward")}
@@ -110,7 +108,7 @@ def paired_with(result: dict, other: dict, seed: int) -> dict:
     }
 
 
-def run(samples: int, steps: int, guidance: float, ratios: Sequence[float], alpha: float, seed: int,
+def study(samples: int, steps: int, guidance: float, ratios: Sequence[float], alpha: float, seed: int,
         batch: int, reference: Optional[fid.FidelityReference] = None, log: Callable[[str], None] = print,
         alpha_sweep: Sequence[float] = (), sweep_ratio: Optional[float] = None) -> dict:
     from turbo_fx.model_zoo import fashion_diffusion as fd
@@ -145,7 +143,7 @@ def run(samples: int, steps: int, guidance: float, ratios: Sequence[float], alph
     return {"rows": rows, "images": images, "labels": labels.tolist(), "reference": reference.description,
             "settings": {"samples": samples, "steps": steps, "guidance": guidance, "ratios": list(ratios),
                          "alpha": alpha, "alpha_sweep": list(alpha_sweep), "sweep_ratio": sweep_ratio,
-                         "seed": seed}, "machine": machine_info()}
+                         "seed": seed}, "machine": timing.machine()}
 
 
 def _ci(value: float, ci: Sequence[float], spec: str) -> str:
@@ -167,71 +165,40 @@ def markdown(payload: dict) -> str:
     paired = []
     for name, row in rows.items():
         for key, other in (("vs_tomesd", "tomesd"), ("vs_redundancy", "redundancy-sa")):
-            if key not in row:
-                continue
-            v = row[key]
-            paired.append([f"{name} - {other}", f"{100 * v['accuracy'][0]:+.1f} [{100 * v['accuracy'][1]:+.1f}, {100 * v['accuracy'][2]:+.1f}], "
-                           f"p={v['accuracy'][3]:.2f}", f"{v['fd'][0]:+.1f} [{v['fd'][1]:+.1f}, {v['fd'][2]:+.1f}]",
-                           f"{v['psnr'][0]:+.2f} [{v['psnr'][1]:+.2f}, {v['psnr'][2]:+.2f}], p={v['psnr'][3]:.3f}"])
+            if key in row:
+                v = {k: dict(zip(("difference", "low", "high", "p"), x)) for k, x in row[key].items()}
+                paired.append([f"{name} - {other}", f"{output.difference(v['accuracy'], 1, 100)}, p={v['accuracy']['p']:.2f}",
+                               output.difference(v["fd"], 1), f"{output.difference(v['psnr'], 2)}, p={v['psnr']['p']:.3f}"])
     s = payload["settings"]
-    lines = [
-        f"# Generation fidelity: Fashion-MNIST diffusion stand-in ({s['samples']} samples, {s['steps']} DDIM steps, "
-        f"guidance {s['guidance']}, alpha {s['alpha']})", "", payload["reference"], "",
-        tabulate(table, headers=head, tablefmt="github"), "",
+    title = (f"Generation fidelity: Fashion-MNIST diffusion stand-in ({s['samples']} samples, {s['steps']} DDIM "
+             f"steps, guidance {s['guidance']}, alpha {s['alpha']})")
+    return "\n".join(output.header(title, payload, payload["reference"]) + [
+        output.table(head, table), "",
         "Paired on the same noise and labels, at the same ratio (first minus second, 95% interval; "
         "accuracy: Newcombe interval and exact McNemar p; FD: the two bootstraps drawn with the same "
         "indices; PSNR to baseline: paired bootstrap):", "",
-        tabulate(paired, headers=["comparison", "accuracy points", "FD", "PSNR dB"], tablefmt="github"), "",
-        f"Machine: {timing.machine_line(payload['machine'])}. Command: `{payload.get('command', '')}`.",
-    ]
-    return "\n".join(lines) + "\n"
+        output.table(["comparison", "accuracy points", "FD", "PSNR dB"], paired), ""])
 
 
-def write(payload: dict, out: str) -> None:
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+def check(args) -> None:
+    from turbo_fx.bench.cli import UsageError
+
+    try:  # the rows' own check, before the model loads (or trains, when not cached)
+        row_specs(args.ratios, args.alpha, args.alpha_sweep, args.sweep_ratio)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def run(args) -> dict:
+    payload = study(args.samples, args.steps, args.guidance, args.ratios, args.alpha, args.seed, args.batch,
+                    alpha_sweep=args.alpha_sweep, sweep_ratio=args.sweep_ratio, log=timing.log)
+    payload["command"] = args.command
     data = {k: v for k, v in payload.items() if k != "images"}
-    data["rows"] = {name: {k: v for k, v in row.items() if k not in ("fd_replicates",)}
-                    for name, row in payload["rows"].items()}
-    (folder / "generation_fidelity.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
-    (folder / "generation_fidelity.md").write_text(markdown(payload))
+    data["rows"] = {name: {k: v for k, v in row.items() if k != "fd_replicates"} for name, row in payload["rows"].items()}
+    output.write(data, args.out, "generation_fidelity", markdown, compress=True)
     labels = np.asarray(payload["labels"])
     first = [int(np.flatnonzero(labels == c)[0]) for c in range(10)]
     grid = {name: np.asarray(imgs)[first] for name, imgs in payload["images"].items()
             if name == "baseline" or name.endswith(" 0.5")}
-    fid.save_grid(grid, str(folder / "generation_samples.png"))
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m turbo_fx.bench.generation_eval", description=__doc__.split("\n")[0])
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=2.5)
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.6])
-    parser.add_argument("--alpha", type=float, default=0.05)
-    parser.add_argument("--alpha-sweep", type=float, nargs="*", default=[],
-                        help="further alphas for the self-attention turbo row at --sweep-ratio")
-    parser.add_argument("--sweep-ratio", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (on 2 shared cores one thread sampled this model 2-3x faster than two)")
-    parser.add_argument("--out", default="bench/results/generation")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    try:  # the rows' own check, before the model loads (or trains, when not cached)
-        row_specs(args.ratios, args.alpha, args.alpha_sweep, args.sweep_ratio)
-    except ValueError as exc:
-        parser.error(str(exc))
-    payload = run(args.samples, args.steps, args.guidance, args.ratios, args.alpha, args.seed, args.batch,
-                  alpha_sweep=args.alpha_sweep, sweep_ratio=args.sweep_ratio)
-    payload["command"] = "python -m turbo_fx.bench.generation_eval " + " ".join(argv or [])
-    write(payload, args.out)
-    print(markdown(payload))
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main(sys.argv[1:]))
+    fid.save_grid(grid, os.path.join(args.out, "generation_samples.png"))
+    return payload

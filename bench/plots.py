@@ -1,7 +1,7 @@
 """Plots of evaluation results (matplotlib, no display needed: figures are drawn off-screen).
 
-* ``plot_tradeoff``: a metric against FLOPs per sample and against measured time, one line
-  per method (the paper's Figure 4 on our data), the baseline as a star.
+* ``plot_tradeoff``: a metric against FLOPs per sample, one line per method (the paper's
+  Figure 4 on our data), the baseline as a star.
 * ``plot_alpha``: a metric against the balancing coefficient alpha at one r (Figure 5),
   with redundancy-only merging at the same r as a reference line.
 
@@ -51,24 +51,17 @@ def _by_method(rows: Sequence[dict], groups: Sequence[str]) -> dict[str, list[di
 
 def plot_tradeoff(results, metric: str, path: str, groups: Sequence[str] = ("components", "threshold"),
                   title: Optional[str] = None) -> str:
-    """``metric`` against GFLOPs per sample (left) and ms per sample (right), per method."""
-    fig, (ax_flops, ax_time) = _figure(2)
+    """``metric`` against GFLOPs per sample, one line per method."""
+    fig, (ax,) = _figure(1, width=6.0)
     for method, rows in _by_method(results.rows, groups).items():
-        style = dict(METHOD_STYLE.get(method, dict(marker="x")))
         flops_of = _flops_for(metric, rows)
         rows = sorted(rows, key=flops_of)
-        y = [r["metrics"][metric] for r in rows]
-        for ax, key in ((ax_flops, "gflops"), (ax_time, "ms_per_sample")):
-            x = [flops_of(r) if key == "gflops" else r[key] for r in rows]
-            if None in x:
-                continue
-            ax.errorbar(x, y, yerr=error_bars(rows, metric, results.task), label=method,
-                        linestyle="-" if len(rows) > 1 else "none", capsize=3, **style)
+        ax.errorbar([flops_of(r) for r in rows], [r["metrics"][metric] for r in rows],
+                    yerr=error_bars(rows, metric, results.task), label=method,
+                    linestyle="-" if len(rows) > 1 else "none", capsize=3, **METHOD_STYLE.get(method, dict(marker="x")))
     corpus = _corpus(metric, results.rows)
-    flops_label = f"GFLOPs per {corpus} text" if corpus else "GFLOPs per sample"
-    for ax, xlabel in ((ax_flops, flops_label), (ax_time, "ms per sample (measured, all samples)")):
-        _label_axes(ax, xlabel, metric)
-    return _save(fig, title or f"{results.model}: {METRIC_LABEL.get(metric, metric)} vs cost", path)
+    _label_axes(ax, f"GFLOPs per {corpus} text" if corpus else "GFLOPs per sample", metric)
+    return _save(fig, title or f"{results.model}: {METRIC_LABEL.get(metric, metric)} vs FLOPs", path)
 
 
 def error_bars(rows: Sequence[dict], metric: str, task: dict) -> Optional[np.ndarray]:
@@ -109,7 +102,9 @@ def _label_axes(ax, xlabel: str, metric: str) -> None:
 
 
 def _save(fig, title: str, path: str) -> str:
-    fig.suptitle(title)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(title, 60)), fontsize="medium")
     fig.tight_layout()
     fig.savefig(path)
     return path

@@ -1,14 +1,15 @@
-"""Writing evaluation results: markdown tables (tabulate) with 95% intervals and paired
-comparisons (``intervals``), the raw JSON, and the plots."""
+"""Writing evaluation results: markdown tables with 95% intervals and paired comparisons
+(``intervals``), the JSON with every row's per-sample data, and the accuracy-FLOPs plots.
+
+The tables leave time out: the evaluation runs the rewritten graphs eagerly, on whatever shares
+the cores, to measure what merging keeps; ``turbo-fx bench`` (``make bench``) measures speed.
+"""
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Sequence
 
-from tabulate import tabulate
-
-from turbo_fx.bench import intervals, plots
+from turbo_fx.bench import intervals, output, plots
 
 GROUP_TITLES = {
     "components": "Ranking components at matched FLOPs (paper Table 7 / Figure 4): redundancy only "
@@ -17,25 +18,20 @@ GROUP_TITLES = {
     "alpha": "Balancing coefficient alpha (paper Figure 5)",
     "threshold": "Floor on the token count, `min_tokens` (paper Table 9)",
 }
+SPEED_NOTE = ("Speed: not measured here (the rewritten graphs run eagerly, on shared cores); "
+              "`make bench` times turbo against Inductor.")
 
 
-def rows_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: str = "github",
-               task: Optional[dict] = None) -> str:
-    head = ["configuration", "GFLOPs/sample", "FLOPs saved", "ms/sample", "speed-up"]
+def rows_table(rows: Sequence[dict], metric_names: Sequence[str], task: Optional[dict] = None) -> str:
+    head = ["configuration", "GFLOPs/sample", "FLOPs saved"]
     for m in metric_names:
         head += [m, "drop"]
     extras = sorted(k for k in rows[0].get("extra", {}) if k.endswith("flop_reduction")) if rows else []
-    head += [k.replace("_flop_reduction", " FLOPs saved") for k in extras]
-    head += ["tokens per block"]
+    head += [k.replace("_flop_reduction", " FLOPs saved") for k in extras] + ["tokens per block"]
     body = []
     for r in rows:
-        line = [
-            r["label"],
-            f"{r['gflops_per_sample']:.3f}",
-            f"{r['flop_reduction'] * 100:.1f}%" if r["flop_reduction"] is not None else "-",
-            f"{r['ms_per_sample']:.1f}" if r["ms_per_sample"] else "-",
-            f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
-        ]
+        saved = r["flop_reduction"]
+        line = [r["label"], f"{r['gflops_per_sample']:.3f}", f"{saved * 100:.1f}%" if saved is not None else "-"]
         for m in metric_names:
             value = format_interval(r["metrics"][m], intervals.metric_interval(r, m, task or {}))
             line += [value, f"{r['drop'][m]:+.4f}" if r["method"] != "baseline" else "-"]
@@ -43,9 +39,9 @@ def rows_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: str = "gi
             value = r.get("extra", {}).get(k)
             line.append(f"{value * 100:.1f}%" if value is not None else "-")
         tokens = r.get("tokens_per_block")
-        line.append(_tokens(tokens) if tokens else ("FALLBACK" if r["fallbacks"] else "-"))
+        line.append(output.tokens(tokens) if tokens else ("FALLBACK" if r["fallbacks"] else "-"))
         body.append(line)
-    return tabulate(body, headers=head, tablefmt=fmt)
+    return output.table(head, body)
 
 
 def format_interval(value: float, interval: Optional[tuple[float, float]]) -> str:
@@ -57,23 +53,16 @@ def format_interval(value: float, interval: Optional[tuple[float, float]]) -> st
     return f"{value:.4f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
 
 
-def format_p(p: float) -> str:
-    # Below 0.001 the exact value says nothing more (and a bootstrap p cannot resolve it).
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
 def comparison_cell(comparison) -> tuple[str, str]:
     """``(+0.0020 [-0.0035, +0.0075], 0.523 (14:10))``: difference, interval, p and, for
     proportions, the discordant counts (right under A only : under B only)."""
     if comparison is None:
         return "-", "-"
-    c = comparison
-    difference = f"{c.difference:+.4f} [{c.low:+.4f}, {c.high:+.4f}]"
-    counts = f" ({c.a_only}:{c.b_only})" if c.a_only is not None else ""
-    return difference, format_p(c.p_value) + counts
+    counts = f" ({comparison.a_only}:{comparison.b_only})" if comparison.a_only is not None else ""
+    return output.difference(comparison), output.p_value(comparison.p_value) + counts
 
 
-def comparisons_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: str = "github") -> Optional[str]:
+def comparisons_table(rows: Sequence[dict], metric_names: Sequence[str]) -> Optional[str]:
     """One line per pair of ``intervals.comparison_pairs``; None when no row has samples."""
     pairs = [(a, b) for a, b in intervals.comparison_pairs(rows) if a.get("samples") and b.get("samples")]
     if not pairs:
@@ -87,8 +76,7 @@ def comparisons_table(rows: Sequence[dict], metric_names: Sequence[str], fmt: st
         for m in metric_names:
             line += list(comparison_cell(intervals.compare(a, b, m)))
         body.append(line)
-    # Without disable_numparse tabulate would print a p of "1.000" as "1".
-    return tabulate(body, headers=head, tablefmt=fmt, disable_numparse=True)
+    return output.table(head, body)
 
 
 COMPARISONS_NOTE = (
@@ -105,50 +93,39 @@ INTERVALS_NOTE = (
     "among the drawn documents). 2000 resamples, seed 0. [-]: the JSON has no per-sample data for it.")
 
 
-def _tokens(tokens: Sequence[int]) -> str:
-    return f"{tokens[0]}→{tokens[-1]}" if len(tokens) > 1 else str(tokens[0])
-
-
-def markdown(results, machine: str, command: str, extra: Sequence[str] = ()) -> str:
-    out = [f"# Fidelity of turbo merging: {results.model}", "",
-           f"Machine: {machine}.", f"Command: `{command}`", ""]
+def markdown(results, machine: str, command: str) -> str:
+    out = [f"# Fidelity of turbo merging: {results.model}", "", f"Machine: {machine}.", f"Command: `{command}`", ""]
     task = ", ".join(f"{k}={v}" for k, v in results.task.items())
     out += [f"Task: {task}. Rewritten graphs run by `{results.inner_backend}`; "
-            f"total {results.seconds_total / 60:.1f} min.", ""]
-    out += list(extra)
+            f"total {results.seconds_total / 60:.1f} min.", "", SPEED_NOTE, ""]
     baseline = [r for r in results.rows if r["method"] == "baseline"]
     for group, title in GROUP_TITLES.items():
         rows = [r for r in results.rows if r["group"] == group and r["method"] != "baseline"]
-        if not rows:
-            continue
-        out += [f"## {title}", "", rows_table(baseline + rows, results.metric_names, task=results.task), ""]
+        if rows:
+            out += [f"## {title}", "", rows_table(baseline + rows, results.metric_names, task=results.task), ""]
     paired = comparisons_table(results.rows, results.metric_names)
     out += ["## Paired comparisons on the same samples", ""]
     out += [paired, "", COMPARISONS_NOTE, ""] if paired else [
         "None: these rows were written without per-sample data, which paired tests need.", ""]
     out += ["Columns: FLOPs saved = 1 - FLOPs / unmerged FLOPs on the same inputs (turbo_fx.recording "
-            "with FLOP counting: matmuls, SDPA, the merge op); ms/sample = measured on this machine "
-            "(images: median over batches; texts: total of a second, timed call per length bucket); "
-            "speed-up = baseline ms / row ms; drop = baseline metric - row metric (positive = worse); "
-            "tokens per block = tokens entering the first block → tokens entering the last (texts: in the first "
-            "graph compiled, the shortest bucket of Lee documents).", "", INTERVALS_NOTE, ""]
-    for note in results.notes:
-        out.append(f"- {note}")
+            "with FLOP counting: matmuls, SDPA, the merge op); drop = baseline metric - row metric (positive "
+            "= worse); tokens per block = tokens entering the first block → tokens entering the last (texts: "
+            "in the first graph compiled, the shortest bucket of Lee documents).", "", INTERVALS_NOTE, ""]
+    out += [f"- {note}" for note in results.notes]
     return "\n".join(out) + "\n"
 
 
 def write_results(results, out_dir: str, stem: str, machine: dict, machine_line: str, command: str,
-                  plot_metrics: Sequence[str], extra_markdown: Sequence[str] = ()) -> dict[str, str]:
-    """Write ``<stem>.md``, ``<stem>.json`` and the plots into ``out_dir``; returns the paths."""
-    paths = write_report(results, out_dir, stem, machine_line, command, plot_metrics, extra_markdown)
-    paths["json"] = os.path.join(out_dir, f"{stem}.json")
-    with open(paths["json"], "w") as f:
-        f.write(results_json({"machine": machine, "command": command, **results.to_dict()}))
+                  plot_metrics: Sequence[str]) -> dict[str, str]:
+    """Write ``<stem>.md``, ``<stem>.json.gz`` and the plots into ``out_dir``; returns the paths."""
+    paths = write_report(results, out_dir, stem, machine_line, command, plot_metrics)
+    paths["json"] = output.save_json({"machine": machine, "command": command, **results.to_dict()},
+                                     os.path.join(out_dir, f"{stem}.json.gz"))
     return paths
 
 
 def write_report(results, out_dir: str, stem: str, machine_line: str, command: str,
-                 plot_metrics: Sequence[str], extra_markdown: Sequence[str] = ()) -> dict[str, str]:
+                 plot_metrics: Sequence[str]) -> dict[str, str]:
     """Write ``<stem>.md`` and the plots (not the JSON) into ``out_dir``; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
@@ -159,20 +136,18 @@ def write_report(results, out_dir: str, stem: str, machine_line: str, command: s
         if alpha:
             paths[f"alpha_{metric}"] = alpha
     figures = [f"![{name}]({os.path.basename(p)})" for name, p in paths.items()]
-    text = markdown(results, machine_line, command, extra_markdown) + "\n" + "\n\n".join(figures) + "\n"
     paths["markdown"] = os.path.join(out_dir, f"{stem}.md")
     with open(paths["markdown"], "w") as f:
-        f.write(text)
+        f.write(markdown(results, machine_line, command) + "\n" + "\n\n".join(figures) + "\n")
     return paths
 
 
 def rerender(json_path: str) -> dict[str, str]:
-    """Rewrite the markdown and plots next to ``json_path`` from the JSON alone, with today's
-    tables and plots; the JSON is left as it is. The machine line is the one the markdown
-    already shows (the JSON keeps the machine as a dict, not that line); the plotted metrics
-    are those ``turbo-fx eval`` plots (every metric but cosine)."""
+    """Rewrite the markdown and plots next to ``json_path`` from the JSON alone; the JSON is left
+    as it is. The machine line is the one the markdown already shows (the JSON keeps the machine
+    as a dict, not that line); the plotted metrics are every metric but cosine."""
     out_dir, name = os.path.split(json_path)
-    stem = os.path.splitext(name)[0]
+    stem = name.removesuffix(".gz").removesuffix(".json")
     with open(os.path.join(out_dir, f"{stem}.md")) as f:
         machine_line = next(line for line in f if line.startswith("Machine: "))
     machine_line = machine_line.strip()[len("Machine: "):].removesuffix(".")
@@ -181,28 +156,10 @@ def rerender(json_path: str) -> dict[str, str]:
                         [m for m in results.metric_names if m != "cosine"])
 
 
-def results_json(payload: dict) -> str:
-    """``payload`` as indented JSON, except that each per-sample list of a row is written on one
-    line (indented, 2000 test images would take 2000 lines per list)."""
-    stash, rows = {}, []
-    for i, row in enumerate(payload.get("rows", [])):
-        if "samples" in row:
-            key = f"@samples-{i}@"
-            stash[key] = row["samples"]
-            row = {**row, "samples": key}
-        rows.append(row)
-    text = json.dumps({**payload, "rows": rows}, indent=1)
-    for key, samples in stash.items():
-        lines = [f"{json.dumps(name)}: {json.dumps(values, separators=(',', ':'))}" for name, values in samples.items()]
-        text = text.replace(json.dumps(key), "{\n" + ",\n".join(lines) + "\n}", 1)
-    return text
-
-
 def load_results(json_path: str):
     """``(EvalResults, machine dict, command)`` from a JSON file ``write_results`` wrote."""
     from turbo_fx.bench.evaluation import EvalResults
 
-    with open(json_path) as f:
-        payload = json.load(f)
+    payload = output.load_json(json_path)
     machine, command = payload.pop("machine"), payload.pop("command")
     return EvalResults(**payload), machine, command

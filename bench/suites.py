@@ -1,4 +1,4 @@
-"""Ready-made evaluation tasks and the sets of rows (suites) the command line and the demo run.
+"""``turbo-fx eval``: ready-made evaluation tasks and the sets of rows (suites) it and the demo run.
 
 Vision: DINOv2 ViT-S/14 (real weights) on Fashion-MNIST, probe features = the final
 LayerNorm's CLS token concatenated with the mean of its patch tokens (DINOv2's linear-probe
@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from turbo_fx.bench import evaluation as ev
+from turbo_fx.bench.results import rerender as render  # noqa: F401  (turbo-fx eval --render JSON)
 
 SUITES = ("demo", "components", "alpha", "fusion", "threshold", "full")
 VISION_DEFAULTS = {"r": [8, 12, 16, 20], "demo_r": [8, 12, 16], "r_ref": 16, "threshold_r": [20, 24],
@@ -103,3 +104,42 @@ def text_task(max_length: int = 256, limit: Optional[int] = None, bucket: int = 
         keep = np.concatenate([np.flatnonzero(labels == c)[:limit] for c in (0, 1)])
         sentences, labels = [sentences[i] for i in keep], labels[keep]
     return ev.TextSimilarityTask(model, tokenizer, ev.TextData(docs, sims, sentences, labels), max_length, bucket)
+
+
+def check(args) -> None:
+    from turbo_fx.bench.cli import UsageError
+
+    if args.suite not in SUITES:
+        raise UsageError(f"--suite must be one of {', '.join(SUITES)}, got {args.suite!r}")
+    if args.resolution % 14:
+        raise UsageError(f"--resolution must be a multiple of 14 (DINOv2's patch), got {args.resolution}")
+
+
+def run(args) -> ev.EvalResults:
+    from turbo_fx.bench import results, timing
+    from turbo_fx.model_zoo.dinov2 import default_cache_dir
+
+    timing.log(f"machine: {timing.machine_line()}")
+    if args.task == "fashion-mnist":
+        task = fashion_mnist_task(args.train, args.test, args.batch, args.resolution)
+        defaults, plot_metrics = VISION_DEFAULTS, ["probe_top1", "knn_top1"]
+        model = f"DINOv2 ViT-S/14 (real weights) on Fashion-MNIST at {args.resolution} px"
+    else:
+        task = text_task(limit=args.texts, bucket=args.bucket)
+        defaults, plot_metrics, model = TEXT_DEFAULTS, ["lee_spearman", "polarity_probe"], "MiniLM-L6 (real weights)"
+    variants = variants_for(args.suite, defaults, args.options, args.r, args.alphas or ALPHAS, args.methods)
+    timing.log(f"{model}: {len(variants)} configurations + the baseline; {task.describe()}")
+    stem = args.name or f"eval_{args.task.replace('-', '_')}_{args.suite}"
+
+    def write(partial):
+        return results.write_results(partial, args.out, stem, timing.machine(), timing.machine_line(),
+                                     args.command, plot_metrics)
+
+    out = ev.evaluate(task, variants, model, inner_backend=args.inner_backend, progress=not args.no_progress,
+                      cache_dir=str(default_cache_dir(args.cache)), log=timing.log, on_row=write)
+    paths = write(out)
+    print(results.markdown(out, timing.machine_line(), args.command))
+    timing.log(results.SPEED_NOTE)
+    timing.log("wrote " + ", ".join(sorted(paths.values())))
+    return out
+

@@ -244,3 +244,50 @@ def visualize_merges(
         ax.set_axis_off()
     fig.savefig(path, dpi=100)
     return MergeVisualization(str(path), chosen, tokens, groups, protected, grid)
+
+
+# ---- ``turbo-fx visualize`` ------------------------------------------------------------------
+
+
+def load_image(spec: str) -> np.ndarray:
+    """A photo name (``model_zoo.data.sample_photos``), ``fashion-mnist:<index>`` or an image file."""
+    import os
+
+    from turbo_fx.model_zoo import data
+
+    if spec.startswith("fashion-mnist:"):
+        images, _ = data.fashion_mnist("test")
+        return images[int(spec.split(":", 1)[1])]
+    if os.path.exists(spec):
+        from skimage import io
+
+        return np.asarray(io.imread(spec))
+    photos = data.sample_photos()
+    if spec not in photos:
+        from turbo_fx.bench.cli import UsageError
+
+        raise UsageError(f"--image {spec!r} is not a file, 'fashion-mnist:<i>' or one of {sorted(photos)}")
+    return photos[spec]
+
+
+def run(args) -> None:
+    """One PNG per ``--image``: the merges of ``--model`` at ``--r`` over the picture."""
+    import os
+
+    from turbo_fx.bench import output, timing
+    from turbo_fx.bench.cli import UsageError
+    from turbo_fx.model_zoo import dinov2
+    from turbo_fx.model_zoo.registry import build_model
+
+    zoo = build_model(args.model)
+    if zoo.kind != "vision":
+        raise UsageError(f"--model {args.model} is not a vision model")
+    for spec in args.image:
+        picture = load_image(spec)
+        pixels = dinov2.dinov2_preprocess(picture, size=zoo.image_size or 224)
+        name = os.path.splitext(os.path.basename(spec))[0].replace(":", "_")
+        path = os.path.join(args.out, f"merges_{output.file_stem(args.model)}_{name}_r{args.r}.png")
+        result = visualize_merges(zoo.model, pixels, options={**args.options, "r": args.r}, blocks=args.blocks,
+                                  display_image=picture, path=path)
+        timing.log(f"{spec}: blocks {result.blocks}, tokens {result.tokens}; wrote {path}")
+

@@ -1,65 +1,40 @@
-"""Captioning fidelity under turbo on a real-weight vision-language stand-in: DINOv2 ViT-S/14 + a trained decoder.
+"""``turbo-fx vlm-eval``: captioning fidelity under turbo on a real-weight vision-language
+stand-in, ``model_zoo.fashion_captioner.FashionCaptioner`` (frozen DINOv2 ViT-S/14 at 224 px, 257
+tokens, and a caption decoder trained here on its unmerged tokens), compiled whole: the DINOv2
+stream merges and the decoder's cross-attention reads the merged tokens (``reads merged`` in the
+site table, which every row records). Test images: a class-balanced Fashion-MNIST test sample.
 
-The model is :class:`~turbo_fx.model_zoo.fashion_captioner.FashionCaptioner` (frozen, real-weight
-DINOv2 ViT-S/14 at 224 px, 257 tokens, and a caption decoder trained here on its unmerged
-tokens), compiled whole with the turbo backend: the DINOv2 stream merges and the decoder's
-cross-attention reads the merged tokens (the report's site table says ``reads merged``, which
-every row records). Test images: a class-balanced sample of Fashion-MNIST's test split.
+**One forward per image.** The decoder's self-attention is causal, so greedy decoding produces
+the true caption if and only if, fed the true caption (teacher forcing), the argmax at every
+non-padding position is the next true token (by induction on the position). One teacher-forced
+forward therefore gives the greedy exact match, the first generated word (position 0 sees only
+BOS), the caption's log-likelihood and the greedy caption up to its first wrong token; only where
+that token is not EOS does ``complete_greedy`` run further forwards, so that every row has every
+image's full greedy caption. The run checks this against a plain greedy loop on a few images of
+the baseline and of one merged row (``greedy_check``).
 
-**Scoring with one forward per image.** The decoder's self-attention is causal, so the logits
-at position i depend only on ``input_ids[:, :i+1]`` (and the image). Greedy decoding therefore
-produces the true caption if and only if, fed the true caption (teacher forcing), the argmax at
-every non-padding position is the next true token: if it is, greedy decoding reproduces the
-true prefix one token at a time (by induction on the position) and stops at the true EOS; if
-greedy decoding yields the true caption, every step saw the true prefix and chose the true
-token. So one teacher-forced forward with fixed-length padded ``input_ids`` gives the greedy
-exact match, the first generated word (position 0 sees only BOS) and the caption's
-log-likelihood. It also gives the greedy caption up to its first wrong token; only for images
-where that token is not EOS does :func:`complete_greedy` run further forwards (the generated
-prefix, padded to the same length) until EOS, so that every row has every image's full greedy
-caption (for the agreement with the unmerged model's caption). The run checks the equivalence
-against a plain greedy loop with growing ``input_ids`` (:func:`greedy_captions`) on a few
-images of the baseline (eager model) and of one merged row (its compiled model), and records
-the result (``greedy_check``).
-
-Metrics per row, each with a 95% interval (``bench/stats.py``):
-
-* ``exact_match``: greedy caption equals the true caption (Wilson);
-* ``class_accuracy``: the class named by the first generated word (each class's caption
-  starts with a word of its own) is the label (Wilson);
-* ``loglik``: mean log-likelihood (nats) of the true caption, EOS included (percentile bootstrap);
-* ``agreement``: greedy caption equals the unmerged model's greedy caption (Wilson).
-
-Rows: the unmerged baseline (``r=0`` through the same compile path), then at each r Turbo
-(defaults: semantic + redundancy), redundancy-only (``semantic=False``) and semantic-only
-(``redundancy=False``), each with and without the cross-attention size bias
-(``cross_attention_bias``). Paired comparisons on the same images: Turbo vs redundancy-only and
-vs semantic-only at the same r and bias, bias vs no bias for each ranking and r, every biased
-row vs the baseline; proportions by Newcombe's interval with the exact McNemar p, the
-log-likelihood by a paired bootstrap. A difference is called one only where its interval
-excludes 0.
-
-``python -m turbo_fx.bench.vlm_eval --out bench/results/vlm`` writes ``fashion_captioner.md``
-and ``fashion_captioner.json`` (every row's per-image captions, so intervals can be recomputed;
-``--rerender JSON`` rewrites the markdown from it). With the defaults (1000 images, 19 rows, one
-thread) it took 54 minutes on the shared 2-core machine, 2026-12-02.
+Metrics per row, each with a 95% interval: ``exact_match`` (greedy caption = true caption,
+Wilson), ``class_accuracy`` (the class named by the first generated word, Wilson), ``loglik``
+(mean log-likelihood of the true caption, EOS included, percentile bootstrap) and ``agreement``
+(greedy caption = the unmerged model's, Wilson). Rows: the baseline (``r=0`` through the same
+compile path), then at each r Turbo, redundancy-only and semantic-only, each with and without the
+cross-attention size bias. Paired comparisons on the same images (Newcombe and exact McNemar for
+proportions, paired bootstrap for the log-likelihood); a difference is called one only where its
+interval excludes 0. With the defaults (1000 images, 19 rows, one thread) a run takes about an
+hour on 2 CPU cores; ``--render JSON`` rewrites the markdown from ``fashion_captioner.json.gz``.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
-import sys
+import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from tabulate import tabulate
 
-from turbo_fx.bench import stats
+from turbo_fx.bench import output, stats, timing
 from turbo_fx.bench.evaluation import compile_variant
 from turbo_fx.model_zoo import fashion_captioner as fc
 from turbo_fx.report import recording
@@ -155,11 +130,6 @@ def complete_greedy(step: Callable[[np.ndarray, torch.Tensor], torch.Tensor], in
             captions[i].append(int(logits[row, len(captions[i])].argmax()))
         active = [i for i in active if captions[i][-1] != fc.EOS and len(captions[i]) < length]
     return captions
-
-
-def greedy_captions(model: Callable, pixel_values: torch.Tensor, max_new_tokens: int = fc.INPUT_LENGTH) -> list[list[int]]:
-    """Plain greedy decoding with growing ``input_ids`` (see ``fashion_captioner.greedy_captions``)."""
-    return fc.greedy_captions(model, pixel_values, max_new_tokens)
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,13 +233,11 @@ def compile_row(model: torch.nn.Module, spec: RowSpec, inner_backend: str) -> Ca
 
 class Runner:
     """Runs one compiled row on the test pixels in fixed-size batches (the last padded by
-    repetition), records its first graph's report (FLOPs, tokens, site decisions) and times
-    the calls that did not compile."""
+    repetition) and records its first graph's report (FLOPs, tokens, site decisions)."""
 
     def __init__(self, fn: Callable, pixels: torch.Tensor, batch_size: int) -> None:
         self.fn, self.pixels, self.batch_size = fn, pixels, batch_size
         self.info: Optional[GraphInfo] = None
-        self.timed: list[float] = []
         self.calls = 0
 
     def __call__(self, indices: np.ndarray, input_ids: torch.Tensor) -> torch.Tensor:
@@ -280,19 +248,11 @@ class Runner:
         idx = np.concatenate([indices, np.repeat(indices[-1:], pad)]) if pad else indices
         ids = torch.cat([input_ids, input_ids[-1:].expand(pad, -1)]) if pad else input_ids
         with torch.no_grad(), recording(count_flops=self.info is None) as rec:
-            start = time.perf_counter()
             logits = self.fn(self.pixels[torch.as_tensor(idx)], ids)
-            seconds = time.perf_counter() - start
         self.calls += 1
-        if rec.graphs:
-            if self.info is None:
-                self.info = graph_info(rec.graphs, self.batch_size)
-        else:
-            self.timed.append(seconds / self.batch_size)
+        if rec.graphs and self.info is None:
+            self.info = graph_info(rec.graphs, self.batch_size)
         return logits[:real]
-
-    def ms_per_image(self) -> Optional[float]:
-        return 1000 * statistics.median(self.timed) if self.timed else None
 
 
 def graph_info(graphs: Sequence, batch_size: int) -> GraphInfo:
@@ -357,7 +317,7 @@ def add_agreement(samples: dict, baseline: dict) -> None:
 def check_greedy(model: Callable, pixels: torch.Tensor, samples: dict, indices: Sequence[int]) -> dict:
     """A plain greedy loop (growing ``input_ids``) on ``indices``, against the captions the row derived."""
     with torch.no_grad():
-        ids = greedy_captions(model, pixels[torch.as_tensor(list(indices))])
+        ids = fc.greedy_captions(model, pixels[torch.as_tensor(list(indices))])
     loop = [fc.VOCAB.decode(c) + ("" if c and c[-1] == fc.EOS else " <no eos>") for c in ids]
     derived = [samples["caption"][i] for i in indices]
     return {"indices": [int(i) for i in indices], "greedy_loop": loop, "derived": derived,
@@ -375,15 +335,13 @@ def check_indices(samples: dict, k: int) -> list[int]:
 # The whole evaluation
 
 
-def run(test_images: int = 1000, seed: int = 0, r_values: Sequence[int] = DEFAULT_R, batch_size: int = 20,
+def study(test_images: int = 1000, seed: int = 0, r_values: Sequence[int] = DEFAULT_R, batch_size: int = 20,
         inner_backend: str = "eager", greedy_check: int = 20, methods: Sequence[str] = tuple(METHODS),
         model: Optional[torch.nn.Module] = None, images: Optional[np.ndarray] = None,
         labels: Optional[np.ndarray] = None, image_size: int = fc.IMAGE_SIZE,
         partial: Optional[Callable[[dict], None]] = None, log: Callable[[str], None] = print) -> dict:
     """Every row of :func:`row_specs` on the test images; ``model``/``images``/``labels`` default to the
     trained captioner and ``fashion_mnist("test", test_images, seed)`` (tests pass tiny ones)."""
-    from turbo_fx.bench import timing
-
     if model is None:
         model = fc.load_fashion_captioner(log=log)
     model = model.eval()
@@ -418,7 +376,7 @@ def run(test_images: int = 1000, seed: int = 0, r_values: Sequence[int] = DEFAUL
                "gflops_unmerged": info.flops_before / 1e9, "tokens_per_block": info.tokens_per_block,
                "fallbacks": info.fallbacks, "sites": info.sites,
                "cross_attention_sites": _cross_sites(info.sites),
-               "ms_per_image": runner.ms_per_image(), "calls": runner.calls,
+               "calls": runner.calls,
                "seconds": round(time.perf_counter() - started, 1), "samples": samples}
         row["metrics"] = row_metrics(samples)
         if greedy_check and (spec.method == "baseline" or spec == _checked_spec(specs)):
@@ -477,30 +435,25 @@ def _ci(m: dict, digits: int = 4) -> str:
 
 
 def _diff(c: dict) -> str:
-    text = f"{c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
-    p = "<0.001" if c["p"] < 0.001 else f"{c['p']:.3f}"
     counts = f" ({c['a_only']}:{c['b_only']})" if c.get("a_only") is not None else ""
-    text += f", p={p}{counts}"
+    text = f"{output.difference(c)}, p={output.p_value(c['p'])}{counts}"
     return f"**{text}**" if c["low"] > 0 or c["high"] < 0 else text
 
 
 def markdown(payload: dict) -> str:
-    from turbo_fx.bench import timing
-
     rows = payload["rows"]
     s = payload["settings"]
     base = rows[0]
     head = ["configuration", "cross-attn bias", "GFLOPs/image (saved)", "tokens", "decoder cross-attn"]
-    head += [METRIC_TITLES[m] for m in METRICS] + ["ms/image"]
+    head += [METRIC_TITLES[m] for m in METRICS]
     body = []
     for r in rows:
         saved = 1 - r["gflops_per_image"] / base["gflops_per_image"] if base["gflops_per_image"] else 0.0
         body.append([r["label"], "yes" if r["cross_bias"] else "no",
                      f"{r['gflops_per_image']:.3f} ({100 * saved:.1f}%)" if r["method"] != "baseline" else f"{r['gflops_per_image']:.3f}",
-                     _tokens(r["tokens_per_block"]) if r["tokens_per_block"] else "-",
+                     output.tokens(r["tokens_per_block"]),
                      "-" if r["method"] == "baseline" else r["cross_attention_sites"]]
-                    + [_ci(r["metrics"][m]) for m in METRICS]
-                    + [f"{r['ms_per_image']:.0f}" if r["ms_per_image"] else "-"])
+                    + [_ci(r["metrics"][m]) for m in METRICS])
     comp_head = ["comparison", "A", "B"] + [f"{METRIC_TITLES[m]}: A − B [95%], p" for m in METRICS]
     comp_body = [[c["kind"], c["a"], c["b"]] + [_diff(c[m]) for m in METRICS] for c in payload["comparisons"]]
     found = [f"- {c['a']} vs {c['b']}: {METRIC_TITLES[m]} {c[m]['difference']:+.4f} "
@@ -510,9 +463,8 @@ def markdown(payload: dict) -> str:
     checks = [f"- {r['label']} ({r['greedy_check']['model']}): {len(r['greedy_check']['indices'])} images "
               f"({r['greedy_check']['exact_among_them']} captioned exactly), greedy loop equals the derived captions: "
               f"{r['greedy_check']['equal']}" for r in rows if "greedy_check" in r]
-    lines = [
-        f"# Captioning under turbo: DINOv2 ViT-S/14 (real weights) + a caption decoder trained here, Fashion-MNIST",
-        "",
+    title = "Captioning under turbo: DINOv2 ViT-S/14 (real weights) + a caption decoder trained here, Fashion-MNIST"
+    lines = output.header(title, payload) + [
         f"{s['test_images']} class-balanced test images (seed {s['seed']}), {s['image_size']} px "
         f"({s['image_tokens']} image tokens, {s['blocks']} blocks), batch {s['batch_size']}, inner backend "
         f"`{s['inner_backend']}`. The decoder (2 layers, width 256) was trained on unmerged DINOv2 tokens"
@@ -523,10 +475,9 @@ def markdown(payload: dict) -> str:
         "Exact match, class accuracy and agreement: Wilson 95% intervals over the test images; mean "
         "log-likelihood of the true caption (EOS included): percentile bootstrap, 2000 resamples, seed 0. "
         "Rows at the same r remove the same tokens (equal FLOPs up to the semantic row's few MFLOPs). "
-        "FLOPs are counted on the compiled graph (image tower and decoder) per image. "
-        "ms/image: median over batches, eager inner backend, on shared cores (not a speed measurement).",
+        "FLOPs are counted on the compiled graph (image tower and decoder) per image.",
         "",
-        tabulate(body, headers=head, tablefmt="github", disable_numparse=True),
+        output.table(head, body),
         "",
         "## Paired comparisons (same images)",
         "",
@@ -535,7 +486,7 @@ def markdown(payload: dict) -> str:
         "percentile bootstrap, p = twice the share of resampled differences beyond 0. Bold: the "
         "interval excludes 0.",
         "",
-        tabulate(comp_body, headers=comp_head, tablefmt="github", disable_numparse=True),
+        output.table(comp_head, comp_body),
         "",
         "Differences whose 95% interval excludes 0:" if found else "No difference's 95% interval excludes 0.",
         *found,
@@ -550,56 +501,25 @@ def markdown(payload: dict) -> str:
         "Greedy-decoding check (a plain loop with growing `input_ids` against the captions derived "
         "from the teacher-forced forward and its completion):",
         *checks,
-        "",
-        f"Machine: {timing.machine_line(payload['machine'])}. The run took "
-        f"{sum(r['seconds'] for r in rows) / 60:.0f} min. Command: `{payload.get('command', '')}`.",
+        "", f"The run took {sum(r['seconds'] for r in rows) / 60:.0f} min.",
     ]
     return "\n".join(lines) + "\n"
 
 
-def write(payload: dict, out: str, stem: str = "fashion_captioner", final: bool = True) -> None:
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
-    if final:
-        (folder / f"{stem}.md").write_text(markdown(payload))
+def render(path: str) -> str:
+    """Rewrite the markdown beside a result JSON of this study from the JSON alone."""
+    text = markdown(output.load_json(path))
+    with open(path.removesuffix(".gz").removesuffix(".json") + ".md", "w") as f:
+        f.write(text)
+    return text
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m turbo_fx.bench.vlm_eval", description=__doc__.split("\n")[0])
-    parser.add_argument("--test", type=int, default=1000, help="class-balanced test images (default 1000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--r", type=int, nargs="+", default=list(DEFAULT_R))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--batch", type=int, default=20)
-    parser.add_argument("--inner-backend", default="eager", choices=["eager", "aot_eager", "inductor"])
-    parser.add_argument("--greedy-check", type=int, default=20,
-                        help="images whose derived captions are checked with a plain greedy loop (0: none)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--out", default="bench/results/vlm")
-    parser.add_argument("--rerender", metavar="JSON", default=None,
-                        help="only rewrite the markdown next to a result JSON of this tool (no model runs)")
-    args = parser.parse_args(argv)
-    if args.rerender:
-        path = Path(args.rerender)
-        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
-        print(f"wrote {path.with_suffix('.md')}")
-        return 0
-    if args.test <= 0 or args.batch <= 0 or any(r < 0 for r in args.r):
-        parser.error("--test and --batch must be positive and --r non-negative")
-    torch.set_num_threads(args.threads)
-    command = "python -m turbo_fx.bench.vlm_eval " + " ".join(sys.argv[1:] if argv is None else argv)
+def run(args) -> dict:
+    def partial(p: dict) -> None:  # rows so far, so that a run cut short still leaves them
+        output.save_json({**p, "command": args.command}, os.path.join(args.out, "fashion_captioner.json.gz"))
 
-    def partial(p: dict) -> None:
-        write({**p, "command": command}, args.out, final=False)
-
-    payload = run(args.test, args.seed, args.r, args.batch, args.inner_backend, args.greedy_check, args.methods,
-                  partial=partial, log=lambda s: print(s, flush=True))
-    payload["command"] = command
-    write(payload, args.out)
-    print(markdown(payload))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    payload = study(args.test, args.seed, args.r, args.batch, args.inner_backend, args.greedy_check, args.methods,
+                    partial=partial, log=timing.log)
+    payload["command"] = args.command
+    output.write(payload, args.out, "fashion_captioner", markdown, compress=True)
+    return payload

@@ -1,90 +1,44 @@
-"""Vision-language models at real sizes: CLIP image-text scoring and BLIP captioning with generate().
+"""``turbo-fx vlm-speed``: vision-language models at real sizes (RANDOM weights, seeded: no CLIP
+or BLIP weights install offline, so times and FLOPs are the real architectures', outputs mean
+nothing).
 
-    .venv/bin/python -u -m turbo_fx.bench.vlm_speed --threads 1 --out bench/results/vlm
-    .venv/bin/python -u -m turbo_fx.bench.vlm_speed --small --compiler eager --out build/vlm   # smoke, seconds
-    .venv/bin/python -u -m turbo_fx.bench.vlm_speed --part blip --blip-batch 1 8 --r 13
+(a) ``clip``: a whole transformers ``CLIPModel``, ViT-B/16 image tower at 224 px (197 tokens) and
+    the default causal text tower, returning ``logits_per_image``. Rows ``eager``, ``inductor``,
+    ``turbo r=R``, all ``dynamic=False``. Turbo compiles both towers as one graph: the image
+    sequence merges, the text sequence (causal attention) must stay untouched, and the table says
+    whether it did.
+(b) ``blip``: ``BlipForConditionalGeneration`` (ViT-B/16 at 384 px, 577 tokens; a BERT-base decoder
+    with cross-attention; vision ``initializer_range`` 0.02, since 1e-10 makes every random image
+    token the same), timed through ``generate(max_new_tokens=T, min_new_tokens=T, greedy)`` so that
+    every row does the same decoding work. ``generate`` runs ``model.vision_model`` once and the
+    decoder once per token, so the two parts are compiled apart: the vision tower with Inductor
+    (``inductor``) or turbo (``turbo r=R``; it restores the output to 577 tokens, so the decoder's
+    cross-attention over the copies is proportional attention over the merged tokens), and the
+    decoder's forward (wrapping the module would compile nothing: ``generate`` calls the original)
+    once, shared by every compiled row, its compile seconds in a row of its own (``eager vision +
+    compiled decoder``; with the default DynamicCache it compiles three graphs per batch size).
+    The vision towers are also timed alone, the part turbo changes.
 
-Every model has RANDOM weights (seeded; no CLIP or BLIP weights install offline): the times and
-FLOPs are those of the real architectures, the captions mean nothing.
-
-(a) ``clip``: a whole transformers ``CLIPModel`` with its default configuration but a ViT-B/16
-    image tower at 224 px (197 tokens, 12 blocks, 768 wide) and the default text tower (12 blocks,
-    512 wide, causal). Inputs: ``pixel_values`` [B, 3, 224, 224] and ``input_ids`` [B, L] (B
-    captions: BOS, random ids, EOS); the forward returns ``logits_per_image`` [B, B]. Rows:
-    ``eager``, ``inductor`` (``torch.compile(model)``) and ``turbo r=R``
-    (``torch.compile(model, backend="turbo", options={"r": R})``, Inductor inside), all with
-    ``dynamic=False``. Turbo compiles both towers as one graph: the image sequence merges, the text
-    sequence (causal attention) must stay untouched, and the table says whether it did.
-(b) ``blip``: ``BlipForConditionalGeneration`` with the default ``BlipConfig`` (ViT-B/16 at 384 px,
-    577 tokens; a BERT-base decoder with cross-attention), except the vision tower's
-    ``initializer_range`` (0.02 instead of 1e-10, which makes every random image token the same).
-    Timed: ``model.generate(pixel_values=..., max_new_tokens=T, min_new_tokens=T, do_sample=False,
-    num_beams=1)``, greedy and exactly T new tokens (``min_new_tokens`` holds EOS back), so every row
-    does the same decoding work. ``generate`` runs ``model.vision_model`` once and the decoder once
-    per token, so compiling means compiling the two parts:
-    - the vision tower: ``model.vision_model = torch.compile(model.vision_model, ..., dynamic=False)``
-      with Inductor (row ``inductor``) or turbo (``turbo r=R``). Turbo restores the output to 577
-      tokens (``restore_outputs=True``), so the decoder's cross-attention over the copies is
-      proportional attention over the merged tokens (tests/core/test_vlm_generate.py);
-    - the decoder: ``model.text_decoder.forward = torch.compile(model.text_decoder.forward)``
-      (wrapping the module compiles nothing: ``generate`` calls the original module). One compiled
-      decoder serves every compiled row (their decoders are the same module and read the same
-      [B, 577, 768] states), so it is compiled once per batch size and its compile seconds are its
-      own row, ``eager vision + compiled decoder``. With the default DynamicCache it compiles three
-      graphs per batch size (step 1; step 2, when the cache has become an EncoderDecoderCache; step 3,
-      when the self-attention cache length turns symbolic) and none after, which the table's
-      ``decoder graphs`` column shows.
-    Rows: ``eager``, ``eager vision + compiled decoder``, ``inductor``, ``turbo r=R``. Each batch
-    size (``--blip-batch``, default 1) compiles every vision tower and the decoder again. The vision
-    towers are also timed alone (called with generate's keywords, so no guard differs), which is
-    the part turbo changes: at 577 tokens r=16 removes 18% of the tower's FLOPs.
-
-Measurements, in one process, per model (and per batch size for BLIP):
-1. FLOPs: ``FlopCounterMode`` on eager calls (with turbo_fx.flops' CPU SDPA formula) for the
-   unmerged model; ``turbo_fx.explain`` (the rewritten graph counted) for turbo. CLIP: the whole
-   forward. BLIP: the vision tower, and per caption (vision + the decoder's generate work, counted
-   on the eager model at batch 1; merging leaves the decoder's FLOPs unchanged).
-2. Compile seconds (bench/timing.py's definition): the first call of a freshly compiled model
-   with an empty ``TORCHINDUCTOR_CACHE_DIR`` (FX-graph and AOT caches off) minus its
-   steady-state median. For BLIP's vision rows the decoder is already compiled at that point.
-3. Steady state: ``--rounds`` interleaved rounds (every configuration once per round, rotating
-   order) after ``--warmup`` calls each; median and IQR; speed-up = Inductor's median / the row's,
-   with a 95% percentile-bootstrap interval over the rounds (rounds resampled together, since a
-   round's configurations ran back to back; with few rounds the interval is coarse).
-4. Closeness to eager: CLIP, relative L2 and cosine of ``logits_per_image``; BLIP, the share of
-   generated tokens equal to the eager model's and the number of identical captions.
-
-Default run (``--threads 1``, both parts, CLIP batch 4, BLIP batch 1, r = 8, 13, 16): about 15
-minutes on the project's 2 shared cores with other jobs on them (load average 2-3.5, 2026-12-02:
-the CLIP part took 7 min, the BLIP batch-1 part 7.5 min with an extra r=32 row). Compiling takes
-most of it: 55-75 s per CLIP configuration, 15-55 s per BLIP vision tower, 60 s for the decoder's
-three graphs (110 s at batch 4, where they compile again); ``--part``, ``--r`` and ``--rounds``
-shorten it, ``--small`` is a smoke run (under a minute).
-
-Writes ``<out>/clip_speed_cpu.{md,json}`` and ``<out>/blip_generate_cpu.{md,json}``
-(``_small`` instead of ``_cpu`` with ``--small``).
+Measurements, in one process, per model (and per batch size for BLIP): FLOPs (``FlopCounterMode``
+on eager calls; ``turbo_fx.explain`` for turbo; BLIP per caption counts the decoder's work on the
+eager model, which merging leaves unchanged); compile seconds (``bench/timing.py``); ``--rounds``
+interleaved rounds after ``--warmup`` calls, median, IQR and the speed-up over Inductor with a 95%
+bootstrap interval over the rounds; closeness to eager (CLIP: relative L2 and cosine of the
+logits; BLIP: generated tokens equal to the eager model's). Compiling takes most of a run (about
+a minute per CLIP configuration on 2 CPU cores); ``--small`` is a smoke run (under a minute).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import os
-import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-from tabulate import tabulate
 
-from turbo_fx.bench import timing
+from turbo_fx.bench import output, timing
 from turbo_fx.bench.stats import speedup_interval
-from turbo_fx.bench.diffusion_speed import GraphCounter, closeness, fresh_copy
-
-DEFAULT_R = (8, 13, 16)
-PARTS = ("clip", "blip")
+from turbo_fx.bench.timing import closeness, count_flops, fresh_copy
 
 # Tiny configurations of the same classes for --small (tests, smoke runs).
 _TINY = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96)
@@ -169,59 +123,6 @@ def build_blip(small: bool = False, seed: int = 0) -> BlipCase:
 
 
 # --------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def compile_cache(root: str, compiler: str):
-    """An empty Inductor cache dir under ``root`` for one compile, kept until ``root`` is removed
-    (the compiled kernels stay loaded from it)."""
-    if compiler != "inductor":
-        yield
-        return
-    from torch._inductor.utils import fresh_cache
-
-    with fresh_cache(dir=root, delete=False):
-        yield
-
-
-_WARMED_UP = False
-
-
-def warm_up_once(log: Callable[[str], None]) -> None:
-    """timing.warm_up_compilers, once per process (its one-time costs are paid by then)."""
-    global _WARMED_UP
-    if not _WARMED_UP:
-        log(f"warming up the compilers (untimed): {timing.warm_up_compilers():.1f} s")
-        _WARMED_UP = True
-
-
-def _raise_recompile_limits(limit: int = 64) -> None:
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), limit))
-
-
-def _backend(kind: str, compiler: str, turbo_options: dict, r: Optional[int] = None) -> GraphCounter:
-    """A distinct backend callable per configuration (see diffusion_speed.GraphCounter)."""
-    lookup = torch._dynamo.lookup_backend
-    if kind == "turbo":
-        options = {**turbo_options, "r": r}
-        if compiler == "eager":
-            options.setdefault("inner_backend", "eager")
-        return GraphCounter(lookup("turbo"), options=options)
-    return GraphCounter(lookup("inductor" if compiler == "inductor" else "eager"))
-
-
-def eager_flops(fn: Callable, *args, **kwargs) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import turbo_fx.flops  # noqa: F401  (the CPU SDPA formula)
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(*args, **kwargs)
-    return counter.get_total_flops()
-
-
 def site_table(report) -> list[dict]:
     return [{"module": s.module, "kind": s.kind, "decision": s.decision, "reason": s.reason} for s in report.sites]
 
@@ -277,7 +178,7 @@ def run_clip(case: ClipCase, r_values: Sequence[int], rounds: int = 5, warmup: i
     results: dict = {name: {} for name in names}
 
     # 1. FLOPs (before compiling: explain resets Dynamo).
-    base_flops = eager_flops(clip_call, base, inputs)
+    base_flops = count_flops(clip_call, base, inputs)
     for name in ("eager", "inductor"):
         results[name].update(flops=base_flops, flop_ratio=1.0)
     for r in r_values:
@@ -293,17 +194,16 @@ def run_clip(case: ClipCase, r_values: Sequence[int], rounds: int = 5, warmup: i
     # 2. Compile each configuration with an empty cache.
     if compiler == "inductor":
         timing.no_compile_caches()
-        warm_up_once(log)
-    _raise_recompile_limits()
-    cache_root = tempfile.mkdtemp(prefix="turbo-fx-vlm-clip-")
+        log(f"warming up the compilers (untimed): {timing.warm_up_compilers():.1f} s")
+    timing.raise_recompile_limits()
     fns, outputs, first = {"eager": base}, {}, {}
-    try:
+    with tempfile.TemporaryDirectory(prefix="turbo-fx-vlm-clip-") as cache_root:
         outputs["eager"] = clip_call(base, inputs)
         for name in names[1:]:
             r = results[name].get("r")
-            counter = _backend("turbo" if r is not None else "inductor", compiler, turbo_options, r)
+            counter = timing.counted_backend(None if r is None else {**turbo_options, "r": r}, compiler)
             fn = torch.compile(fresh_copy(base), backend=counter, dynamic=False)
-            with compile_cache(cache_root, compiler), recording() as rec:
+            with timing.fresh_cache(cache_root, delete=False, enabled=compiler == "inductor"), recording() as rec:
                 start = time.perf_counter()
                 clip_call(fn, inputs)
                 first[name] = time.perf_counter() - start
@@ -318,8 +218,6 @@ def run_clip(case: ClipCase, r_values: Sequence[int], rounds: int = 5, warmup: i
         log(f"timing: {rounds} interleaved rounds after {warmup} warm-up call(s) each")
         calls = {name: (lambda fn=fn: clip_call(fn, inputs)) for name, fn in fns.items()}
         times = timing.interleaved(calls, (), rounds, warmup=warmup, progress=log)
-    finally:
-        shutil.rmtree(cache_root, ignore_errors=True)
     torch._dynamo.reset()
 
     for name in names:
@@ -385,8 +283,8 @@ def run_blip(case: BlipCase, batches: Sequence[int], r_values: Sequence[int], ne
 
     # 1. FLOPs at batch 1: the vision tower, and per caption.
     px1 = case.pixels(1)
-    vision_flops = eager_flops(lambda: base.vision_model(pixel_values=px1))
-    caption_flops = eager_flops(caption, base, px1, new_tokens)
+    vision_flops = count_flops(lambda: base.vision_model(pixel_values=px1))
+    caption_flops = count_flops(caption, base, px1, new_tokens)
     decoder_flops = caption_flops - vision_flops
     flops: dict = {}
     for name in names:
@@ -408,26 +306,25 @@ def run_blip(case: BlipCase, batches: Sequence[int], r_values: Sequence[int], ne
     # The models: every compiled row shares one decoder whose forward is compiled.
     if compiler == "inductor":
         timing.no_compile_caches()
-        warm_up_once(log)
-    _raise_recompile_limits()
+        log(f"warming up the compilers (untimed): {timing.warm_up_compilers():.1f} s")
+    timing.raise_recompile_limits()
     models, counters = {"eager": base}, {}
     shared = base.text_decoder
     if decoder == "compiled":
-        counters["decoder"] = _backend("inductor", compiler, turbo_options)
+        counters["decoder"] = timing.counted_backend(None, compiler)
         shared = compile_decoder_forward(fresh_copy(base.text_decoder), counters["decoder"])
         models[dec_name] = fresh_copy(base)
         models[dec_name].text_decoder = shared
     for name in vision_rows:
         model = fresh_copy(base)
-        counters[name] = _backend("turbo" if name in r_of else "inductor", compiler,
-                                  {**turbo_options, **extra_of.get(name, {})}, r_of.get(name))
+        counters[name] = timing.counted_backend(
+            {**turbo_options, **extra_of[name], "r": r_of[name]} if name in r_of else None, compiler)
         model.vision_model = torch.compile(model.vision_model, backend=counters[name], dynamic=False)
         model.text_decoder = shared
         models[name] = model
 
     per_batch = []
-    cache_root = tempfile.mkdtemp(prefix="turbo-fx-vlm-blip-")
-    try:
+    with tempfile.TemporaryDirectory(prefix="turbo-fx-vlm-blip-") as cache_root:
         for batch in batches:
             pixels = case.pixels(batch)
             log(f"batch {batch}: first calls")
@@ -435,7 +332,7 @@ def run_blip(case: BlipCase, batches: Sequence[int], r_values: Sequence[int], ne
             first, ids = {}, {}
             for name in names:
                 before = {k: c.graphs for k, c in counters.items()}
-                with compile_cache(cache_root, compiler), recording() as rec:
+                with timing.fresh_cache(cache_root, delete=False, enabled=compiler == "inductor"), recording() as rec:
                     start = time.perf_counter()
                     caption(models[name], pixels, new_tokens)
                     first[name] = time.perf_counter() - start
@@ -482,8 +379,6 @@ def run_blip(case: BlipCase, batches: Sequence[int], r_values: Sequence[int], ne
                               "decoder_graphs_during_timing": (decoder_graphs - graphs_before_timing
                                                                if decoder_graphs is not None else None),
                               "caption_shape": list(ids["eager"].shape)})
-    finally:
-        shutil.rmtree(cache_root, ignore_errors=True)
     torch._dynamo.reset()
     return {"model": case.name, "description": case.description, "random_weights": True,
             "settings": {"batches": list(batches), "r": list(r_values), "new_tokens": new_tokens, "rounds": rounds,
@@ -495,14 +390,7 @@ def run_blip(case: BlipCase, batches: Sequence[int], r_values: Sequence[int], ne
 
 
 # --------------------------------------------------------------------------- output
-def _f(value, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
-
-
-def _speedup(v: dict) -> str:
-    return f"{v['speedup']:.2f}x [{v['low']:.2f}, {v['high']:.2f}]"
-
-
+_f, _speedup = output.f, output.speedup
 CLIP_HEADERS = ["config", "compile s", "median ms / batch", "IQR ms", "speed-up vs Inductor [95%]", "GFLOPs",
                 "FLOP ratio", "image tokens per block (first → last)", "image tower merges", "text tower untouched",
                 "logits rel L2", "logits cosine"]
@@ -546,25 +434,23 @@ def blip_rows(entry: dict) -> list[list[str]]:
     return rows
 
 
-def _header(title: str, machine: dict) -> list[str]:
-    note = [f"Note: {machine['note']}", ""] if machine.get("note") else []
-    return [f"# {title}", "", f"Machine: {timing.machine_line(machine)}; transformers {machine.get('transformers')}.",
-            f"Command: `{machine['command']}`", ""] + note + [
-            "RANDOM weights everywhere (no CLIP or BLIP weights install offline): times and FLOPs are the real "
-            "architectures', outputs and captions mean nothing.", ""]
+def _header(title: str, payload: dict) -> list[str]:
+    note = [f"Note: {payload['note']}"] if payload.get("note") else []
+    return output.header(title, payload, *note, "RANDOM weights everywhere (no CLIP or BLIP weights install "
+                         "offline): times and FLOPs are the real architectures', outputs and captions mean nothing.")
 
 
 def clip_markdown(payload: dict) -> str:
     run = payload["run"]
     s = run["settings"]
-    lines = _header("CLIP image-text scoring: eager / Inductor / turbo", payload["machine"])
+    lines = _header("CLIP image-text scoring: eager / Inductor / turbo", payload)
     lines += [f"{run['description']}.", "",
               f"Compiler {s['compiler']}, dynamic=False; {s['rounds']} interleaved rounds after {s['warmup']} warm-up "
               f"call(s), {s['torch_threads']} torch thread(s). Compile s: the first call with an empty Inductor cache "
               "minus the median. Speed-up: Inductor's median / the row's, 95% bootstrap over the rounds. FLOPs: the "
               "whole forward (both towers); turbo's from its rewritten graph (turbo_fx.explain). Turbo options: "
               f"{s['turbo_options'] or '{}'}.", ""]
-    lines.append(tabulate(clip_rows(run), headers=CLIP_HEADERS, tablefmt="github"))
+    lines.append(output.table(CLIP_HEADERS, clip_rows(run)))
     problems = [f"- {name}: {p}" for name, e in run["configs"].items() for p in (e.get("checks") or {}).get("problems", [])]
     lines += [""] + (["Site checks failed:"] + problems if problems else
                      ["Every turbo row: every image-tower attention site merges, every text-tower site is "
@@ -576,7 +462,7 @@ def blip_markdown(payload: dict) -> str:
     run = payload["run"]
     s = run["settings"]
     fl = run["flops"]
-    lines = _header("BLIP captioning with generate(): eager / Inductor / turbo", payload["machine"])
+    lines = _header("BLIP captioning with generate(): eager / Inductor / turbo", payload)
     decoder_text = ("the decoder's forward compiled with Inductor (one compiled decoder shared by every compiled "
                     "row, dynamic shapes on, DynamicCache)" if s["decoder"] == "compiled" else "the decoder eager")
     lines += [f"{run['description']}.", "",
@@ -596,7 +482,7 @@ def blip_markdown(payload: dict) -> str:
               f"values of every image token, which turbo does not reduce: the decoder reads the restored "
               f"tokens). Turbo options: {s['turbo_options'] or '{}'}.", ""]
     for entry in run["batches"]:
-        lines += [f"## batch {entry['batch']}", "", tabulate(blip_rows(entry), headers=BLIP_HEADERS, tablefmt="github"), ""]
+        lines += [f"## batch {entry['batch']}", "", output.table(BLIP_HEADERS, blip_rows(entry)), ""]
         notes = []
         if entry.get("decoder_graphs_total") is not None:
             notes.append(f"decoder graphs compiled so far: {entry['decoder_graphs_total']} "
@@ -615,98 +501,25 @@ def blip_markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict:
-    info = timing.machine()
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
-    return info
-
-
-# --------------------------------------------------------------------------- command line
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _r(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"r must be >= 0, got {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m turbo_fx.bench.vlm_speed", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--small", action="store_true", help="tiny configurations of the same classes (a smoke test)")
-    p.add_argument("--r", nargs="+", type=_r, default=list(DEFAULT_R), help="turbo rows (tokens merged per block)")
-    p.add_argument("--clip-batch", type=_positive, default=4, help="images and captions per CLIP call")
-    p.add_argument("--caption-tokens", type=_positive, default=24, help="tokens per CLIP caption")
-    p.add_argument("--blip-batch", nargs="+", type=_positive, default=[1],
-                   help="BLIP batch sizes (each compiles every vision tower and the decoder again)")
-    p.add_argument("--new-tokens", type=_positive, default=20, help="tokens per BLIP caption")
-    p.add_argument("--rounds", type=_positive, default=None, help="timed rounds (default: CLIP 5, BLIP 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per configuration before the rounds")
-    p.add_argument("--decoder", choices=("compiled", "eager"), default="compiled",
-                   help="BLIP's decoder in the compiled rows: its forward compiled (shared), or eager")
-    p.add_argument("--compiler", choices=("inductor", "eager"), default="inductor",
-                   help="'eager': Dynamo's eager backend instead of Inductor (turbo inner_backend=eager)")
-    p.add_argument("--option", action="append", type=timing.option_pair, default=[], metavar="KEY=VALUE",
-                   help="a turbo option for every turbo row (repeatable)")
-    p.add_argument("--compare-explicit", action="store_true",
-                   help="BLIP: also a 'turbo r=R explicit' row per r (explicit_as_sdpa=False), to measure "
-                        "emitting the tower's explicit attention as SDPA")
-    p.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join("build", "bench_vlm"))
-    p.add_argument("--note", default=None, help="a line for the result files (e.g. which turbo-fx revision ran)")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = timing.log) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.warmup < 0:
-        raise SystemExit("--warmup must be >= 0")
+def run(args) -> dict:
     start = time.perf_counter()
-    machine = machine_info()
-    if args.note:
-        machine["note"] = args.note
-    log(f"machine: {timing.machine_line(machine)}")
+    machine = timing.machine()
+    timing.log(f"machine: {timing.machine_line(machine)}")
     suffix = "small" if args.small else "cpu"
-    options = dict(args.option)
     written: dict = {}
     if "clip" in args.part:
         case = build_clip(args.small, args.clip_batch, args.caption_tokens, args.seed)
         run = run_clip(case, args.r, rounds=args.rounds or 5, warmup=args.warmup, compiler=args.compiler,
-                       turbo_options=options, log=log)
-        payload = {"benchmark": "vlm_speed/clip", "machine": machine, "run": run}
-        paths = timing.write_json_and_markdown(payload, args.out, f"clip_speed_{suffix}", clip_markdown)
-        print(clip_markdown(payload))
-        log(f"wrote {' and '.join(paths)}")
-        written["clip"] = payload
+                       turbo_options=args.options)
+        written["clip"] = {"machine": machine, "command": args.command, "note": args.note, "run": run}
+        output.write(written["clip"], args.out, f"clip_speed_{suffix}", clip_markdown)
         del case
     if "blip" in args.part:
         case = build_blip(args.small, args.seed)
         run = run_blip(case, args.blip_batch, args.r, new_tokens=args.new_tokens, rounds=args.rounds or 3,
-                       warmup=args.warmup, compiler=args.compiler, decoder=args.decoder, turbo_options=options,
-                       compare_explicit=args.compare_explicit, log=log)
-        payload = {"benchmark": "vlm_speed/blip", "machine": machine, "run": run}
-        paths = timing.write_json_and_markdown(payload, args.out, f"blip_generate_{suffix}", blip_markdown)
-        print(blip_markdown(payload))
-        log(f"wrote {' and '.join(paths)}")
-        written["blip"] = payload
-    log(f"total {time.perf_counter() - start:.0f} s")
+                       warmup=args.warmup, compiler=args.compiler, decoder=args.decoder, turbo_options=args.options,
+                       compare_explicit=args.compare_explicit)
+        written["blip"] = {"machine": machine, "command": args.command, "note": args.note, "run": run}
+        output.write(written["blip"], args.out, f"blip_generate_{suffix}", blip_markdown)
+    timing.log(f"total {time.perf_counter() - start:.0f} s")
     return written
-
-
-if __name__ == "__main__":
-    main()
-    sys.exit(0)

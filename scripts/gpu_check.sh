@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Issue 7's GPU checks, for a session lent a GPU machine (torch 2.11 preinstalled, no network).
-# A task is lent 15 minutes of device time in all, machine start included, so `all` is the
-# one call to make (~8 min: every step has its own time limit); results go under $OUT.
+# The GPU checks, for a machine with a GPU (torch 2.11 preinstalled, no network). Device time
+# is short (15 minutes in all, machine start included), so `all` is the one call to make
+# (~8 min: every step has its own time limit); results go under $OUT.
 #
 #   here:       .venv/bin/pip wheel --no-deps -w dist .       (dist/ is ignored: carry it)
 #   on the GPU: bash scripts/gpu_check.sh all                 (ViT-B and DeiT-S r=13 in the default
 #                                                              mode and reduce-overhead, tests/cuda,
-#                                                              the key bias at 171 and 176 keys,
 #                                                              ViT-L r=8 in reduce-overhead; bf16)
 #               bash scripts/gpu_check.sh tests               (tests/cuda alone, ~2-4 min)
-#               bash scripts/gpu_check.sh bench               (merge paths + the bias cost, ~8 min)
+#               bash scripts/gpu_check.sh bench               (three merge paths per model, ~8 min)
+#
+# The studies run through the command line (`turbo-fx merge-paths`), as `python3 -m
+# turbo_fx.bench.cli`: a wheel installed with --target has no console script on the PATH.
 #
 # Nothing here runs in CI: CI machines have no GPU, and tests/cuda skips itself there.
 set -uo pipefail
@@ -32,7 +34,7 @@ all)
     # device call cut off at its limit still brings back the steps before.
     export TORCHINDUCTOR_CACHE_DIR=/tmp/turbo-inductor
     paths() {  # model r batch mode seconds: Inductor against the default path, both in that mode
-        timeout "$5" python3 -m turbo_fx.bench.merge_paths --model "$1" --r "$2" --batch "$3" --device cuda \
+        timeout "$5" python3 -m turbo_fx.bench.cli merge-paths --model "timm:$1" --r "$2" --batch "$3" --device cuda \
             --dtype bf16 --threads 4 --rounds 20 --mode "$4" --paths "compiled merge pieces" --out "$OUT" 2>&1 | tail -5
     }
     paths vit_base_patch16_224 13 256 default 80
@@ -40,12 +42,6 @@ all)
     paths deit_small_patch16_224 13 256 default 70
     paths deit_small_patch16_224 13 256 reduce-overhead 70
     timeout 130 python3 -m pytest -q -p no:cacheprovider tests/cuda -rs 2>&1 | tail -40 | tee "$OUT/cuda_tests.txt"
-    # The key bias at 171 keys (DeiT-S r=13, block 2) against 176 (a multiple of 8): Inductor's
-    # SDPA lowering may copy an expanded bias whose key stride is not a multiple of 8.
-    for tokens in 171 176; do
-        timeout 40 python3 -m turbo_fx.bench.attention_bias_cost --device cuda --dtype bf16 --batch 256 --heads 6 \
-            --tokens "$tokens" --rounds 30 --out "$OUT" 2>&1 | tail -9
-    done
     paths vit_large_patch16_224 8 128 reduce-overhead 90
     ;;
 tests)
@@ -53,13 +49,11 @@ tests)
     ;;
 bench)
     export TORCHINDUCTOR_CACHE_DIR=/tmp/turbo-inductor
-    python3 -m turbo_fx.bench.attention_bias_cost --device cuda --dtype bf16 --batch 256 --heads 12 --tokens 98 \
-        --rounds 50 --out "$OUT" 2>&1 | tail -12
     # model r batch: the issue's targets (ViT-B r=13 >= 1.55x, DeiT-S r=13 >= 1.45x, ViT-L r=8 >= 1.8x).
     # "compiled merge pieces" is the default; compile_blocks=True pins the eager merge op.
     for spec in "vit_base_patch16_224 13 256" "deit_small_patch16_224 13 256" "vit_large_patch16_224 8 128"; do
         set -- $spec
-        timeout 170 python3 -m turbo_fx.bench.merge_paths --model "$1" --r "$2" --batch "$3" --device cuda \
+        timeout 170 python3 -m turbo_fx.bench.cli merge-paths --model "timm:$1" --r "$2" --batch "$3" --device cuda \
             --dtype bf16 --threads 4 --rounds 20 --paths fuse_merges=True compile_blocks=True "compiled merge pieces" \
             --out "$OUT" 2>&1 | tail -9
     done

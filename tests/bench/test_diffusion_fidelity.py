@@ -132,19 +132,19 @@ def fake_reference(seed=0):
     return ref, class_images
 
 
-def test_evaluate_configurations_pairs_every_configuration_with_the_baseline():
+def test_every_configuration_scored_and_paired_with_the_baseline():
     ref, class_images = fake_reference()
     labels = np.tile(np.arange(8), 5)
     base = class_images(labels)
     wrong = class_images((labels + 1) % 8)  # every image drawn as the next class
     blurred = base + 0.05
-    out = dfid.evaluate_configurations(ref, {"baseline": base, "wrong": wrong, "shifted": blurred}, labels,
-                                       baseline="baseline", resamples=50)
+    out = {name: dfid.evaluate_images(ref, images, labels, base, resamples=50)
+           for name, images in {"baseline": base, "wrong": wrong, "shifted": blurred}.items()}
     assert out["baseline"]["accuracy"] == 1.0 and out["wrong"]["accuracy"] == 0.0
     assert out["baseline"]["accuracy_ci"] == pytest.approx(stats.wilson_interval(40, 40))
     assert out["baseline"]["psnr"] == dfid.PSNR_CAP and out["baseline"]["ssim"] == pytest.approx(1.0)
-    assert out["wrong"]["vs_baseline"]["accuracy_difference"] == -1.0
-    assert out["wrong"]["vs_baseline"]["p_value"] < 1e-6
+    vs_baseline = stats.paired_proportions(out["wrong"]["correct"], out["baseline"]["correct"])
+    assert vs_baseline.difference == -1.0 and vs_baseline.p_value < 1e-6
     # Class frequencies are the same, so only the order differs and FD barely moves; PSNR sees it.
     assert out["wrong"]["psnr"] < 10 < out["shifted"]["psnr"]
     for result in out.values():

@@ -1,6 +1,6 @@
 """bench/diffusion_speed.py on the tiny (--small) models: the harness end to end (Dynamo's eager
-backend instead of Inductor), the closeness metric, tomesd's patch and its compile shim, and the
-JSON / Markdown writer. No timing assertions."""
+backend instead of Inductor), tomesd's patch and its compile shim, and the JSON / Markdown writer.
+No timing assertions."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("diffusers")
 tomesd = pytest.importorskip("tomesd")
 
+from turbo_fx.bench import cli, output, timing  # noqa: E402
 from turbo_fx.bench import diffusion_speed as ds  # noqa: E402
 
 
@@ -27,43 +28,17 @@ def max_rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-# --------------------------------------------------------------------------- closeness
-def test_closeness_of_identical_outputs_is_exact():
-    y = torch.randn(2, 4, 16, 16)
-    c = ds.closeness(y, y.clone())
-    assert c["rel_l2"] == 0.0 and c["cosine"] == 1.0
-
-
-def test_closeness_matches_a_hand_computation():
-    ref = torch.tensor([3.0, 0.0])
-    y = torch.tensor([3.0, 4.0])  # |y - ref| = 4, |ref| = 3, <y, ref> = 9, |y| = 5
-    c = ds.closeness(y, ref)
-    assert c["rel_l2"] == pytest.approx(4 / 3, abs=1e-12)
-    assert c["cosine"] == pytest.approx(9 / 15, abs=1e-12)
-    assert ds.closeness(-ref, ref)["cosine"] == -1.0
-
-
-def test_closeness_of_a_small_perturbation():
-    gen = torch.Generator().manual_seed(0)
-    ref = torch.randn(1000, generator=gen, dtype=torch.float64)
-    noise = torch.randn(1000, generator=gen, dtype=torch.float64)
-    y = ref + 0.01 * noise
-    c = ds.closeness(y, ref)
-    assert c["rel_l2"] == pytest.approx((0.01 * noise).norm().item() / ref.norm().item(), rel=1e-12)
-    assert c["cosine"] == pytest.approx(torch.dot(y, ref).item() / (y.norm() * ref.norm()).item(), rel=1e-12)
-
-
 # --------------------------------------------------------------------------- tomesd
 def test_tomesd_ratio_zero_is_the_unmerged_model_and_half_changes_it(small_unet):
     reference = ds.forward(small_unet.model, small_unet.inputs)
-    plain = ds.fresh_copy(small_unet.model)
+    plain = timing.fresh_copy(small_unet.model)
     tomesd.apply_patch(plain, ratio=0.0)  # tomesd itself, no shim
     assert type(plain.down_blocks[0].attentions[0].transformer_blocks[0]).__name__ == "ToMeBlock"
     assert max_rel(ds.forward(plain, small_unet.inputs), reference) < 1e-5
     with ds.tomesd_compile_shim():
-        zero = ds.apply_tomesd(ds.fresh_copy(small_unet.model), 0.0)
+        zero = ds.apply_tomesd(timing.fresh_copy(small_unet.model), 0.0)
         assert max_rel(ds.forward(zero, small_unet.inputs), reference) < 1e-5
-        half = ds.apply_tomesd(ds.fresh_copy(small_unet.model), 0.5)
+        half = ds.apply_tomesd(timing.fresh_copy(small_unet.model), 0.5)
         assert max_rel(ds.forward(half, small_unet.inputs), reference) > 1e-3
     # The copies share weights with the base model, which tomesd left unpatched.
     assert type(small_unet.model.down_blocks[0].attentions[0].transformer_blocks[0]).__name__ == "BasicTransformerBlock"
@@ -82,7 +57,7 @@ def test_tomesd_compiles_to_one_graph_with_the_shim(small_unet):
         compiled = ds.forward(fn, small_unet.inputs)
         ds.forward(fn, small_unet.inputs)
         assert counter.graphs == 1 and ds._graph_breaks() == breaks
-        eager = ds.apply_tomesd(ds.fresh_copy(small_unet.model), 0.5)
+        eager = ds.apply_tomesd(timing.fresh_copy(small_unet.model), 0.5)
         torch.manual_seed(0)
         assert max_rel(compiled, ds.forward(eager, small_unet.inputs)) < 1e-5  # same offsets, same output
     assert tomesd.merge.torch is original
@@ -99,11 +74,11 @@ def test_tomesd_is_not_run_on_dit():
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("diffusion")
-    payload = ds.main(["--small", "--compiler", "eager", "--model", "unet", "dit", "--ratio", "0.5",
-                       "--configs", "eager", "inductor", "tomesd", "turbo",
-                       "--rounds", "1", "--ddim-steps", "2", "--out", str(out), "--name", "t"],
-                      log=lambda _: None)
+    assert cli.main(["diffusion-speed", "--small", "--compiler", "eager", "--model", "unet", "dit", "--ratio", "0.5",
+                     "--configs", "eager", "inductor", "tomesd", "turbo",
+                     "--rounds", "1", "--ddim-steps", "2", "--out", str(out), "--name", "t"]) == 0
     torch._dynamo.reset()
+    payload = output.load_json(str(out / "t.json"))
     return payload, out
 
 
@@ -182,7 +157,7 @@ def test_markdown_columns_and_missing_values():
 
 
 def test_fresh_copy_shares_weights_not_modules(small_unet):
-    copy = ds.fresh_copy(small_unet.model)
+    copy = timing.fresh_copy(small_unet.model)
     assert copy is not small_unet.model and copy.conv_in is not small_unet.model.conv_in
     assert all(a is b for a, b in zip(copy.parameters(), small_unet.model.parameters()))
     assert math.isclose(max_rel(ds.forward(copy, small_unet.inputs), ds.forward(small_unet.model, small_unet.inputs)), 0.0)

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import turbo_fx
 from turbo_fx.bench import evaluation as ev
-from turbo_fx.bench import fidelity, results, suites
+from turbo_fx.bench import fidelity, output, results, suites
 
 from model_builders import small_hf, small_vit
 
@@ -114,7 +114,6 @@ def test_text_task_counts_real_tokens_and_scores_against_eager():
     assert base["metrics"]["lee_spearman"] == pytest.approx(fidelity.similarity_spearman(eager[:4], task.data.lee_similarity))
     assert base["metrics"]["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert 0 < tur["flop_reduction"] < 0.6
-    assert tur["ms_per_sample"] > 0
     # Per corpus: Lee's documents alone (10 and 12 tokens) against their own unpadded cost.
     assert base["extra"]["lee_flop_reduction"] == pytest.approx(0.0, abs=1e-12)
     assert base["extra"]["lee_gflops_per_text"] * 1e9 == pytest.approx(
@@ -155,9 +154,7 @@ def test_results_written_as_markdown_json_and_plots(tmp_path):
     paths = results.write_results(out, str(tmp_path), "t", {"cpu": "x"}, "test machine", "cmd", ["probe_top1"])
     text = open(paths["markdown"]).read()
     assert "| turbo r=4" in text and "Balancing coefficient alpha" in text
-    import json
-
-    payload = json.load(open(paths["json"]))
+    payload = output.load_json(paths["json"])
     assert len(payload["rows"]) == 1 + len(variants)
     for key in ("tradeoff_probe_top1", "alpha_probe_top1"):
         with open(paths[key], "rb") as f:

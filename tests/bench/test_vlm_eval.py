@@ -6,8 +6,6 @@ The model is a tiny random Dinov2Model with a tiny decoder trained for a few sec
 wrong; nothing needs the real weights."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +13,7 @@ import torch
 tf = pytest.importorskip("transformers")
 pytest.importorskip("scipy")
 
+from turbo_fx.bench import cli, output  # noqa: E402
 from turbo_fx.bench import vlm_eval as ve  # noqa: E402
 from turbo_fx.model_zoo import fashion_captioner as fc  # noqa: E402
 
@@ -157,7 +156,7 @@ def test_rows_and_the_pairs_compared():
 
 def test_a_tiny_run_scores_every_row_checks_greedy_decoding_and_writes_its_files(captioner, tmp_path):
     images, labels = synthetic(16, seed=3)
-    payload = ve.run(model=captioner, images=images, labels=labels, image_size=SIZE, r_values=[2],
+    payload = ve.study(model=captioner, images=images, labels=labels, image_size=SIZE, r_values=[2],
                      methods=["turbo"], batch_size=8, greedy_check=4, log=lambda s: None)
     rows = payload["rows"]
     assert [r["label"] for r in rows] == ["baseline (no merging)", "turbo r=2", "turbo r=2, no cross-attn bias"]
@@ -176,12 +175,12 @@ def test_a_tiny_run_scores_every_row_checks_greedy_decoding_and_writes_its_files
     # Only Turbo ran: its bias pair and its comparison with the baseline.
     assert [(c["kind"], c["a"], c["b"]) for c in payload["comparisons"]] == [
         ("bias vs no bias", "turbo r=2", "turbo r=2, no cross-attn bias"), ("vs baseline", "turbo r=2", "baseline (no merging)")]
-    ve.write(payload, str(tmp_path))
-    saved = json.loads((tmp_path / "fashion_captioner.json").read_text())
+    output.write(payload, str(tmp_path), "fashion_captioner", ve.markdown, compress=True, quiet=True)
+    saved = output.load_json(str(tmp_path / "fashion_captioner.json.gz"))
     assert saved["rows"][1]["samples"]["caption"] == merged["samples"]["caption"]
     md = (tmp_path / "fashion_captioner.md").read_text()
     assert "| turbo r=2 " in md and "bias vs no bias" in md and "2/2 reads merged" in md
     # The markdown can be rebuilt from the JSON alone.
     (tmp_path / "fashion_captioner.md").unlink()
-    assert ve.main(["--rerender", str(tmp_path / "fashion_captioner.json")]) == 0
+    assert cli.main(["vlm-eval", "--render", str(tmp_path / "fashion_captioner.json.gz")]) == 0
     assert (tmp_path / "fashion_captioner.md").read_text() == md

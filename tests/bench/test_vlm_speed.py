@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from turbo_fx.bench import timing  # noqa: E402
+from turbo_fx.bench import cli, output, timing  # noqa: E402
 from turbo_fx.bench import vlm_speed as vs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -102,26 +102,27 @@ def test_compare_explicit_adds_an_explicit_row_per_r():
 
 
 def test_the_writers_render_every_row(clip_run, blip_run, tmp_path):
-    machine = vs.machine_info()
-    clip_payload = {"benchmark": "vlm_speed/clip", "machine": machine, "run": clip_run}
-    blip_payload = {"benchmark": "vlm_speed/blip", "machine": machine, "run": blip_run}
-    json_path, md_path = timing.write_json_and_markdown(clip_payload, str(tmp_path), "clip_speed_small", vs.clip_markdown)
+    machine = timing.machine()
+    clip_payload = {"machine": machine, "command": "c", "run": clip_run}
+    blip_payload = {"machine": machine, "command": "c", "run": blip_run}
+    json_path, md_path = output.write(clip_payload, str(tmp_path), "clip_speed_small", vs.clip_markdown, quiet=True)
     md = open(md_path).read()
     assert "RANDOM weights" in md and machine["cpu"] in md and "| turbo r=8" in md
     assert "every image-tower attention site merges" in md
     assert json.load(open(json_path))["run"]["configs"]["turbo r=8"]["flop_ratio"] < 1
-    _, md_path = timing.write_json_and_markdown(blip_payload, str(tmp_path), "blip_generate_small", vs.blip_markdown)
+    _, md_path = output.write(blip_payload, str(tmp_path), "blip_generate_small", vs.blip_markdown, quiet=True)
     md = open(md_path).read()
     assert "## batch 2" in md and "| eager vision + compiled decoder" in md
     assert "not as expected" not in md
 
 
 def test_main_writes_both_files_and_an_eager_decoder_has_no_decoder_row(tmp_path):
-    out = vs.main(["--small", "--compiler", "eager", "--r", "4", "--rounds", "1", "--warmup", "0",
-                   "--blip-batch", "1", "--new-tokens", "2", "--decoder", "eager", "--clip-batch", "2",
-                   "--caption-tokens", "4", "--out", str(tmp_path)], log=quiet)
-    assert set(out) == {"clip", "blip"}
+    assert cli.main(["vlm-speed", "--small", "--compiler", "eager", "--r", "4", "--rounds", "1", "--warmup", "0",
+                     "--blip-batch", "1", "--new-tokens", "2", "--decoder", "eager", "--clip-batch", "2",
+                     "--caption-tokens", "4", "--out", str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
+    out = {part: output.load_json(str(tmp_path / f"{stem}_small.json"))
+           for part, stem in (("clip", "clip_speed"), ("blip", "blip_generate"))}
     assert names == ["blip_generate_small.json", "blip_generate_small.md", "clip_speed_small.json",
                      "clip_speed_small.md"]
     entry = out["blip"]["run"]["batches"][0]
@@ -133,5 +134,5 @@ def test_main_writes_both_files_and_an_eager_decoder_has_no_decoder_row(tmp_path
 def test_bad_arguments_exit_with_code_2():
     for argv in (["--r", "-1"], ["--blip-batch", "0"], ["--part", "vit"]):
         with pytest.raises(SystemExit) as exc:
-            vs.build_parser().parse_args(argv)
+            cli.main(["vlm-speed", *argv])
         assert exc.value.code == 2

@@ -1,28 +1,27 @@
-"""bench_vit's derived figures from a saved run: the speed-up intervals, recomputed here from the
-raw round timings, and the rendered tables (nothing is measured)."""
+"""``turbo-fx bench``'s derived figures from a saved run (the speed-up intervals, recomputed here
+from the raw round timings, and the rendered tables; nothing is measured) and its speed plot."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
 
 import numpy as np
+import pytest
 
-from turbo_fx.bench import bench_vit, stats
+from turbo_fx.bench import cli, output, speed, stats
 
-RUN = os.path.join(os.path.dirname(bench_vit.__file__), "results", "runs", "bench_vit_2026-12-03T1201.json")
+RUN = os.path.join(os.path.dirname(speed.__file__), "results", "bench_vit.json")
 
 
 def test_render_adds_round_bootstrap_intervals_to_a_saved_run(tmp_path):
     path = str(tmp_path / "run.json")
     shutil.copy(RUN, path)
-    with open(RUN) as f:
-        raw = json.load(f)
-    text = bench_vit.render(path)
-    with open(path) as f:
-        rendered = json.load(f)
-    assert (tmp_path / "run.md").read_text() == text + "\n"
+    raw = output.load_json(RUN)
+    assert cli.main(["bench", "--render", path]) == 0
+    text = (tmp_path / "run.md").read_text()
+    assert text == speed.render(path)
+    rendered = output.load_json(path)
     for before, after in zip(raw["results"], rendered["results"]):
         cfg = after["configs"]
         base = before["configs"]["inductor"]["latency_s"]
@@ -43,3 +42,17 @@ def test_render_adds_round_bootstrap_intervals_to_a_saved_run(tmp_path):
         assert efficiency["interval"] == [low * ratio, high * ratio]
         assert f"[{low:.3f}, {high:.3f}]" in text
     assert text.count("| 95% interval ") == 2 * len(raw["results"])  # the config table and the targets
+
+
+def test_speed_plot_draws_the_flop_ideal_line():
+    def config(ms, gflops):
+        return {"latency": {"median": ms / 1e3}, "flops": gflops * 1e9}
+
+    configs = {"eager": config(120, 100), "inductor": config(100, 100), "turbo r=0": config(101, 100),
+               "turbo r=8": config(80, 60), "turbo r=16": config(70, 40)}
+    ideal = speed.flop_ideal_ms(configs)
+    assert ideal == pytest.approx({"turbo r=0": 100.0, "turbo r=8": 60.0, "turbo r=16": 40.0})
+    fig = speed.speed_figure(configs, "t")
+    (line,) = [l for l in fig.axes[0].get_lines() if l.get_label().startswith("FLOP-ideal")]
+    assert list(line.get_xdata()) == [40.0, 60.0, 100.0]
+    assert list(line.get_ydata()) == pytest.approx([40.0, 60.0, 100.0])

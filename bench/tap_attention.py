@@ -1,4 +1,5 @@
-"""Pass: tap every self-attention site so a Python function sees what enters it.
+"""Tap every self-attention site so a Python function sees what enters it (the redundancy
+analysis, ``bench/analysis.py``, is built on it).
 
 Matches the attention sites ``find_attention_sites`` finds (SDPA calls and explicit
 ``matmul -> softmax -> matmul`` attention) that look like self-attention over a
@@ -28,8 +29,8 @@ from typing import Callable, Optional
 
 from torch.fx import GraphModule
 
-from . import graph_utils as gu
-from .find_attention import AttentionSite, find_attention_sites
+from turbo_fx.passes import graph_utils as gu
+from turbo_fx.passes.find_attention import AttentionSite, find_attention_sites
 
 
 @dataclass(frozen=True)
