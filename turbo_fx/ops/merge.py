@@ -54,6 +54,20 @@ def initial_assign(x: Tensor) -> Tensor:
     return torch.arange(x.shape[1], device=x.device).unsqueeze(0).repeat(x.shape[0], 1)
 
 
+def unit_rows(metric: Tensor) -> Tensor:
+    """``metric`` [B, N, D] with every row scaled to unit length, in float32: their products
+    are the cosine similarities the merge ranks. An all-zero row stays zero (similarity 0 to
+    every token).
+
+    Why float32: the norm's floor 1e-12 is 0 in float16, where a zero row would become 0/0 =
+    NaN, and a NaN similarity wins every ``max`` and ``topk`` (a zero destination row would
+    draw every merge). Half-precision scores would also round near-equal similarities to
+    ties that float32 tells apart. The scores this feeds, [B, N/2, N/2], are a small fraction
+    of the block's own attention logits, [B, H, N, N]."""
+    metric = metric.float()
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def information_degree(
     redundancy: Tensor,
     semantic: Tensor | None,
@@ -119,7 +133,7 @@ def merge_tokens(
     if r <= 0:
         return x, size, initial_assign(x)
     end = n_tokens - tail
-    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit = unit_rows(metric)
     a, b = unit[:, protected:end:2], unit[:, protected + 1 : end : 2]
     if traced:
         # Dense copies: the matmul of stride-2 slices checks whether they can be viewed
