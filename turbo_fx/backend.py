@@ -154,7 +154,7 @@ def compile_rewritten(rewritten: GraphModule, original: GraphModule, example_inp
         return compiler(original, example_inputs)
     compiled = None
     if strategy.uses_compile_blocks and report.blocks:
-        compiled = _compile_blocks(rewritten, example_inputs, mode, report, strategy.compile_blocks is True,
+        compiled = _split_and_compile(rewritten, example_inputs, mode, report, strategy.compile_blocks is True,
                                    strategy.uses_compile_merge_step, None if split else plan.split_refusal)
         if compiled is not None and captures_cuda_graphs(mode):
             compiled = _captured(compiled, rewritten, example_inputs, report)
@@ -173,13 +173,13 @@ def compile_rewritten(rewritten: GraphModule, original: GraphModule, example_inp
     return guard(compiled, original, compiler, report, plan.traits)
 
 
-def _compile_blocks(rewritten: GraphModule, example_inputs: list, mode: Optional[str], report: GraphReport,
+def _split_and_compile(rewritten: GraphModule, example_inputs: list, mode: Optional[str], report: GraphReport,
                     asked: bool, compile_merges: bool, refused: Optional[str]) -> Optional[Callable]:
     """``rewritten`` compiled piece by piece (``compile_blocks``), or None once the reason it
     is compiled whole instead is logged: a warning where the user ``asked`` for the split,
     an info record where it was only the default (the graph still merges; only its
     compile takes the longer road). ``refused``: the plan's reason it cannot be split."""
-    from turbo_fx.block_compile import BlockCompileStats, BlockCompileUnsupported, compile_by_block
+    from turbo_fx.block_compile import BlockCompileStats, BlockCompileUnsupported, compile_blocks
 
     # The pieces get the mode's options but not its CUDA graphs: the whole split forward is
     # captured instead (``_captured``).
@@ -188,7 +188,7 @@ def _compile_blocks(rewritten: GraphModule, example_inputs: list, mode: Optional
     try:
         if refused is not None:
             raise BlockCompileUnsupported(refused)
-        compiled = compile_by_block(rewritten, example_inputs, piece_compiler, stats, compile_merges)
+        compiled = compile_blocks(rewritten, example_inputs, piece_compiler, stats, compile_merges)
     except BlockCompileUnsupported as exc:
         reason = str(exc)
     except Exception as exc:  # a failed split must not break the user's model

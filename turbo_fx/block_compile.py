@@ -18,8 +18,9 @@ The pieces are compiled while the split module runs once on the compile call's o
 (which gives each piece its real input shapes), so only graphs that this run cannot change
 are accepted: inference (no gradient to record), no in-place update of an input or buffer,
 no random draw (it would shift the user's random stream), and static shapes (a dynamic
-batch would need every piece generic in it too). Anything else
-raises ``BlockCompileUnsupported`` with the reason, and the caller compiles the graph whole.
+batch would need every piece generic in it too). The plan checks these once per graph
+(``passes.graph_traits``); a split that fails for another reason raises
+``BlockCompileUnsupported``, and the caller compiles the graph whole.
 """
 from __future__ import annotations
 
@@ -75,10 +76,12 @@ class BlockCompileStats(PieceCounts):
         return text
 
 
-def compile_by_block(gm: GraphModule, example_inputs: Sequence[Any], compile_piece: Callable,
-                     stats: Optional[BlockCompileStats] = None, compile_merges: bool = False) -> Callable:
+def compile_blocks(gm: GraphModule, example_inputs: Sequence[Any], compile_piece: Callable,
+                   stats: Optional[BlockCompileStats] = None, compile_merges: bool = False) -> Callable:
     """A callable computing ``gm`` whose compute pieces were each compiled by
-    ``compile_piece(piece, fake_inputs)`` (``compile_fx`` with the caller's patches).
+    ``compile_piece(piece, fake_inputs)`` (``compile_fx`` with the caller's patches). Only for
+    graphs the plan lets split (``GraphPlan.split_refusal`` is None: the module docstring says
+    why), which the backend decides once per graph.
     ``compile_merges``: the merge pieces too, each with the traced merge in the opaque op's
     place and its incoming token count a backed symbolic size, so that the merges share one
     compiled step (a few kernels instead of tens of ATen calls per block)."""

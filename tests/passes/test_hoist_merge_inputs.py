@@ -36,13 +36,13 @@ def rewritten_graph(turbo, monkeypatch, case: str):
     """The rewritten graph that the block-by-block compile receives, and its inputs."""
     build, inputs, options = CASES[case]
     seen = []
-    real = block_compile.compile_by_block
+    real = block_compile.compile_blocks
 
     def spy(gm, example_inputs, *args, **kwargs):
         seen.append((gm, list(example_inputs)))
         return real(gm, example_inputs, *args, **kwargs)
 
-    monkeypatch.setattr(block_compile, "compile_by_block", spy)
+    monkeypatch.setattr(block_compile, "compile_blocks", spy)
     turbo(build(), r=2, inner_backend="inductor", compile_blocks=True, **options)(*inputs())
     assert len(seen) == 1, "the graph was not compiled block by block"
     return seen[0]
