@@ -302,6 +302,11 @@ def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: 
         if not isinstance(value, torch.Tensor):
             fake_args.append(value)
             continue
+        if type(value) not in (torch.Tensor, torch.nn.Parameter):
+            # A subclass (torchao's quantised weights) would need a symbolic context per inner
+            # tensor; static, it compiles for its own sizes, and shared_pieces matches it so.
+            fake_args.append(fake_mode.from_tensor(value, static_shapes=True))
+            continue
         sizes = [DimDynamic.DUCK if d in dims else DimDynamic.STATIC for d in range(value.dim())]
         context = StatelessSymbolicContext(dynamic_sizes=sizes, constraint_sizes=[None] * value.dim())
         fake_args.append(fake_mode.from_tensor(value, symbolic_context=context))

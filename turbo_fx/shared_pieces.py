@@ -14,9 +14,20 @@ gradient flag, and its sizes, strides and storage offset satisfying the earlier 
 symbolic shapes and every shape guard the compile added (``produce_guards_expression``
 with static values included). Non-tensor inputs must be equal. A piece with ``get_attr``
 nodes is never shared: its code reads tensors that belong to it, not to the earlier piece.
+
+A tensor's Python type is part of the match. A tensor subclass (torchao's quantised and
+float8 weights) reports the dtype, layout and sizes of the tensor it stands for, but the
+compiled code was generated for what ``__tensor_flatten__`` gives: its inner tensors and its
+metadata (block size, scale dtype, kernel choice). So a subclass input matches only the same
+subclass, with equal flatten metadata and inner tensors equal in type, dtype, device,
+layout, sizes, strides and storage offset, all compared as static values (the block compile
+makes a subclass input static, and the symbolic shape guards cover plain tensors only).
+Anything else that is not a plain tensor or parameter (a subclass that cannot be flattened,
+a quantised ``torch.quint8`` tensor) is never shared.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Optional, Sequence
 
@@ -43,7 +54,7 @@ class SharedPieces:
         key = _key(kind, piece, args, dynamic)
         if key is None:
             return None
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        tensors = [a for a in args if _is_plain(a)]
         for entry in self._by_key.get(key, ()):
             if entry.guards is None or entry.shape_env.evaluate_guards_expression(entry.guards, tensors):
                 return entry.compiled
@@ -55,7 +66,7 @@ class SharedPieces:
         key = _key(kind, piece, args, dynamic)
         if key is None:
             return
-        fakes = [a for a in fake_args if isinstance(a, torch.Tensor)]
+        fakes = [fake for value, fake in zip(args, fake_args) if _is_plain(value)]
         guards = shape_env.produce_guards_expression(fakes, ignore_static=False)
         self._by_key.setdefault(key, []).append(_Compiled(guards, shape_env, compiled))
 
@@ -66,11 +77,77 @@ def _key(kind: str, piece: GraphModule, args: Sequence[Any], dynamic: list[list[
     if any(node.op == "get_attr" for node in piece.graph.nodes):
         return None
     signature = []
-    for value in args:
+    for value, dims in zip(args, dynamic):
         if isinstance(value, torch.Tensor):
-            signature.append(("tensor", value.dtype, value.device, value.layout, value.requires_grad, value.dim()))
+            entry = _tensor_signature(value, dims)
         elif isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device)):
-            signature.append(("value", type(value), value))
+            entry = ("value", type(value), value)
         else:
+            entry = None
+        if entry is None:
             return None
+        signature.append(entry)
     return kind, piece.code, tuple(signature), tuple(tuple(d) for d in dynamic)
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is a tensor whose sizes and strides the shape guards check: a plain
+    tensor or parameter, not a subclass."""
+    return type(value) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _is_flattenable(value: torch.Tensor) -> bool:
+    """Whether ``value`` is a wrapper subclass that compiles as its inner tensors (what
+    ``torch.utils._python_dispatch.is_traceable_wrapper_subclass`` checks)."""
+    return hasattr(value, "__tensor_flatten__") and hasattr(type(value), "__tensor_unflatten__")
+
+
+def _tensor_signature(value: torch.Tensor, dims: Sequence[int]) -> Optional[Hashable]:
+    """What a tensor input must share with the earlier piece's, besides its shape guards;
+    None where no earlier compiled code may be trusted with it."""
+    if value.is_quantized:
+        return None  # its scale and zero point are values the code may have been generated for
+    common = (type(value), value.dtype, value.device, value.layout, value.requires_grad, value.is_conj(),
+              value.is_neg())
+    if _is_plain(value):
+        return ("tensor", *common, value.dim())
+    if dims or not _is_flattenable(value):
+        return None
+    return ("subclass", *common, _subclass_metadata(value))
+
+
+def _subclass_metadata(value: torch.Tensor) -> Optional[Hashable]:
+    """Everything of a wrapper subclass that its compiled code may depend on, as static
+    values: its own sizes and strides, its flatten metadata and each inner tensor's."""
+    names, context = value.__tensor_flatten__()
+    inner = []
+    for name in names:
+        tensor = getattr(value, name)
+        if _is_plain(tensor):
+            entry = ("tensor", type(tensor), tensor.dtype, tensor.device, tensor.layout, tensor.requires_grad,
+                     tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
+        else:
+            entry = _tensor_signature(tensor, ())
+        if entry is None:
+            return None
+        inner.append((name, entry))
+    try:
+        context = _hashable(context)
+    except TypeError:
+        return None  # metadata that cannot be compared by value
+    return tuple(value.shape), value.stride(), value.storage_offset(), context, tuple(inner)
+
+
+def _hashable(value: Any) -> Hashable:
+    """``value`` (a subclass's flatten metadata) in a form equal exactly where ``value`` is,
+    containers and dataclasses compared by their items; TypeError where part of it is
+    unhashable. An object without its own equality is equal only to itself, which can only
+    lose a share, never make a wrong one."""
+    if isinstance(value, (list, tuple)):
+        return type(value), tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return dict, tuple((_hashable(k), _hashable(v)) for k, v in value.items())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return type(value), tuple((f.name, _hashable(getattr(value, f.name))) for f in dataclasses.fields(value))
+    hash(value)
+    return type(value), value  # True, 1 and 1.0 are equal as Python values, not as metadata

@@ -3,6 +3,7 @@ that earlier compile would pass: same code and input kinds, sizes and strides th
 symbolic shapes, and every shape guard its compile added."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.fx import GraphModule, Graph
 
@@ -96,3 +97,69 @@ def test_a_piece_that_reads_its_own_tensors_is_never_shared():
     first = compile_into(shared, first_piece, tokens(20), counts)
     second = compile_into(shared, with_attribute(), tokens(24), counts)
     assert second is not first and counts.shared == 0
+
+
+def linear_piece() -> GraphModule:
+    graph = Graph()
+    x, w = graph.placeholder("v0"), graph.placeholder("v1")
+    graph.output((graph.call_function(torch.nn.functional.linear, (x, w)),))
+    return GraphModule(torch.nn.Module(), graph)
+
+
+def quantised_weight(config_name: str, seed: int = 0, **options) -> torch.Tensor:
+    """A torchao tensor subclass standing for a (4, 4) float32 weight (``config_name`` with
+    ``options``), made without torchao's changes to the global Inductor settings."""
+    import torchao.quantization as ao
+
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(4, 4, bias=False)
+    ao.quantize_(layer, getattr(ao, config_name)(set_inductor_config=False, **options))
+    return layer.weight.detach()
+
+
+def test_a_piece_with_quantised_weights_never_runs_code_compiled_for_plain_weights():
+    """A subclass reports the dtype, sizes and strides of the tensor it stands for, so only its
+    type and inner tensors tell it from a plain weight."""
+    pytest.importorskip("torchao")
+    quantised = quantised_weight("Int8WeightOnlyConfig")
+    plain = quantised.dequantize()
+    assert (quantised.dtype, quantised.shape, quantised.stride()) == (plain.dtype, plain.shape, plain.stride())
+    x = torch.randn(2, 20, 4)
+    shared, counts = SharedPieces(), PieceCounts()
+    for_plain = compile_into(shared, linear_piece(), (x, plain), counts)
+    assert shared.find("compute", linear_piece(), (x, quantised), [[1], []]) is None
+    for_quantised = compile_into(shared, linear_piece(), (torch.randn(2, 24, 4), quantised), counts)
+    assert for_quantised is not for_plain and counts.shared == 0
+    assert shared.find("compute", linear_piece(), (x, plain), [[1], []]) is for_plain
+    assert torch.allclose(for_quantised(x, quantised)[0], torch.nn.functional.linear(x, quantised), atol=1e-6)
+
+
+def test_quantised_weights_share_code_only_with_the_same_subclass_and_metadata():
+    pytest.importorskip("torchao")
+    from torchao.quantization.granularity import PerGroup
+
+    first = quantised_weight("Int8WeightOnlyConfig")
+    shared, counts = SharedPieces(), PieceCounts()
+    compiled = compile_into(shared, linear_piece(), (torch.randn(2, 20, 4), first), counts)
+    x, other = torch.randn(2, 24, 4), quantised_weight("Int8WeightOnlyConfig", seed=1)
+    assert shared.find("compute", linear_piece(), (x, other), [[1], []]) is compiled
+    assert torch.allclose(compiled(x, other)[0], torch.nn.functional.linear(x, other), atol=1e-6)
+    others = {
+        "float8 for int8": quantised_weight("Float8WeightOnlyConfig"),
+        "another block size": quantised_weight("Int8WeightOnlyConfig", granularity=PerGroup(2)),
+        "inner strides": _rebuilt(other, column_major_data=True),
+        "flatten metadata": _rebuilt(other, reduce_range=True),
+    }
+    for name, weight in others.items():
+        assert shared.find("compute", linear_piece(), (x, weight), [[1], []]) is None, name
+    assert shared.find("compute", linear_piece(), (x, _rebuilt(other)), [[1], []]) is compiled
+
+
+def _rebuilt(weight: torch.Tensor, column_major_data: bool = False, **metadata) -> torch.Tensor:
+    """``weight`` flattened and built again: its int8 data held column-major where asked,
+    ``metadata`` in place of the flatten metadata's entries of those names."""
+    names, context = weight.__tensor_flatten__()
+    inner = {name: getattr(weight, name) for name in names}
+    if column_major_data:
+        inner["qdata"] = inner["qdata"].t().contiguous().t()
+    return type(weight).__tensor_unflatten__(inner, {**context, **metadata}, weight.shape, weight.stride())
