@@ -12,6 +12,8 @@ graph; the block-by-block compile and the run-time guard act on its answers:
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -74,12 +76,17 @@ def in_place_reason(gm: GraphModule) -> Optional[str]:
 
 
 def _mutates(node: Node) -> bool:
-    """Whether ``node`` writes into a tensor: ``x.add_()``, ``torch.relu_(x)``, an op whose
-    schema says so, ``x[i] = v`` or ``x += y`` as Dynamo records them."""
+    """Whether ``node`` writes into a tensor, by its name or by an argument that asks it to."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    return _writes_by_name(node) or _writes_by_argument(node)
+
+
+def _writes_by_name(node: Node) -> bool:
+    """``x.add_()``, ``torch.relu_(x)``, an op whose schema says so, ``x[i] = v`` or ``x += y``
+    as Dynamo records them."""
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op != "call_function":
-        return False
     schema = getattr(node.target, "_schema", None)
     if schema is not None:
         return schema.is_mutable
@@ -89,6 +96,76 @@ def _mutates(node: Node) -> bool:
         return name in ("setitem", "delitem") or (
             name.startswith("i") and (hasattr(operator, name[1:]) or hasattr(operator, name[1:] + "_")))
     return name.endswith("_") and not name.endswith("__")
+
+
+# Norms that update the running statistics they are given, and the flag that makes them do so.
+_RUNNING_STATISTICS = {"batch_norm": "training", "instance_norm": "use_input_stats"}
+# Parameter names of torch functions that Dynamo may record and ``inspect`` cannot read (the
+# functional forms above are Python functions, read by their signatures).
+_BUILTIN_PARAMETERS = {
+    torch.batch_norm: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+                       "cudnn_enabled"),
+    torch.instance_norm: ("input", "weight", "bias", "running_mean", "running_var", "use_input_stats", "momentum",
+                          "eps", "cudnn_enabled"),
+}
+
+
+def _writes_by_argument(node: Node) -> bool:
+    """A call that is one node in Dynamo's graph but writes into a tensor it is given:
+    ``out=``, ``inplace=True`` (``nn.functional``'s activations and dropouts), and a norm that
+    updates running statistics (``F.batch_norm(..., training=True)``)."""
+    if node.kwargs.get("out") is not None:
+        return True
+    arguments = _arguments(node)
+    if arguments is None:
+        return False
+    name = getattr(node.target, "__name__", "")
+    if _may_be_true(arguments.get("inplace")):
+        # An in-place dropout that draws nothing returns its input untouched.
+        return name not in _DROPOUT_TRAINING_DEFAULT or _draws_random(node)
+    flag = _RUNNING_STATISTICS.get(name)
+    return (flag is not None and _may_be_true(arguments.get(flag))
+            and any(arguments.get(s) is not None for s in ("running_mean", "running_var")))
+
+
+def _may_be_true(value: Any) -> bool:
+    """Whether an argument may be true when the graph runs: anything but a literal false
+    value (an argument computed in the graph counts as true)."""
+    return not (value is None or (isinstance(value, (bool, int)) and not value))
+
+
+def _arguments(node: Node) -> Optional[dict]:
+    """``node``'s arguments by parameter name, defaults included, or None where its target's
+    parameters are unknown (a Tensor method, a builtin outside ``_BUILTIN_PARAMETERS``)."""
+    if node.op != "call_function":
+        return None
+    try:
+        names = _BUILTIN_PARAMETERS.get(node.target)
+        signature = None if names is not None else _signature(node.target)
+    except TypeError:  # an unhashable target: in no table, and its signature is not kept
+        return None
+    if names is not None:
+        return {**dict(zip(names, node.args)), **node.kwargs}
+    if signature is None:
+        return None
+    try:
+        bound = signature.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return bound.arguments
+
+
+@functools.lru_cache(maxsize=256)
+def _signature(target: Any) -> Optional[inspect.Signature]:
+    """The signature of a Python function (kept: a graph calls the same few many times), or
+    None for builtins, whose parameters ``inspect`` could only guess from their text."""
+    try:
+        if not callable(target) or not inspect.isfunction(inspect.unwrap(target)):
+            return None
+        return inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
 
 
 # Random draws by name as Dynamo records them (torch functions, Tensor methods); aten
@@ -109,6 +186,8 @@ def _draws_random(node: Node) -> bool:
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if name in _RANDOM_FUNCTIONS:
         return True
+    if name in ("rrelu", "rrelu_"):  # draws its slopes when training, which is not its default
+        return _may_be_true(node.kwargs.get("training", node.args[3] if len(node.args) > 3 else False))
     if name in _DROPOUT_TRAINING_DEFAULT:
         p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else _DROPOUT_TRAINING_DEFAULT[name])
