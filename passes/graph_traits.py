@@ -115,17 +115,42 @@ def _writes_by_argument(node: Node) -> bool:
     ``out=``, ``inplace=True`` (``nn.functional``'s activations and dropouts), and a norm that
     updates running statistics (``F.batch_norm(..., training=True)``)."""
     if node.kwargs.get("out") is not None:
-        return True
+        return _outlives_the_call(node.kwargs["out"])
     arguments = _arguments(node)
     if arguments is None:
         return False
     name = getattr(node.target, "__name__", "")
     if _may_be_true(arguments.get("inplace")):
         # An in-place dropout that draws nothing returns its input untouched.
-        return name not in _DROPOUT_TRAINING_DEFAULT or _draws_random(node)
+        writes = name not in _DROPOUT_TRAINING_DEFAULT or _draws_random(node)
+        return writes and _outlives_the_call(arguments.get("input", node.args[0] if node.args else None))
     flag = _RUNNING_STATISTICS.get(name)
     return (flag is not None and _may_be_true(arguments.get(flag))
             and any(arguments.get(s) is not None for s in ("running_mean", "running_var")))
+
+
+# Calls whose result may share memory with their first argument: a write into the result is a
+# write into that argument.
+_ALIASING_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "expand",
+                               "expand_as", "unsqueeze", "squeeze", "narrow", "select", "t", "flatten", "unflatten",
+                               "contiguous", "detach", "as_strided", "unfold", "diagonal", "movedim", "swapaxes",
+                               "split", "chunk", "unbind", "to", "type_as", "float", "half", "bfloat16", "double",
+                               "__getitem__"})
+
+
+def _outlives_the_call(written: Any) -> bool:
+    """Whether a tensor written in place lives beyond one call of the graph: a graph input, a
+    parameter or buffer, or a view of one. A write into a tensor the graph made in the same
+    call (``F.relu(conv(x), inplace=True)``) is repeated by a second run exactly."""
+    seen = 0
+    while isinstance(written, Node) and seen < 64:
+        if written.op in ("placeholder", "get_attr"):
+            return True
+        name = written.target if isinstance(written.target, str) else getattr(written.target, "__name__", "")
+        if name not in _ALIASING_METHODS and name != "getitem" or not written.args:
+            return False
+        written, seen = written.args[0], seen + 1
+    return isinstance(written, Node)
 
 
 def _may_be_true(value: Any) -> bool:

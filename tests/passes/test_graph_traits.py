@@ -105,6 +105,26 @@ def test_an_in_place_activation_on_an_input_is_in_place(name):
         check_pure(Calls(lambda m, x: F.relu(x)), torch.randn(3, 4))
 
 
+def in_place_reason_of(fn, x: torch.Tensor):
+    gm = dynamo_graph(Calls(fn), x)
+    return graph_traits(gm, [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]).in_place
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "nn.ReLU(inplace=True)", "hardswish"])
+def test_an_in_place_activation_on_a_tensor_the_graph_made_is_not_a_write_that_outlives_it(name):
+    """A stem's ``conv -> ReLU(inplace=True)`` rewrites a tensor made in the same call: a second
+    run repeats it exactly, so the graph keeps its split and its guard. A view of an input is
+    the input."""
+    activation = IN_PLACE_ACTIVATIONS[name]
+    assert in_place_reason_of(lambda m, x: activation(x * 2.0), torch.randn(3, 4)) is None
+    assert in_place_reason_of(lambda m, x: activation(x.view(4, 3)), torch.randn(3, 4)) is not None
+    assert in_place_reason_of(lambda m, x: activation(x[1:]), torch.randn(3, 4)) is not None
+
+
+def test_an_out_keyword_into_a_fresh_tensor_is_not_a_lasting_write():
+    assert in_place_reason_of(lambda m, x: torch.add(x, 1.0, out=torch.empty(3, 4)), torch.randn(3, 4)) is None
+
+
 def test_an_in_place_dropout_that_draws_nothing_writes_nothing():
     """In eval or with p=0 ATen's in-place dropouts return their input untouched; in training
     they write (and draw, which the random trait reports too)."""
