@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+from turbo_fx.torch_compat import is_fake, sdpa_functions
+
+SDPA_TARGETS = sdpa_functions()
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 PACKED_ATTENTION_TARGETS = {F.multi_head_attention_forward}
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -240,6 +242,6 @@ def graph_fake_mode(gm: GraphModule):
     """The fake mode the graph's recorded values live in (Dynamo's), or None."""
     for node in gm.graph.nodes:
         value = node.meta.get("example_value")
-        if isinstance(value, torch._subclasses.FakeTensor):
+        if is_fake(value):
             return value.fake_mode
     return None

@@ -37,6 +37,7 @@ from torch.fx import GraphModule, Node
 from turbo_fx import ops
 from turbo_fx.config import TurboConfig
 from turbo_fx.report import ComponentReport
+from turbo_fx.torch_compat import real_tensors
 
 from . import graph_utils as gu
 from .find_components import CROSS_ATTENTION, SELF_ATTENTION, Component, GridRun
@@ -148,7 +149,7 @@ def _partition_constants(gm: GraphModule, c: Component, config: TurboConfig, see
     """The block's destination and source token indices as buffers of ``gm`` (on the device
     of its tokens), read by get_attr nodes: constants, so the compiled graph never rebuilds them."""
     device = gu.example_value(c.stream_in).device
-    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+    with real_tensors():
         tensors = [t.to(device) for t in ops.grid_partition(c.grid[0], c.grid[1], config.generation.sx, config.generation.sy, seed)]
     nodes = []
     for name, tensor in zip(("dst", "src"), tensors):

@@ -28,6 +28,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from turbo_fx import torch_compat
 from turbo_fx.errors import CannotRewrite
 
 from .graph_utils import depends_on_data, is_merge, is_token_cat
@@ -64,15 +65,10 @@ def propagate_shapes(
     propagation = _Propagation(gm, fake_mode, old_values, protected, hints or ShapeHints())
     propagation.tail, propagation.assign_by_count = tail, assign_by_count or {}
     propagation.read_sizes = read_sizes
-    shape_env = getattr(fake_mode, "shape_env", None)
-    pending = list(shape_env.pending_fresh_unbacked_symbols) if shape_env is not None else []
-    try:
+    # Unbacked token counts made here live only in this graph's metadata; the inner
+    # compiler re-traces and binds its own, so ours must not stay pending.
+    with torch_compat.fresh_unbacked_symbols_dropped(getattr(fake_mode, "shape_env", None)):
         return propagation.run(set(touched))
-    finally:
-        if shape_env is not None:
-            # Unbacked token counts made here live only in this graph's metadata; the
-            # inner compiler re-traces and binds its own, so ours must not stay pending.
-            shape_env.pending_fresh_unbacked_symbols[:] = pending
 
 
 def _recorded_value(gm: GraphModule, node: Node, fake_mode) -> Any:
@@ -138,19 +134,15 @@ class ShapeHints:
 
     def __call__(self, value: Any) -> int:
         if isinstance(value, torch.SymInt):
-            node = value.node
-            if node.hint is not None:
-                return int(node.hint)
-            values = {**node.shape_env.backed_var_to_val, **self.known}
-            return int(node.expr.xreplace(values))
+            return torch_compat.concrete_size(value, self.known)
         return int(value)
 
     def shape(self, shape) -> tuple[int, ...]:
         return tuple(self(d) for d in shape)
 
     def learn(self, value: Any, known: int) -> None:
-        if isinstance(value, torch.SymInt) and value.node.hint is None:
-            self.known[value.node.expr] = known
+        if torch_compat.is_unbacked(value):
+            self.known[torch_compat.size_expr(value)] = known
 
 
 def changed_axes(old_shape, new_shape, hints: ShapeHints) -> list[int]:
@@ -311,7 +303,7 @@ class _Propagation:
     def new_size(self, node: Node, src: Node, axis: int, value: Any):
         """A plain int, or (for an unbacked token count, or any with ``read_sizes``) a sym_size
         node read from ``src``."""
-        if self.read_sizes or (isinstance(value, torch.SymInt) and value.node.hint is None):
+        if self.read_sizes or torch_compat.is_unbacked(value):
             return self.insert(node, torch.ops.aten.sym_size.int, (src, axis))
         return self.hints(value)
 

@@ -13,7 +13,6 @@ warning that names the reason.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from typing import Any, Callable, Iterator, Optional, Union
@@ -21,6 +20,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 from torch.fx import GraphModule
 
+from turbo_fx import torch_compat
 from turbo_fx.config import TurboConfig, TurboConfigError, resolve_config
 from turbo_fx.cuda_graphs import CapturedForward, capture_refusal, captures_cuda_graphs
 from turbo_fx.errors import CannotRewrite, NothingToMerge
@@ -112,7 +112,7 @@ def rewrite_or_fallback(gm: GraphModule, plan: GraphPlan, split: bool, report: G
 # During a rewrite such a failure is an expected outcome: it is how fake propagation finds
 # a shape that no longer fits, and the graph then falls back with turbo's one warning (or
 # keeps the concrete build). Those records are turbo's to report, not torch's to print.
-_META_ERROR_LOGGERS = ("torch._subclasses.fake_tensor",)
+_META_ERROR_LOGGERS = (torch_compat.FAKE_TENSOR_LOGGER,)
 
 
 @contextlib.contextmanager
@@ -132,10 +132,12 @@ def allow_unbacked_token_counts(fake_mode) -> None:
     """Let the merge op report its token count as an unbacked size. Dynamo's shape
     environment forbids data-dependent output shapes by default; this environment
     belongs to the one graph being compiled, and it stays permissive so that a later
-    (lazy) compile of the same graph, such as a backward pass, sees the same rules."""
+    (lazy) compile of the same graph, such as a backward pass, sees the same rules. On a
+    torch without that setting the counts stay concrete: the graph still merges."""
     shape_env = getattr(fake_mode, "shape_env", None)
-    if shape_env is not None and not shape_env.allow_dynamic_output_shape_ops:
-        shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
+    if shape_env is not None and not torch_compat.allow_dynamic_output_shapes(shape_env):
+        log.info("turbo: torch %s cannot report merged token counts as symbolic sizes; they stay concrete",
+                 torch.__version__)
 
 
 def _fallback(report: GraphReport, reason: str) -> None:
@@ -222,14 +224,11 @@ def inner_compiler(name: str, mode: Optional[str] = None, cuda_graphs: bool = Tr
     """The compiler of ``name`` with Inductor's options for ``mode``; ``cuda_graphs=False``
     leaves out the mode's CUDA graphs."""
     if name == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
-        patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+        compile_fx = torch_compat.inductor_compile_fx()
+        patches = torch_compat.inductor_mode_options(mode) if mode else {}
         if not cuda_graphs:
             patches.pop("triton.cudagraphs", None)
         return lambda gm, inputs: compile_fx(gm, inputs, config_patches=patches)
     if name == "eager":
         return lambda gm, inputs: gm.forward
-    from torch._dynamo.backends.registry import lookup_backend
-
-    return lookup_backend(name)
+    return torch_compat.lookup_backend(name)

@@ -133,9 +133,7 @@ def caches_on():
     sharing between blocks is those caches, so the option asks for them even where they were
     turned off (a benchmark that wants every compile to pay full price gives each one an empty
     cache directory instead; the blocks of one compile still share)."""
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
+    from turbo_fx import torch_compat
     from turbo_fx.ops.merge_step import (merge_source_hash, metric_as_one_head, semantic_as_one_head,
                                          traced_merge_block)
 
@@ -143,11 +141,13 @@ def caches_on():
     # only by name; marked here with the merge code's digest, which enters the key.
     # (A torch without the setting only loses the cache hits: those pieces are traced anew.)
     patches: dict[str, Any] = {"fx_graph_cache": True}
-    if hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
+    marked = torch_compat.inductor_setting("unsafe_marked_cacheable_functions")
+    if marked is not None:
         traced = {f"{f.__module__}.{f.__name__}": merge_source_hash()
                   for f in (traced_merge_block, metric_as_one_head, semantic_as_one_head)}
-        patches["unsafe_marked_cacheable_functions"] = {**inductor_config.unsafe_marked_cacheable_functions, **traced}
-    with inductor_config.patch(patches), functorch_config.patch(enable_autograd_cache=True):
+        patches["unsafe_marked_cacheable_functions"] = {**marked, **traced}
+    with torch_compat.inductor_config_patch(patches), \
+            torch_compat.functorch_config_patch({"enable_autograd_cache": True}):
         yield
 
 
@@ -169,8 +169,9 @@ def _token_dims(value: Any, source: Any, merge_outputs: set[Node], token_counts:
 
 
 def _cache_hits() -> int:
-    from torch._dynamo.utils import counters
+    from turbo_fx.torch_compat import compile_counters
 
+    counters = compile_counters()
     return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
 
 
@@ -217,9 +218,9 @@ def merge_codegen_options(device_type: str) -> contextlib.AbstractContextManager
     Inductor's defaults."""
     if device_type != "cpu":
         return contextlib.nullcontext()
-    import torch._inductor.config as inductor_config
+    from turbo_fx.torch_compat import inductor_config_patch
 
-    return inductor_config.patch({"cpp.simdlen": 1})
+    return inductor_config_patch({"cpp.simdlen": 1})
 
 
 def _axes_of_size(value: Any, count: int) -> list[int]:
@@ -289,14 +290,13 @@ def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: 
     """``piece`` compiled for ``args`` with the ``dynamic`` axes of each a backed symbolic size,
     or, where ``shared`` holds an earlier piece that matches (``shared_pieces``), that piece's
     compiled callable."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from turbo_fx import torch_compat
 
     earlier = shared.find(kind, piece, args, dynamic) if shared is not None else None
     if earlier is not None:
         stats.shared += 1
         return earlier
-    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    fake_mode = torch_compat.new_fake_mode()
     fake_args = []
     for value, dims in zip(args, dynamic):
         if not isinstance(value, torch.Tensor):
@@ -307,11 +307,9 @@ def _compile_with_token_dims(compile_piece: Callable, piece: GraphModule, args: 
             # tensor; static, it compiles for its own sizes, and shared_pieces matches it so.
             fake_args.append(fake_mode.from_tensor(value, static_shapes=True))
             continue
-        sizes = [DimDynamic.DUCK if d in dims else DimDynamic.STATIC for d in range(value.dim())]
-        context = StatelessSymbolicContext(dynamic_sizes=sizes, constraint_sizes=[None] * value.dim())
-        fake_args.append(fake_mode.from_tensor(value, symbolic_context=context))
+        fake_args.append(torch_compat.fake_with_symbolic_dims(fake_mode, value, dims))
     hits = _cache_hits()
-    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+    with torch_compat.tracing(fake_mode):
         if example_values:
             record_example_values(piece, fake_mode, fake_args)
         compiled = compile_piece(piece, fake_args)
@@ -328,14 +326,13 @@ def record_example_values(piece: GraphModule, fake_mode, fake_args: Sequence[Any
     """Give every node of ``piece`` its fake value as ``example_value``, as Dynamo's graphs
     carry them: AOT-autograd's cache refuses method calls on values it cannot see are
     tensors, and without that cache every block's piece would be traced anew."""
-    from torch._dispatch.python import enable_python_dispatcher
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    from turbo_fx.torch_compat import propagate_fakes, python_dispatcher
 
     # The Python dispatcher runs composite ops (matmul) by their symbolic decompositions, as
     # tracing does: torch 2.11's C++ matmul reads concrete sizes, which would specialise the
     # token count and give every block its own compile.
-    with torch.no_grad(), enable_python_dispatcher():
-        FakeTensorProp(piece, fake_mode).propagate_dont_convert_inputs(*fake_args)
+    with torch.no_grad(), python_dispatcher():
+        propagate_fakes(piece, fake_mode, fake_args)
     for node in piece.graph.nodes:
         if "val" in node.meta:
             node.meta["example_value"] = node.meta["val"]

@@ -170,9 +170,9 @@ class CompileStrategy:
     def __post_init__(self) -> None:
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         if self.mode is not None:
-            from torch._inductor import list_mode_options
+            from turbo_fx.torch_compat import inductor_mode_options
 
-            _check_choice("mode", self.mode, tuple(list_mode_options()))
+            _check_choice("mode", self.mode, tuple(inductor_mode_options()))
         for name in ("compile_blocks", "compile_merge_step", "symbolic_tokens"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise TurboConfigError(f"option '{name}' must be True, False or None, got {getattr(self, name)!r}")

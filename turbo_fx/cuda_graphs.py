@@ -43,9 +43,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.fx import GraphModule
-from torch.utils._pytree import tree_map_only
 
 from turbo_fx.ops.merge_step import recording_merges
+from turbo_fx.torch_compat import inductor_mode_options, op_overloads, tree_map_only
 
 log = logging.getLogger("turbo_fx")
 
@@ -54,7 +54,7 @@ MAX_CAPTURES = 4
 
 def captures_cuda_graphs(mode: Optional[str]) -> bool:
     """Whether Inductor's compile ``mode`` asks for CUDA graphs ("reduce-overhead", "max-autotune")."""
-    return bool(mode) and bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs"))
+    return bool(mode) and bool(inductor_mode_options(mode).get("triton.cudagraphs"))
 
 
 def capture_refusal(gm: GraphModule, example_inputs: Sequence[Any]) -> Optional[str]:
@@ -77,9 +77,7 @@ def unsafe_op_refusal(gm: GraphModule) -> Optional[str]:
     tag = getattr(torch.Tag, "cudagraph_unsafe", None)
     for node in gm.graph.nodes:
         target = node.target
-        overloads = [target] if isinstance(target, torch._ops.OpOverload) else []
-        if isinstance(target, torch._ops.OpOverloadPacket):
-            overloads = [getattr(target, name) for name in target.overloads()]
+        overloads = op_overloads(target)
         if tag is not None and any(tag in op.tags for op in overloads):
             return f"node {node.name} ({target}) waits for the device, which a CUDA graph cannot capture"
     return None

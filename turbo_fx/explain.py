@@ -8,6 +8,7 @@ import torch
 from turbo_fx.backend import turbo_backend
 from turbo_fx.config import TurboConfig, resolve_config
 from turbo_fx.report import TurboReport, recording
+from turbo_fx.torch_compat import reset_compiler
 
 
 def explain(model: torch.nn.Module, *inputs: Any, model_kwargs: Optional[dict] = None,
@@ -21,9 +22,9 @@ def explain(model: torch.nn.Module, *inputs: Any, model_kwargs: Optional[dict] =
         options["inner_backend"] = "eager"
         options["compile_blocks"] = False
     config = resolve_config(config, **options)
-    torch._dynamo.reset()
+    reset_compiler()
     compiled = torch.compile(model, backend=turbo_backend, options=config)
     with recording(count_flops=True) as recorder, torch.no_grad():
         compiled(*inputs, **(model_kwargs or {}))
-    torch._dynamo.reset()
+    reset_compiler()
     return TurboReport(graphs=list(recorder.graphs))

@@ -35,6 +35,7 @@ from turbo_fx.passes.restore_outputs import restore_outputs
 from turbo_fx.passes.weight_token_means import weight_token_means
 from turbo_fx.plan import GENERATION, MERGE, GraphPlan, component_report
 from turbo_fx.report import PassRecord, counters
+from turbo_fx.torch_compat import empty_graph_like
 
 log = logging.getLogger("turbo_fx")
 
@@ -233,9 +234,8 @@ def copy_graph_module(gm: GraphModule) -> tuple[GraphModule, dict[Node, Node]]:
     """A new GraphModule over a copy of ``gm``'s graph (node metadata copied, modules shared),
     so a failed rewrite leaves the original untouched, and the map from each node to its copy."""
     nodes: dict[Node, Node] = {}
-    graph = torch.fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    graph = empty_graph_like(gm.graph)
     value, old_output = graph.graph_copy(gm.graph, val_map=nodes, return_output_node=True)
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
     output = graph.output(value, type_expr=getattr(old_output, "type", None))
     output.meta = copy.copy(old_output.meta)
     nodes[old_output] = output

@@ -34,6 +34,8 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 import torch
 from torch.fx import GraphModule
 
+from turbo_fx.torch_compat import shape_guards, shape_guards_hold
+
 
 @dataclass
 class _Compiled:
@@ -56,7 +58,7 @@ class SharedPieces:
             return None
         tensors = [a for a in args if _is_plain(a)]
         for entry in self._by_key.get(key, ()):
-            if entry.guards is None or entry.shape_env.evaluate_guards_expression(entry.guards, tensors):
+            if entry.guards is None or shape_guards_hold(entry.shape_env, entry.guards, tensors):
                 return entry.compiled
         return None
 
@@ -67,7 +69,7 @@ class SharedPieces:
         if key is None:
             return
         fakes = [fake for value, fake in zip(args, fake_args) if _is_plain(value)]
-        guards = shape_env.produce_guards_expression(fakes, ignore_static=False)
+        guards = shape_guards(shape_env, fakes)
         self._by_key.setdefault(key, []).append(_Compiled(guards, shape_env, compiled))
 
 

@@ -79,7 +79,8 @@ def test_each_runtime_concern_has_its_module():
 # that the shared types never depend on a pass and no pass depends on the backend.
 LAYERS = (
     ("shared types and runtime ops", ("turbo_fx.config", "turbo_fx.errors", "turbo_fx.report", "turbo_fx.ops",
-                                      "turbo_fx.ops.*", "turbo_fx.flops", "turbo_fx.reference")),
+                                      "turbo_fx.ops.*", "turbo_fx.flops", "turbo_fx.reference",
+                                      "turbo_fx.torch_compat")),
     ("graph passes", ("turbo_fx.passes", "turbo_fx.passes.*")),
     ("plan, rewrite and compile", ("turbo_fx.plan", "turbo_fx.rewrite", "turbo_fx.block_compile",
                                    "turbo_fx.shared_pieces", "turbo_fx.cuda_graphs", "turbo_fx.guarded_call")),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from turbo_fx import torch_compat
+
 
 # An additive mask value at or below this excludes a key: exp(-1000) is 0 in any float dtype.
 MASKED_BELOW = -1000.0
@@ -31,7 +33,7 @@ def _has_query_rows(mask: Tensor) -> bool:
 
 
 @torch.library.custom_op("turbo_fx::check_key_padding_mask", mutates_args=(),
-                         tags=(torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ())
+                         tags=torch_compat.cudagraph_unsafe_tags())
 def check_key_padding_mask(mask: Tensor) -> Tensor:
     """The mask's first query row ([..., 1, N], a copy: what ``key_validity`` reads), after
     raising ``RuntimeError`` if any row differs from it (a causal or banded mask): merging

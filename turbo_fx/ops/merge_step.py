@@ -11,6 +11,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from turbo_fx import torch_compat
+
 from .attention_bias import key_bias
 from .merge import compose_assign, head_mean, merge_tokens
 from .semantic import cls_attention, cls_attention_from_probs
@@ -199,12 +201,7 @@ def compiles_exactly(padding: bool) -> bool:
     the eager step does. Not on torch < 2.13 with padding: there (2.11.0, CPU)
     the similarities' argmax came out wrong in 7 of 8 rows while their max was
     right, so merges went to the wrong partners; such steps run eagerly instead."""
-    return not padding or _torch_at_least(2, 13)
-
-
-def _torch_at_least(major: int, minor: int) -> bool:
-    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    return version >= (major, minor)
+    return not padding or torch_compat.torch_at_least(2, 13)
 
 
 _COMPILED_STEP: list = []
@@ -229,7 +226,7 @@ def run_compiled_step(*args):
         # would build them anew, three more library calls per block. Every configuration a
         # process runs (dtype, padding, mask or none, token-count parity) is one more variant
         # of this one function: room for many, where Dynamo's default would stop at 8.
-        with torch._C._AutoDispatchBelowADInplaceOrView(), torch._dynamo.config.patch(
+        with torch_compat.below_autograd(), torch_compat.dynamo_config_patch(
                 specialize_float=True, recompile_limit=COMPILED_STEP_VARIANTS):
             return step(*args)
     except Exception as exc:  # a compile failure must not break the user's model
@@ -241,10 +238,9 @@ def run_compiled_step(*args):
 
 def _lower_bound(n) -> int:
     """A token count's least possible value: itself when static; for a symbolic count (the
-    previous block's ``token_rows``), the lower end of its value range."""
-    if isinstance(n, int):
-        return n
-    return int(n.node.shape_env.bound_sympy(n.node.expr).lower)
+    previous block's ``token_rows``), the lower end of its value range (0 where torch cannot
+    say: the merge then keeps its concrete count)."""
+    return torch_compat.size_lower_bound(n)
 
 
 @dataclass(frozen=True)
@@ -284,9 +280,7 @@ def recording_merges() -> bool:
 
 
 def _is_fake(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor) or t.device.type == "meta"
+    return torch_compat.is_fake(t) or t.device.type == "meta"
 
 
 # ``merge_block`` as one opaque op: Inductor calls it instead of generating kernels for
