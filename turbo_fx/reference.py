@@ -32,6 +32,9 @@ sequence of patch tokens only):
 After the last block: ``model.norm`` and the model's own head; "avg" pooling is a
 size-weighted mean over the remaining non-prefix tokens (each merged token counts
 as the tokens it stands for, so the mean is the unmerged model's mean for duplicates).
+The head finds tokens by position (the class token, or the prefix that "avg" skips), so
+those must be protected once any token merges; ``reference_forward`` refuses a
+``protected`` count below them.
 
 Tie-breaking (only matters for exactly equal scores): a token of A matches the
 first (lowest-index) most similar token of B; among equal information degrees
@@ -64,6 +67,8 @@ __all__ = [
     "protected_count",
     "has_class_token",
     "sequence_config",
+    "head_positions",
+    "check_head_positions",
     "embed_tokens",
     "attention_probs",
     "token_metric",
@@ -162,14 +167,41 @@ def reference_forward_tokens(
 
 
 def reference_forward(model: nn.Module, images: Tensor, config: TurboConfig) -> Tensor:
-    """Images -> the model's output (logits) with Turbo merging, via the model's own head."""
-    tokens, sizes, _ = reference_forward_tokens(model, images, config)
+    """Images -> the model's output (logits) with Turbo merging, via the model's own head.
+
+    Raises ``ValueError`` when the head finds by position a token that is not protected
+    and tokens did merge (see ``head_positions``): another token may stand in its place.
+    """
+    tokens, sizes, assign = reference_forward_tokens(model, images, config)
+    check_head_positions(model, config, merged=tokens.shape[1] < assign.shape[1])
     if getattr(model, "global_pool", None) == "avg":
         p = model.num_prefix_tokens
         weight = sizes[:, p:, None].to(tokens.dtype)
         pooled = (tokens[:, p:] * weight).sum(dim=1) / weight.sum(dim=1)
         return model.head(model.head_drop(model.fc_norm(pooled)))
     return model.forward_head(tokens)
+
+
+def head_positions(model: nn.Module) -> int:
+    """How many leading tokens the head finds by position: the class (and distillation) token
+    that "token" pooling reads, or the prefix that "avg" pooling skips."""
+    pool = getattr(model, "global_pool", "token")
+    if pool == "avg":
+        return int(model.num_prefix_tokens)
+    if pool == "token":
+        return 2 if getattr(model, "head_dist", None) is not None else 1
+    return 0
+
+
+def check_head_positions(model: nn.Module, config: TurboConfig, merged: bool = True) -> None:
+    """Raise ``ValueError`` unless every token the head finds by position is protected; a
+    sequence where nothing ``merged`` still holds every token where the head looks."""
+    needed, protected = head_positions(model), protected_count(model, config)
+    if merged and protected < needed:
+        raise ValueError(
+            f"the head finds the first {needed} token(s) by position, and protected={config.protected!r} "
+            f"protects {protected}: a merged token could take the place of one it reads"
+        )
 
 
 def apply_reference(model: nn.Module, config: TurboConfig) -> nn.Module:

@@ -10,6 +10,7 @@ from turbo_fx import ops
 from turbo_fx.config import LinearSchedule, TurboConfig
 from turbo_fx.reference import (
     apply_reference,
+    head_positions,
     attention_probs,
     choose_merges,
     merge_count,
@@ -239,6 +240,35 @@ def test_protected_tokens_never_merge_and_stay_first(kind, options, p):
     assert (assign[:, p:] >= p).all()
     for b in range(3):
         assert torch.equal(torch.bincount(assign[b], minlength=n_final).float(), sizes[b])
+
+
+@pytest.mark.parametrize("kind, protected, needed", [
+    ("vit", 0, 1),  # "token" pooling reads the class token
+    ("vit_avg", 0, 1),  # "avg" pooling skips the class token by position
+    ("deit_distilled", 1, 2),  # the distillation head reads token 1
+])
+def test_a_head_that_finds_an_unprotected_token_by_position_is_refused(kind, protected, needed):
+    model = tiny_model(kind)
+    assert head_positions(model) == needed
+    with pytest.raises(ValueError, match=f"the head finds the first {needed} token"):
+        reference_forward(model, images(1), TurboConfig(r=4, protected=protected))
+
+
+def test_a_head_over_an_unmerged_sequence_reads_any_token():
+    model = tiny_model("vit")
+    with torch.no_grad():
+        got = reference_forward(model, images(2), TurboConfig(r=0, protected=0))
+        assert (got - model(images(2))).abs().max().item() <= 1e-5
+
+
+def test_the_head_needs_only_the_tokens_it_finds_by_position():
+    token_pooled = tiny_model("vit_reg")  # reads the class token, not the registers after it
+    avg_pooled = patch_only_vit(reg_tokens=2)  # skips both registers
+    assert head_positions(token_pooled) == 1 and head_positions(avg_pooled) == 2
+    with torch.no_grad():
+        assert reference_forward(token_pooled, images(1), TurboConfig(r=4, protected=1)).shape == (1, 10)
+        with pytest.raises(ValueError, match="protected=1 protects 1"):
+            reference_forward(avg_pooled, images(1), TurboConfig(r=4, protected=1))
 
 
 def test_distilled_head_reads_the_unmerged_prefix_tokens():
