@@ -73,6 +73,14 @@ def test_similarities_that_bfloat16_would_tie_are_ranked_as_in_float32():
     assert dest.tolist() == ref_dest.tolist() == [[0, 1, 1, 2]]
 
 
+def test_float64_similarities_are_not_rounded_to_float32():
+    # Cosines 1 - 2e-8 and 1 - 5e-9: both 1.0 in float32, where the first source would win the tie.
+    metric = torch.tensor([[[1.0, 2e-4], [1.0, 0.0], [1.0, 1e-4], [0.0, 1.0]]], dtype=torch.float64)
+    _, _, dest = ops.merge_tokens(torch.randn(1, 4, 3, dtype=torch.float64), torch.ones(1, 4), metric, None,
+                                  r=1, protected=0)
+    assert dest.tolist() == [[0, 1, 1, 2]]
+
+
 def test_grid_merge_plan_with_a_zero_row_matches_float32():
     g = torch.Generator().manual_seed(1)
     metric = torch.randn(2, 16, 8, generator=g)

@@ -63,8 +63,8 @@ def unit_rows(metric: Tensor) -> Tensor:
     NaN, and a NaN similarity wins every ``max`` and ``topk`` (a zero destination row would
     draw every merge). Half-precision scores would also round near-equal similarities to
     ties that float32 tells apart. The scores this feeds, [B, N/2, N/2], are a small fraction
-    of the block's own attention logits, [B, H, N, N]."""
-    metric = metric.float()
+    of the block's own attention logits, [B, H, N, N]. float64 stays float64."""
+    metric = metric.to(torch.promote_types(metric.dtype, torch.float32))
     return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
