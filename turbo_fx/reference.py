@@ -45,6 +45,8 @@ Public entry points:
     reference_forward(model, images, config)           -> logits
     reference_forward_tokens(model, images, config)    -> (tokens, sizes, assign)
     reference_blocks(model, tokens, config)            -> (tokens, sizes, assign)
+the rules a model's sequence and head impose (protected_count, has_class_token,
+sequence_config, head_positions, check_head_positions),
 and the per-sequence building blocks (attention_probs, token_metric,
 semantic_value, merge_count, bipartite_redundancy, information_degree,
 choose_merges, merge_tokens, block_forward).
