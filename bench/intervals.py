@@ -1,6 +1,6 @@
 """Intervals and paired comparisons of evaluation rows: ``stats`` applied to what a row keeps
-in ``row["samples"]`` (see ``evaluation.VisionProbeTask.score_samples`` and
-``TextSimilarityTask.score_samples``).
+in ``row["samples"]`` (see ``evaluation.VisionProbeTask.score_samples``,
+``TextSimilarityTask.score_samples`` and ``vlm_eval.score_row``).
 
 Rows written before rows carried samples still get an interval for a proportion, from the
 accuracy and the number of test samples in the task description (Wilson needs only k and n);
@@ -14,12 +14,17 @@ import numpy as np
 
 from turbo_fx.bench import stats
 
-# metric -> (sample key of the labels, sample key of the predictions, task key of the count)
+# metric -> (sample key of the labels, sample key of the predictions, task key of the count);
+# without a labels key the predictions are right / wrong flags.
 PROPORTIONS = {
     "probe_top1": ("label", "probe", "test_samples"),
     "knn_top1": ("label", "knn", "test_samples"),
     "polarity_probe": ("polarity_label", "polarity_prediction", "polarity_sentences"),
+    "class_accuracy": ("label", "first_class", None),
+    "exact_match": (None, "exact", None),
+    "agreement": (None, "agrees", None),
 }
+MEANS = ("cosine", "loglik")  # per-sample values whose mean is the metric
 
 # The bootstraps take a second or more per text row; the markdown and every plot ask for the
 # same ones. Keyed by the samples objects themselves (held here, so their ids are never reused).
@@ -39,6 +44,8 @@ def correct(row: dict, metric: str) -> Optional[np.ndarray]:
     if metric not in PROPORTIONS or not samples:
         return None
     label, prediction, _ = PROPORTIONS[metric]
+    if label is None:
+        return np.asarray(samples[prediction], dtype=bool)
     return np.asarray(samples[prediction]) == np.asarray(samples[label])
 
 
@@ -57,8 +64,8 @@ def metric_interval(row: dict, metric: str, task: dict) -> Optional[tuple[float,
     samples = row.get("samples")
     if not samples:
         return None
-    if metric == "cosine":
-        return _memoised((samples,), metric, lambda: stats.bootstrap_mean(samples["cosine"]))
+    if metric in MEANS:
+        return _memoised((samples,), metric, lambda: stats.bootstrap_mean(samples[metric]))
     if metric == "lee_spearman":
         return _memoised((samples,), metric, lambda: stats.document_spearman_bootstrap(
             samples["lee_cosine"], samples["lee_human"]))
@@ -72,11 +79,11 @@ def compare(row_a: dict, row_b: dict, metric: str) -> Optional[stats.Comparison]
         return None
     if metric in PROPORTIONS:
         label = PROPORTIONS[metric][0]
-        if a[label] != b[label]:
+        if label and a[label] != b[label]:
             raise ValueError(f"{row_a['label']!r} and {row_b['label']!r} were not scored on the same samples")
         return stats.paired_proportions(correct(row_a, metric), correct(row_b, metric))
-    if metric == "cosine":
-        return _memoised((a, b), metric, lambda: stats.paired_bootstrap_mean(a["cosine"], b["cosine"]))
+    if metric in MEANS:
+        return _memoised((a, b), metric, lambda: stats.paired_bootstrap_mean(a[metric], b[metric]))
     if metric == "lee_spearman":
         if a["lee_human"] != b["lee_human"]:
             raise ValueError(f"{row_a['label']!r} and {row_b['label']!r} were not scored on the same documents")

@@ -34,7 +34,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from turbo_fx.bench import output, stats, timing
+from turbo_fx.bench import intervals, output, stats, timing
 from turbo_fx.bench.evaluation import compile_variant
 from turbo_fx.model_zoo import fashion_captioner as fc
 from turbo_fx.report import recording
@@ -45,7 +45,6 @@ METHODS = {
     "semantic-only": {"redundancy": False},
 }
 DEFAULT_R = (8, 12, 16)
-PROPORTION_METRICS = ("exact_match", "class_accuracy", "agreement")
 METRICS = ("exact_match", "class_accuracy", "loglik", "agreement")
 METRIC_TITLES = {"exact_match": "exact match", "class_accuracy": "class accuracy (first word)",
                  "loglik": "mean log-lik. (nats)", "agreement": "agrees with unmerged"}
@@ -136,32 +135,14 @@ def complete_greedy(step: Callable[[np.ndarray, torch.Tensor], torch.Tensor], in
 # Metrics, intervals, paired comparisons (pure functions over a row's samples)
 
 
-def sample_outcomes(samples: dict, metric: str) -> np.ndarray:
-    """Per image: right (bool) for a proportion metric, the value for ``loglik``."""
-    if metric == "exact_match":
-        return np.asarray(samples["exact"], dtype=bool)
-    if metric == "class_accuracy":
-        return np.asarray(samples["first_class"]) == np.asarray(samples["label"])
-    if metric == "agreement":
-        return np.asarray(samples["agrees"], dtype=bool)
-    if metric == "loglik":
-        return np.asarray(samples["loglik"], dtype=np.float64)
-    raise KeyError(metric)
-
-
 def row_metrics(samples: dict) -> dict:
-    """``{metric: {"value", "low", "high"}}`` with 95% intervals: Wilson for proportions,
-    percentile bootstrap (2000 resamples, seed 0) of the mean for ``loglik``."""
-    out = {}
+    """``{metric: {"value", "low", "high"}}`` with 95% intervals (``intervals``): Wilson for
+    proportions, percentile bootstrap (2000 resamples, seed 0) of the mean for ``loglik``."""
+    row, out = {"samples": samples}, {}
     for metric in METRICS:
-        x = sample_outcomes(samples, metric)
-        if metric in PROPORTION_METRICS:
-            low, high = stats.wilson_interval(int(x.sum()), len(x))
-            value = float(x.mean())
-        else:
-            low, high = stats.bootstrap_mean(x)
-            value = float(x.mean())
-        out[metric] = {"value": value, "low": low, "high": high}
+        right = intervals.correct(row, metric)
+        low, high = intervals.metric_interval(row, metric, {})
+        out[metric] = {"value": float(np.mean(samples[metric] if right is None else right)), "low": low, "high": high}
     return out
 
 
@@ -169,10 +150,7 @@ def compare_rows(samples_a: dict, samples_b: dict, metric: str) -> stats.Compari
     """A minus B on the same images: Newcombe + exact McNemar for proportions, paired bootstrap for ``loglik``."""
     if list(samples_a["label"]) != list(samples_b["label"]):
         raise ValueError("the two rows were not scored on the same images")
-    a, b = sample_outcomes(samples_a, metric), sample_outcomes(samples_b, metric)
-    if metric in PROPORTION_METRICS:
-        return stats.paired_proportions(a, b)
-    return stats.paired_bootstrap_mean(a, b)
+    return intervals.compare({"samples": samples_a, "label": "A"}, {"samples": samples_b, "label": "B"}, metric)
 
 
 def comparison_pairs(rows: Sequence[dict]) -> list[tuple[str, dict, dict]]:
