@@ -17,7 +17,7 @@ def test_rows_are_distinct_configurations_whatever_the_default_components():
     resolved = [TurboConfig(**opts) for _, opts in turbo]
     assert len({repr(c) for c in resolved}) == len(resolved)
     assert all("merge_components" in opts for _, opts in turbo)
-    assert TurboConfig(**dict(turbo)["turbo-all 0.5"]).merge_components == (
+    assert TurboConfig(**dict(turbo)["turbo-all 0.5"]).generation.merge_components == (
         "self-attention", "cross-attention", "feed-forward")
 
 
