@@ -41,7 +41,7 @@ all)
     paths vit_base_patch16_224 13 256 reduce-overhead 80
     paths deit_small_patch16_224 13 256 default 70
     paths deit_small_patch16_224 13 256 reduce-overhead 70
-    timeout 130 python3 -m pytest -q -p no:cacheprovider tests/cuda -rs 2>&1 | tail -40 | tee "$OUT/cuda_tests.txt"
+    timeout 170 python3 -m pytest -q -p no:cacheprovider tests/cuda -rs 2>&1 | tail -40 | tee "$OUT/cuda_tests.txt"
     paths vit_large_patch16_224 8 128 reduce-overhead 90
     ;;
 tests)
