@@ -9,9 +9,9 @@ label of classifier-free guidance). Training (800 steps of 32 images, 0.43 epoch
 on the shared 2-core machine (one thread, ``nice -n 10``, final loss 0.066); the weights (0.8 M
 parameters, 3.3 MB) are cached. The samples show their classes but are undertrained: noisy
 textures and backgrounds. Measured on 200 samples (20 DDIM steps, guidance 2.5) by
-``python -m turbo_fx.bench.diffusion_fidelity``: a DINOv2-S linear probe assigns 0.395 [0.330,
-0.464] of them to their class (real held-out images: 0.765), FD to 1000 test images 323 [275,
-370] (real images at the same n: 36).
+``turbo-fx diffusion-fidelity``: a DINOv2-S linear probe assigns 0.395 [0.330, 0.464] of them
+to their class (real held-out images: 0.765), FD to 1000 test images 323 [275, 370] (real
+images at the same n: 36).
 
 * Images: Fashion-MNIST 28x28 padded to 32x32 with the background value, pixels in [-1, 1],
   shape ``[B, 1, 32, 32]`` (:func:`to_model_range`).

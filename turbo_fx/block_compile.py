@@ -339,8 +339,7 @@ def record_example_values(piece: GraphModule, fake_mode, fake_args: Sequence[Any
 
 
 class _Piece(torch.nn.Module):
-    """A compiled piece in the split module's place of the piece; ``kind`` is "compute" or
-    "merge" (``bench.piece_times`` reads it)."""
+    """A compiled piece in the split module's place of the piece; ``kind`` is "compute" or "merge"."""
 
     def __init__(self, compiled: Callable, kind: str = "compute"):
         super().__init__()
