@@ -157,7 +157,7 @@ def compile_rewritten(rewritten: GraphModule, original: GraphModule, example_inp
     compiled = None
     if strategy.uses_compile_blocks and report.blocks:
         compiled = _split_and_compile(rewritten, example_inputs, mode, report, strategy.compile_blocks is True,
-                                   strategy.uses_compile_merge_step, None if split else plan.split_refusal)
+                                      strategy.uses_compile_merge_step, None if split else plan.split_refusal)
         if compiled is not None and captures_cuda_graphs(mode):
             compiled = _captured(compiled, rewritten, example_inputs, report)
     if compiled is None:
@@ -176,7 +176,7 @@ def compile_rewritten(rewritten: GraphModule, original: GraphModule, example_inp
 
 
 def _split_and_compile(rewritten: GraphModule, example_inputs: list, mode: Optional[str], report: GraphReport,
-                    asked: bool, compile_merges: bool, refused: Optional[str]) -> Optional[Callable]:
+                       asked: bool, compile_merges: bool, refused: Optional[str]) -> Optional[Callable]:
     """``rewritten`` compiled piece by piece (``compile_blocks``), or None once the reason it
     is compiled whole instead is logged: a warning where the user ``asked`` for the split,
     an info record where it was only the default (the graph still merges; only its
