@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import torch
 from torch.fx import GraphModule, Node
 
 from turbo_fx.config import PASS_NAMES, TurboConfig
