@@ -10,8 +10,8 @@ entry. It never searches for the number itself, so a head dim equal to the token
 count is left alone. Indexing on a token axis is allowed only where it means the
 same after merging (protected tokens at the front, tokens of another sequence put in front
 of them by a ``cat``, protected tokens at the end by negative index, full slices). A
-per-token constant added to merged tokens (one row per original token, built from
-parameters alone) is merged like them: each merged token gets its members' mean row.
+per-token table combined with merged tokens (a position embedding added to them, a rotary
+cos/sin table multiplied with them) is merged like them (``token_tables``).
 
 Guarantees: on success every node's ``meta["example_value"]`` holds its new fake
 value and the graph is consistent. On anything it cannot rewrite (a token axis
@@ -31,7 +31,11 @@ from torch.fx.node import map_arg
 from turbo_fx import torch_compat
 from turbo_fx.errors import CannotRewrite
 
-from .graph_utils import depends_on_data, is_merge, is_token_cat
+from turbo_fx import ops
+from turbo_fx.report import counters
+
+from .graph_utils import is_merge, is_token_cat
+from .token_tables import TableUse, angle_chain, table_operand
 
 RESHAPE_METHODS = {"view", "reshape"}
 RESHAPE_FUNCTIONS = {torch.reshape}
@@ -51,20 +55,26 @@ def propagate_shapes(
     tail: int = 0,
     assign_by_count: Optional[dict[int, Node]] = None,
     read_sizes: bool = False,
+    rotary: str = "position",
+    table_facts: Optional[list[str]] = None,
 ) -> set[Node]:
     """Re-run the nodes affected by ``touched`` (new or edited nodes) on fake tensors,
     rewriting shape arguments as described in the module docstring. Returns the
     nodes whose output shape changed; ``hints`` learns the unbacked token counts.
     ``tail``: protected tokens at the end (negative indices into them keep their meaning).
     ``assign_by_count``: where each original token is, by merged token count; with it, a
-    per-token constant added to merged tokens is merged too (``merge_token_constant``).
+    per-token table combined with merged tokens is merged too (``token_tables``).
     ``read_sizes``: a rewritten size entry reads the token count from its tensor
     (``aten.sym_size``) even where the count is concrete, as it does for unbacked counts, so
     that the rewritten graph holds no literal merged count: every block then has the same
-    code, which a compile that gives each block's count as a symbolic size can share."""
+    code, which a compile that gives each block's count as a symbolic size can share.
+    ``rotary``: how a per-token table that meets merged tokens is merged (``token_tables``);
+    ``table_facts`` receives one line per table merged, saying which rule it got."""
     propagation = _Propagation(gm, fake_mode, old_values, protected, hints or ShapeHints())
     propagation.tail, propagation.assign_by_count = tail, assign_by_count or {}
-    propagation.read_sizes = read_sizes
+    propagation.read_sizes, propagation.rotary = read_sizes, rotary
+    if table_facts is not None:
+        propagation.table_facts = table_facts
     # Unbacked token counts made here live only in this graph's metadata; the inner
     # compiler re-traces and binds its own, so ours must not stay pending.
     with torch_compat.fresh_unbacked_symbols_dropped(getattr(fake_mode, "shape_env", None)):
@@ -196,6 +206,9 @@ class _Propagation:
         self.tail = 0
         self.assign_by_count: dict[int, Node] = {}
         self.read_sizes = False
+        self.rotary = "position"
+        self.tables: dict[tuple, Node] = {}
+        self.table_facts: list[str] = []
 
     def run(self, dirty: set[Node]) -> set[Node]:
         for node in list(self.gm.graph.nodes):
@@ -205,7 +218,7 @@ class _Propagation:
                 self.env[node] = _recorded_value(self.gm, node, self.fake_mode)
                 continue
             self.rewrite_shape_args(node)
-            self.merge_added_constant(node)
+            self.merge_token_table(node)
             value = self.evaluate(node)
             if is_merge(node):
                 self.learn_merged_count(node, value)
@@ -249,33 +262,78 @@ class _Propagation:
             self.rewrite_expand(node, src, old.shape, new.shape, axes)
         elif not is_method and node.target is operator.getitem:
             _check_and_fix_index(node, self.hints.shape(old.shape), axes, self.fixed_prefix(src), self.tail)
+        elif is_method and node.target == "split" and isinstance(_split_sizes(node), (list, tuple)):
+            self.rewrite_split(node, src, old.shape, new.shape, axes)
         else:
             _check_axis_ops(node, old.shape, axes, self.fixed_prefix(src))
 
-    def merge_added_constant(self, node: Node) -> None:
-        """``merged + constant`` where the constant still has one row per original token
-        (built from parameters only): the constant's rows are merged like the tokens."""
-        if not (node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2):
+    def merge_token_table(self, node: Node) -> None:
+        """An elementwise op of merged tokens and a table that still has one row per original
+        token (``token_tables``): the op reads the table merged like the tokens."""
+        use = table_operand(node, self.changed, self.old_values, self.env, self.hints)
+        if use is None:
             return
-        moved = [a for a in node.args if isinstance(a, Node) and a in self.changed]
-        fixed = [a for a in node.args if isinstance(a, Node) and a not in self.changed]
-        if len(moved) != 1 or len(fixed) != 1:
+        counts = sorted(self.assign_by_count)
+        if not counts:
             return
-        tokens, constant = moved[0], fixed[0]
-        old, new, value = self.old_values.get(tokens), self.env.get(tokens), self.env.get(constant)
-        if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (old, new, value)):
-            return
-        old_n, new_n = self.hints(old.shape[1]), self.hints(new.shape[1])
-        if old_n == new_n or value.shape[1] != old_n or value.shape[1] == 1 or depends_on_data(constant):
-            return
-        assign = self.assign_by_count.get(new_n)
+        new_n = self.hints(self.env[use.tokens].shape[use.token_axis])
+        offset = counts[-1] - use.n_before  # tokens the model sliced off the front before the op
+        if not 0 <= offset <= self.protected or (offset and self.tail):
+            raise CannotRewrite(f"{node.format_node()} combines merged tokens with a per-token table of "
+                                f"{use.n_before} rows, which is not the sequence after its protected tokens")
+        assign = self.assign_by_count.get(new_n + offset)
         if assign is None:
-            raise CannotRewrite(f"{node.format_node()}: adds a per-token constant, and no merge state has "
-                                f"{new_n} tokens")
-        from turbo_fx import ops
+            raise CannotRewrite(f"{node.format_node()} combines merged tokens with a per-token table, and no "
+                                f"merge state has {new_n + offset} tokens")
+        if self.hints(self.env[use.tokens].shape[0]) != self.hints(self.env[assign].shape[0]):
+            raise CannotRewrite(f"{node.format_node()} combines a per-token table with tokens whose first axis "
+                                "is not the batch")
+        merged = self.merged_table(node, use, assign, offset)
+        node.replace_input_with(use.table, merged)
 
-        merged = self.insert(node, ops.merge_token_constant, (constant, assign, tokens))
-        node.replace_input_with(constant, merged)
+    def merged_table(self, node: Node, use: TableUse, assign: Node, offset: int) -> Node:
+        key = (use.table, assign, use.token_axis, self.env[use.tokens].dim())
+        if key not in self.tables:
+            merged, rule = None, "rows"
+            if self.rotary == "position":
+                merged, why = self.merged_from_angles(node, use, assign, offset)
+                rule = "position" if merged is not None else f"rows ({why})"
+            if merged is None:
+                merged = self.insert(node, ops.merge_token_rows, (use.table, assign, use.tokens, use.token_axis, offset))
+            self.tables[key] = merged
+            self.table_facts.append(f"{use.table.name} ({use.n_before} rows from token {offset}): {rule}")
+            counters[f"token_table.{rule.split(' ')[0]}"] += 1
+        return self.tables[key]
+
+    def merged_from_angles(self, node: Node, use: TableUse, assign: Node, offset: int) -> "tuple[Optional[Node], str]":
+        """The table recomputed from its members' mean angles (``token_tables.angle_chain``), or
+        (None, why) where it cannot be."""
+        from_end = self.env[use.tokens].dim() - use.token_axis
+        angles, chain, why = angle_chain(use.table, self.env, use.n_before, from_end, self.hints)
+        if angles is None:
+            return None, why
+        inserted: list[Node] = []
+        try:
+            merged_angles = self.insert(node, ops.merge_token_rows, (angles, assign, use.tokens, use.token_axis, offset))
+            inserted.append(merged_angles)
+            copies = {angles: merged_angles}
+            for original in chain:
+                with self.gm.graph.inserting_before(node):
+                    copy = self.gm.graph.node_copy(original, lambda n: copies.get(n, n))
+                inserted.append(copy)
+                copies[original] = copy
+                self.evaluate(copy)
+            result = self.env[copies[use.table]]
+            expected = self.hints.shape(self.env[use.tokens].shape)
+            if (result.dim() != len(expected) or self.hints(result.shape[use.token_axis]) != expected[use.token_axis]
+                    or self.hints(result.shape[0]) != expected[0]):
+                raise CannotRewrite(f"the recomputed table has shape {tuple(result.shape)}")
+            return copies[use.table], ""
+        except CannotRewrite as exc:
+            for copy in reversed(inserted):
+                self.gm.graph.erase_node(copy)
+                self.env.pop(copy, None)
+            return None, f"recomputing it from the angles failed: {exc}"
 
     def fixed_prefix(self, node: Node, depth: int = 12) -> int:
         """How many leading tokens of ``node`` are the same tokens as before merging: the
@@ -352,6 +410,25 @@ class _Propagation:
                 result = self.insert(node, operator.mul, (result, size))
         return result
 
+    def rewrite_split(self, node: Node, src: Node, old_in, new_in, axes: list[int]) -> None:
+        """``split((p, n - p), dim)`` along the token axis, the prefix ``p`` within the tokens that
+        keep their place (DINOv3 splits its class and register tokens off before the rotation):
+        the last size becomes the merged count less ``p``."""
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        if not isinstance(dim, int) or dim % len(old_in) not in axes:
+            return
+        sizes = list(_split_sizes(node))
+        lead = sum(sizes[:-1])
+        if not all(isinstance(x, int) for x in sizes) or lead > self.fixed_prefix(src):
+            raise CannotRewrite(f"{node.format_node()}: split along the token axis into pieces that cut "
+                                "through the merged tokens")
+        new_n = self.new_size(node, src, dim % len(old_in), new_in[dim % len(old_in)])
+        sizes[-1] = new_n - lead if isinstance(new_n, int) else self.insert(node, operator.sub, (new_n, lead))
+        if "split_size" in node.kwargs:
+            node.update_kwarg("split_size", tuple(sizes))
+        else:
+            node.args = (node.args[0], tuple(sizes), *node.args[2:])
+
     def rewrite_expand(self, node: Node, src: Node, old_in, new_in, axes: list[int]) -> None:
         spec, packed = _shape_spec(node)
         offset = len(spec) - len(old_in)
@@ -366,6 +443,10 @@ class _Propagation:
                 continue
             raise CannotRewrite(f"{node.format_node()}: cannot map expand size {entry!r} on token axis {a}")
         _set_shape_spec(node, spec, packed)
+
+
+def _split_sizes(node: Node) -> Any:
+    return node.kwargs.get("split_size", node.args[1] if len(node.args) > 1 else None)
 
 
 def _check_and_fix_index(node: Node, old_h: tuple, axes, protected: int, tail: int = 0) -> None:

@@ -107,3 +107,64 @@ def dynamo_graph(model: torch.nn.Module, *args, **kwargs):
         torch.compile(model, backend=capture)(*args, **kwargs)
     assert len(graphs) == 1, f"Dynamo made {len(graphs)} graphs"
     return graphs[0]
+
+
+class RotaryViT(torch.nn.Module):
+    """A pre-norm ViT with 2D rotary positions computed in ``forward`` from the patch grid, in
+    the layout DINOv3 uses: the class token is sliced off before the rotation and stays unrotated.
+    ``axes="y"`` rotates by the row coordinate only, so the patches of one row share a rotation
+    and a row of identical patches stays a row of identical tokens through every block."""
+
+    def __init__(self, axes: str = "yx", dim: int = 32, heads: int = 2, depth: int = 3, patch: int = 4,
+                 image: int = 16, classes: int = 5, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.axes, self.heads, self.grid = axes, heads, image // patch
+        self.embed = torch.nn.Conv2d(3, dim, patch, patch)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        head_dim = dim // heads
+        self.register_buffer("freqs", 1.0 / (10.0 ** (torch.arange(head_dim // 4) * 4 / head_dim)))
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict(dict(
+            norm1=torch.nn.LayerNorm(dim), qkv=torch.nn.Linear(dim, 3 * dim), proj=torch.nn.Linear(dim, dim),
+            norm2=torch.nn.LayerNorm(dim), fc1=torch.nn.Linear(dim, 2 * dim), fc2=torch.nn.Linear(2 * dim, dim),
+        )) for _ in range(depth))
+        self.norm, self.head = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, classes)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if param.dim() >= 2 and "embed" not in name:
+                    param.normal_(0.0, 0.25)
+
+    def rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
+        along_x = 1.0 if "x" in self.axes else 0.0
+        angles = torch.cat([rows.flatten()[:, None] * self.freqs, along_x * cols.flatten()[:, None] * self.freqs], -1)
+        angles = torch.cat([angles, angles], -1)
+        return angles.cos(), angles.sin()
+
+    @staticmethod
+    def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = t.shape[-1] // 2
+        turned = torch.cat([-t[..., half:], t[..., :half]], -1)
+        return torch.cat([t[:, :, :1], t[:, :, 1:] * cos + turned[:, :, 1:] * sin], 2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        cos, sin = self.rotation()
+        for block in self.blocks:
+            batch, n, dim = x.shape
+            qkv = block["qkv"](block["norm1"](x)).reshape(batch, n, 3, self.heads, dim // self.heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            x = x + block["proj"](attn.transpose(1, 2).reshape(batch, n, dim))
+            x = x + block["fc2"](torch.nn.functional.gelu(block["fc1"](block["norm2"](x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+def row_duplicated_images(batch: int = 2, image: int = 16, patch: int = 4, seed: int = 1) -> torch.Tensor:
+    """Images whose patches repeat along each row: every patch of a row is the row's first patch."""
+    grid = image // patch
+    first = torch.randn(batch, 3, grid, 1, patch, patch, generator=torch.Generator().manual_seed(seed))
+    patches = first.expand(-1, -1, -1, grid, -1, -1)  # [B, 3, rows, cols, ph, pw]
+    return patches.permute(0, 1, 2, 4, 3, 5).reshape(batch, 3, image, image).contiguous()

@@ -19,6 +19,8 @@ FUSION_ALIASES = {
     "R-beta**|gamma-block|*alpha*I": "layer",
 }
 METRICS = ("keys", "queries")
+# How a rotary cos/sin table follows merged tokens (``passes/token_tables.py``).
+ROTARY_RULES = ("position", "rows")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 # Components of a generation block that merge-and-restore mode can merge before and restore after.
 COMPONENTS = ("self-attention", "cross-attention", "feed-forward")
@@ -257,6 +259,11 @@ class TurboConfig:
         tokens that never merge.
     restore_outputs: graph outputs that carry the token axis get the original token
         count back (each original token takes its merged token's value).
+    rotary: the rotary cos/sin rows of a merged token: "position" (default: the mean of its
+        members' rotation angles, the angle of their mean position, with cos/sin recomputed;
+        where the graph holds a stored table instead, "rows") or "rows" (the mean of its
+        members' cos/sin rows). Per-token tables that are added (position embeddings) are
+        always averaged by rows, which equals merging after the add.
     generation: ``GenerationOptions`` (merge-and-restore mode).
     strategy: ``CompileStrategy`` (how the rewritten graph is compiled).
 
@@ -285,6 +292,7 @@ class TurboConfig:
     min_tokens: int = 0
     protected: Union[str, int] = "auto"
     restore_outputs: bool = True
+    rotary: str = "position"
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     strategy: CompileStrategy = field(default_factory=CompileStrategy)
 
@@ -323,6 +331,7 @@ class TurboConfig:
             )
         object.__setattr__(self, "fusion", fusion)
         _check_choice("metric", self.metric, METRICS)
+        _check_choice("rotary", self.rotary, ROTARY_RULES)
         if self.cross_attention_bias is None:
             object.__setattr__(self, "cross_attention_bias", self.prop_attn)
         for name in ("semantic", "redundancy", "prop_attn", "cross_attention_bias", "restore_outputs"):

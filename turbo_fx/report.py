@@ -91,6 +91,10 @@ class GraphReport:
     outputs_restored: int = 0
     reductions_weighted: int = 0  # token-axis means/sums made size-weighted
     reductions_unweighted: int = 0  # token-axis means/sums over merged tokens left unweighted
+    # per-token tables merged with the tokens (rotary cos/sin, position embeddings): "<node> (<rows>
+    # rows from token <offset>): <rule>", the rule "position" or "rows", with why rows where
+    # position was asked for
+    token_tables: list[str] = field(default_factory=list)
     passes: list[PassRecord] = field(default_factory=list)  # the rewrite's passes, in order
     fallback_reason: Optional[str] = None
     run_time_failures: int = 0  # merged calls that failed at run time and ran unmerged (``guarded_call``)

@@ -102,11 +102,12 @@ def _merge_and_restore(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) ->
 
 def _propagate_shapes(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> PassResult:
     merge_mode = plan.mode == MERGE
+    tables: list[str] = []
     changed = propagate_shapes(gm, ctx.fake_mode, ctx.old_values, ctx.insertion.touched,
                                plan.protected if merge_mode else 0, ctx.hints, tail=plan.tail if merge_mode else 0,
                                assign_by_count=getattr(ctx.insertion, "assign_by_count", None),
-                               read_sizes=ctx.read_sizes)
-    return PassResult(len(changed))
+                               read_sizes=ctx.read_sizes, rotary=ctx.config.rotary, table_facts=tables)
+    return PassResult(len(changed), {"token_tables": tables})
 
 
 def _weight_token_means(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> PassResult:

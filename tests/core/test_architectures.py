@@ -21,7 +21,11 @@ TIMM_CASES = {
     "cait_xxs24_224": (dict(img_size=64, embed_dim=48, depth=2, num_heads=3, num_classes=10), 64, "rewrite", 0),
     "vit_base_patch16_siglip_224": (dict(img_size=64, **SMALL_VIT), 64, "rewrite", 0),
     "beit_base_patch16_224": (dict(img_size=64, **SMALL_VIT), 64, "fallback", "does not come from the input"),
-    "eva02_tiny_patch14_224": (dict(img_size=56, depth=2, num_classes=10), 56, "fallback", "fails after merging"),
+    # Rotary positions: EVA-02 stores its cos/sin table, DINOv3 computes it from the patch grid
+    # and splits its class and register tokens off before rotating.
+    "eva02_tiny_patch14_224": (dict(img_size=56, depth=2, num_classes=10), 56, "rewrite", 1),
+    "vit_small_patch16_dinov3": (dict(img_size=64, **SMALL_VIT), 64, "rewrite", 5),
+    "vit_base_patch16_rope_reg1_gap_256": (dict(img_size=64, **SMALL_VIT), 64, "rewrite", 1),
     "swin_tiny_patch4_window7_224": (dict(img_size=56, depths=(1, 1), num_heads=(2, 4), embed_dim=32, num_classes=10), 56, "fallback", ""),
 }
 
@@ -52,6 +56,29 @@ def test_timm_architectures(turbo, name):
         assert torch.allclose(out, plain, atol=1e-5)
 
 
+# name -> the rule each rotary table of the merged stages gets (default rotary="position")
+ROTARY_RULES = {
+    "eva02_tiny_patch14_224": "rows (the table is stored, not computed from rotation angles in the graph)",
+    "vit_small_patch16_dinov3": "position",
+    "vit_base_patch16_rope_reg1_gap_256": "rows (the table is stored, not computed from rotation angles in the graph)",
+}
+
+
+@pytest.mark.parametrize("name", list(ROTARY_RULES))
+def test_timm_rotary_tables_follow_the_merges(turbo, name):
+    import timm
+
+    kwargs, size, _, _ = TIMM_CASES[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    compiled = turbo(model, r=4)
+    compiled(images(2, size=size))
+    report = next(g for g in compiled.graphs if g.blocks)
+    # a cos and a sin table for the queries and for the keys of the one block after a merge
+    assert len(report.token_tables) == 4, report.token_tables
+    assert all(t.split(": ", 1)[1] == ROTARY_RULES[name] for t in report.token_tables), report.token_tables
+
+
 def hf_model(kind: str):
     import transformers as tf
 
@@ -67,6 +94,8 @@ def hf_model(kind: str):
         return tf.SiglipVisionModel(tf.SiglipVisionConfig(image_size=32, patch_size=4, **common))
     if kind == "yolos":
         return tf.YolosModel(tf.YolosConfig(image_size=[32, 32], patch_size=4, num_detection_tokens=5, **common))
+    if kind == "dinov3":
+        return tf.DINOv3ViTModel(tf.DINOv3ViTConfig(image_size=32, patch_size=4, num_register_tokens=2, **common))
     if kind == "roberta":
         return tf.RobertaModel(tf.RobertaConfig(vocab_size=100, **common))
     if kind == "distilbert":
@@ -81,6 +110,7 @@ def hf_model(kind: str):
         ("blip_vision", "rewrite", 1),
         ("siglip_vision", "rewrite", 0),
         ("yolos", "rewrite", 1),
+        ("dinov3", "rewrite", 3),
         ("clip_text", "fallback", "varies by query"),
         ("roberta", "rewrite", 1),
         ("distilbert", "rewrite", 1),
@@ -88,7 +118,7 @@ def hf_model(kind: str):
 )
 def test_transformers_architectures(turbo, kind, outcome, expected):
     model = hf_model(kind).eval()
-    if kind in ("clip_vision", "blip_vision", "siglip_vision", "yolos"):
+    if kind in ("clip_vision", "blip_vision", "siglip_vision", "yolos", "dinov3"):
         inputs = dict(pixel_values=images(2))
     else:
         ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -58,10 +58,10 @@ def test_merge_tokens_never_touches_the_tail():
     assert ops.merge_count(12, 1, 10, 0, tail=3) == 4
 
 
-def test_merge_token_constant_is_the_mean_over_members():
+def test_merge_token_rows_is_the_mean_over_members():
     constant = torch.arange(10.0).reshape(1, 5, 2)  # rows [0,1], [2,3], [4,5], [6,7], [8,9]
     assign = torch.tensor([[0, 1, 0, 2, 1]])
-    out = ops.merge_token_constant(constant, assign, torch.zeros(1, 3, 2))
+    out = ops.merge_token_rows(constant, assign, torch.zeros(1, 3, 2), 1)
     expected = torch.tensor([[[2.0, 3.0], [5.0, 6.0], [6.0, 7.0]]])  # (r0+r2)/2, (r1+r4)/2, r3
     assert torch.equal(out, expected)
 

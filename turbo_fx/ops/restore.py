@@ -15,13 +15,25 @@ def restore_tokens(y: Tensor, assign: Tensor, axis: int) -> Tensor:
     return moved.gather(1, index).movedim(1, axis)
 
 
-def merge_token_constant(constant: Tensor, assign: Tensor, like: Tensor) -> Tensor:
-    """A per-token constant [1 or B, N0, C] (YOLOS's mid-position embeddings) for the merged
-    tokens of ``like`` [B, N, C]: each merged token gets the mean over the original tokens
-    it stands for, so adding it to a merged token equals merging the tokens after the add."""
-    batch, n_tokens = like.shape[0], like.shape[-2]
-    rows = constant.expand(batch, -1, -1).to(torch.float32)
-    index = assign.unsqueeze(-1).expand(-1, -1, rows.shape[-1])
-    sums = rows.new_zeros(batch, n_tokens, rows.shape[-1]).scatter_add(1, index, rows)
-    counts = rows.new_zeros(batch, n_tokens).scatter_add(1, assign, rows.new_ones(assign.shape))
-    return (sums / counts.clamp_min(1.0).unsqueeze(-1)).to(constant.dtype)
+def merge_token_rows(table: Tensor, assign: Tensor, like: Tensor, token_axis: int, offset: int = 0) -> Tensor:
+    """A per-token table for the merged tokens of ``like``: each merged token gets the mean of
+    its members' rows, so adding the table to a merged token equals merging after the add.
+
+    The table has one row per original token from ``offset`` on (the tokens after a protected
+    prefix that the model slices off, as DINOv3 does before its rotary embedding) on the axis
+    that broadcasting aligns with ``like``'s ``token_axis`` (aligned from the right); it holds
+    no batch, or the batch on ``like``'s axis 0. Examples: YOLOS's mid-position embeddings,
+    rotary cos/sin tables, rotation angles. The result has ``like``'s rank, ``like``'s batch on
+    axis 0 and the merged count on ``token_axis``, so it broadcasts as the table did."""
+    rank = like.dim()
+    token_axis %= rank
+    full = table.reshape((1,) * (rank - table.dim()) + tuple(table.shape)).movedim(token_axis, 1)
+    batch, n_original, rest = assign.shape[0], full.shape[1], full.shape[2:]
+    rows = full.expand(batch, *full.shape[1:]).reshape(batch, n_original, -1).to(torch.float32)
+    n_tokens = like.shape[token_axis]
+    index = assign[:, offset:] - offset
+    sums = rows.new_zeros(batch, n_tokens, rows.shape[-1]).scatter_add(
+        1, index.unsqueeze(-1).expand(-1, -1, rows.shape[-1]), rows)
+    counts = rows.new_zeros(batch, n_tokens).scatter_add(1, index, rows.new_ones(index.shape))
+    mean = sums / counts.clamp_min(1.0).unsqueeze(-1)
+    return mean.to(table.dtype).reshape(batch, n_tokens, *rest).movedim(1, token_axis)

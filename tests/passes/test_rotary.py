@@ -1,0 +1,66 @@
+"""Rotary position tables follow merged tokens (``passes/token_tables.py``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_builders import RotaryViT, images, row_duplicated_images
+
+
+@pytest.mark.parametrize("rule", ["position", "rows"])
+def test_duplicates_of_one_rotation_give_the_unmerged_output(turbo, rule):
+    # Patches repeat along rows and the rotation depends on the row only: the tokens that merge
+    # are exact duplicates with the same cos/sin rows, so with the size bias the output is the
+    # unmerged model's. A table row taken from the wrong token (an offset past the class token,
+    # another sample's map) would rotate a merged token by another row's angle.
+    model = RotaryViT(axes="y").eval()
+    x = row_duplicated_images()
+    compiled = turbo(model, r=4, rotary=rule)
+    out = compiled(x)
+    with torch.no_grad():
+        plain = model(x)
+    report = compiled.report
+    assert report.fallback_reason is None
+    assert report.tokens_per_block == [17, 13, 9]
+    assert report.token_tables and all(t.endswith(f": {rule}") for t in report.token_tables), report.token_tables
+    assert torch.allclose(out, plain, atol=1e-5), (out - plain).abs().max()
+
+
+def test_the_oracle_sees_rotations_that_differ(turbo):
+    # The same duplicated patches, rotated by column too: merged duplicates now stand for
+    # different rotations, and no rule can give the unmerged output.
+    model = RotaryViT(axes="yx").eval()
+    x = row_duplicated_images()
+    out = turbo(model, r=4)(x)
+    with torch.no_grad():
+        plain = model(x)
+    assert (out - plain).abs().max() > 1e-3
+
+
+def test_position_rule_recomputes_rotations_and_rows_rule_averages_them(turbo):
+    model = RotaryViT(axes="yx").eval()
+    x = images(2, size=16)
+    outs = {}
+    for rule in ("position", "rows"):
+        compiled = turbo(model, r=4, rotary=rule)
+        outs[rule] = compiled(x)
+        # one cos and one sin table per merged stage (two stages feed attention after a merge)
+        assert len(compiled.report.token_tables) == 4
+    assert not torch.allclose(outs["position"], outs["rows"], atol=1e-6)
+
+
+def test_no_merge_leaves_rotary_models_bit_identical(turbo):
+    model = RotaryViT().eval()
+    x = images(2, size=16)
+    compiled = turbo(model, r=0)
+    out = compiled(x)
+    with torch.no_grad():
+        assert torch.equal(out, model(x))
+    assert compiled.report.token_tables == []
+
+
+def test_unknown_rule_is_refused():
+    from turbo_fx.config import TurboConfig, TurboConfigError
+
+    with pytest.raises(TurboConfigError, match="rotary"):
+        TurboConfig(rotary="destination")
