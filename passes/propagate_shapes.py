@@ -21,6 +21,7 @@ caller then discards the whole rewritten graph.
 """
 from __future__ import annotations
 
+import logging
 import operator
 from typing import Any, Iterable, Optional
 
@@ -36,6 +37,8 @@ from turbo_fx.report import counters
 
 from .graph_utils import is_merge, is_token_cat
 from .token_tables import TableUse, angle_chain, table_operand
+
+log = logging.getLogger("turbo_fx")
 
 RESHAPE_METHODS = {"view", "reshape"}
 RESHAPE_FUNCTIONS = {torch.reshape}
@@ -118,10 +121,28 @@ def run_node_on_fakes(gm: GraphModule, node: Node, env: dict, fake_mode) -> Any:
     except CannotRewrite:
         raise
     except Exception as exc:  # any failure on the new shapes means we cannot rewrite
-        raise CannotRewrite(f"{node.format_node()} fails after merging: {type(exc).__name__}: {exc}") from exc
+        # The reason names the structure; the exception itself is for debugging only.
+        log.debug("turbo: %s fails on the merged shapes", node.format_node(), exc_info=True)
+        raise CannotRewrite(f"{node.format_node()} cannot take the merged token count: its inputs have "
+                            f"shapes {_shapes(args, kwargs)} once tokens merge, and the op was recorded "
+                            "for the unmerged ones") from exc
     finally:
         torch.set_grad_enabled(grad)
     raise CannotRewrite(f"unsupported node kind {node.op}")
+
+
+def _shapes(args: Any, kwargs: dict) -> str:
+    found: list[str] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            found.append(str(tuple(int(d) if isinstance(d, int) else d for d in value.shape)))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(list(args) + list(kwargs.values()))
+    return ", ".join(found) if found else "(no tensor)"
 
 
 def _same_shapes(old: Any, new: Any, hints: ShapeHints) -> bool:
