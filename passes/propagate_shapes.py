@@ -35,7 +35,7 @@ from turbo_fx.errors import CannotRewrite
 from turbo_fx import ops
 from turbo_fx.report import counters
 
-from .graph_utils import is_merge, is_token_cat
+from .graph_utils import is_merge, is_sdpa, is_token_cat, token_cat_axis
 from .token_tables import TableUse, angle_chain, table_operand
 
 log = logging.getLogger("turbo_fx")
@@ -58,7 +58,7 @@ def propagate_shapes(
     tail: int = 0,
     assign_by_count: Optional[dict[int, Node]] = None,
     read_sizes: bool = False,
-    rotary: str = "position",
+    rotary: str = "rows",
     table_facts: Optional[list[str]] = None,
 ) -> set[Node]:
     """Re-run the nodes affected by ``touched`` (new or edited nodes) on fake tensors,
@@ -227,7 +227,7 @@ class _Propagation:
         self.tail = 0
         self.assign_by_count: dict[int, Node] = {}
         self.read_sizes = False
-        self.rotary = "position"
+        self.rotary = "rows"
         self.tables: dict[tuple, Node] = {}
         self.table_facts: list[str] = []
 
@@ -282,7 +282,8 @@ class _Propagation:
         elif is_method and node.target in EXPAND_METHODS:
             self.rewrite_expand(node, src, old.shape, new.shape, axes)
         elif not is_method and node.target is operator.getitem:
-            _check_and_fix_index(node, self.hints.shape(old.shape), axes, self.fixed_prefix(src), self.tail)
+            lead, trail = self.token_layout(src)
+            _check_and_fix_index(node, self.hints.shape(old.shape), axes, lead, self.tail, trail)
         elif is_method and node.target == "split" and isinstance(_split_sizes(node), (list, tuple)):
             self.rewrite_split(node, src, old.shape, new.shape, axes)
         else:
@@ -356,28 +357,37 @@ class _Propagation:
                 self.env.pop(copy, None)
             return None, f"recomputing it from the angles failed: {exc}"
 
-    def fixed_prefix(self, node: Node, depth: int = 12) -> int:
+    def fixed_prefix(self, node: Node) -> int:
         """How many leading tokens of ``node`` are the same tokens as before merging: the
         protected ones, after any tokens of another sequence that a token ``cat`` put in
         front of the merged ones (CaiT's class token before the patches)."""
+        return self.token_layout(node)[0]
+
+    def token_layout(self, node: Node, depth: int = 12) -> tuple[int, int]:
+        """(fixed leading tokens, tokens of other sequences after the merged ones) on ``node``'s
+        token axis: a token ``cat`` puts other sequences' tokens around the merged ones (CaiT's
+        class token before the patches; SD3's text tokens after the image tokens in its joint
+        attention, whose output follows the queries)."""
         while isinstance(node, Node) and depth > 0:
             depth -= 1
-            if is_token_cat(node):
+            if is_token_cat(node) or token_cat_axis(node) == 2:
                 pieces = list(node.args[0])
-                lead = 0
-                for piece in pieces:
-                    if piece in self.changed:
-                        return lead + self.protected
-                    shape = getattr(self.env.get(piece), "shape", None)
-                    if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
-                        return self.protected
-                    lead += shape[1]
-                return self.protected
+                axis = 1 if is_token_cat(node) else 2
+                counts = [getattr(self.env.get(piece), "shape", None) for piece in pieces]
+                counts = [shape[axis] if shape is not None and len(shape) > axis and isinstance(shape[axis], int)
+                          else None for shape in counts]
+                moved = [i for i, piece in enumerate(pieces) if piece in self.changed]
+                if len(moved) != 1 or any(c is None for i, c in enumerate(counts) if i != moved[0]):
+                    return self.protected, 0
+                at = moved[0]
+                return sum(counts[:at]) + self.protected, sum(counts[at + 1:])
             changed = [i for i in node.all_input_nodes if i in self.changed]
+            if is_sdpa(node) and node.args and node.args[0] in self.changed:
+                changed = [node.args[0]]  # the output's token axis is the queries'
             if len(changed) != 1:
-                return self.protected
+                return self.protected, 0
             node = changed[0]
-        return self.protected
+        return self.protected, 0
 
     def new_size(self, node: Node, src: Node, axis: int, value: Any):
         """A plain int, or (for an unbacked token count, or any with ``read_sizes``) a sym_size
@@ -470,7 +480,7 @@ def _split_sizes(node: Node) -> Any:
     return node.kwargs.get("split_size", node.args[1] if len(node.args) > 1 else None)
 
 
-def _check_and_fix_index(node: Node, old_h: tuple, axes, protected: int, tail: int = 0) -> None:
+def _check_and_fix_index(node: Node, old_h: tuple, axes, protected: int, tail: int = 0, trail: int = 0) -> None:
     index = node.args[1]
     items = list(index) if isinstance(index, tuple) else [index]
     consuming = [i for i in items if i is not None and i is not Ellipsis]
@@ -486,32 +496,48 @@ def _check_and_fix_index(node: Node, old_h: tuple, axes, protected: int, tail: i
             new_items.append(item)
             continue
         if axis in axes:
-            item = _token_axis_index(node, item, old_h[axis], protected, tail)
+            item = _token_axis_index(node, item, old_h[axis], protected, tail, trail)
         new_items.append(item)
         axis += 1
     node.args = (node.args[0], tuple(new_items) if isinstance(index, tuple) else new_items[0])
 
 
-def _token_axis_index(node: Node, item: Any, old_n: int, protected: int, tail: int = 0) -> Any:
+def _token_axis_index(node: Node, item: Any, old_n: int, protected: int, tail: int = 0, trail: int = 0) -> Any:
     """The index as it reads the merged tokens: leading protected tokens by position,
-    trailing protected ones (``tail``) by negative position, the rest only whole."""
+    trailing protected ones (``tail``) by negative position, the rest only whole. ``trail``
+    tokens of another sequence after the merged ones (SD3's text tokens in the joint
+    attention's output) are read from the end: a bound at their start becomes ``-trail``."""
     where = f"{node.format_node()} indexes the token axis"
+    boundary = old_n - trail if trail else None
+
+    def from_end(i: int) -> Optional[int]:
+        """``i`` as a position from the end, where it lies among the trailing tokens."""
+        if trail and boundary <= i < old_n:
+            return i - old_n
+        return None
+
     if isinstance(item, int) and not isinstance(item, bool):
-        if 0 <= item < protected or -tail <= item < 0:
+        if 0 <= item < protected or -(tail or trail) <= item < 0:
             return item
+        if from_end(item) is not None:
+            return from_end(item)
         raise CannotRewrite(f"{where} at {item}, which is not a protected token")
     if isinstance(item, slice):
         if item.step not in (None, 1):
             raise CannotRewrite(f"{where} with a step")
         start, stop = item.start, item.stop
-        if start is not None and not (isinstance(start, int) and (0 <= start <= protected or -tail <= start < 0)):
+        if isinstance(start, int) and from_end(start) is not None:
+            start = from_end(start)
+        elif start is not None and not (isinstance(start, int) and (0 <= start <= protected or -(tail or trail) <= start < 0)):
             raise CannotRewrite(f"{where} from {start}, inside the merged tokens")
         if stop is not None:
             if not isinstance(stop, int):
                 raise CannotRewrite(f"{where} with a symbolic end")
             if stop >= old_n:
                 stop = None
-            elif not (0 <= stop <= protected or -tail <= stop < 0):
+            elif from_end(stop) is not None:
+                stop = from_end(stop)
+            elif not (0 <= stop <= protected or -(tail or trail) <= stop < 0):
                 raise CannotRewrite(f"{where} up to {stop}, inside the merged tokens")
         return slice(start, stop, item.step)
     raise CannotRewrite(f"{where} with {type(item).__name__}")

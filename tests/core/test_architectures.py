@@ -56,7 +56,7 @@ def test_timm_architectures(turbo, name):
         assert torch.allclose(out, plain, atol=1e-5)
 
 
-# name -> the rule each rotary table of the merged stages gets (default rotary="position")
+# name -> the rule each rotary table of the merged stages gets with rotary="position"
 ROTARY_RULES = {
     "eva02_tiny_patch14_224": "rows (the table is stored, not computed from rotation angles in the graph)",
     "vit_small_patch16_dinov3": "position",
@@ -71,7 +71,7 @@ def test_timm_rotary_tables_follow_the_merges(turbo, name):
     kwargs, size, _, _ = TIMM_CASES[name]
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    compiled = turbo(model, r=4)
+    compiled = turbo(model, r=4, rotary="position")
     compiled(images(2, size=size))
     report = next(g for g in compiled.graphs if g.blocks)
     # a cos and a sin table for the queries and for the keys of the one block after a merge
