@@ -4,7 +4,7 @@
     turbo-fx eval      --task fashion-mnist --suite full --train 4000 --test 2000
     turbo-fx analyze   --model dinov2-s
     turbo-fx visualize --model dinov2-s --image chelsea --r 16
-    turbo-fx merge-paths | diffusion-speed | diffusion-fidelity | vlm-speed | vlm-eval | rotary-fidelity ...
+    turbo-fx merge-paths | diffusion-speed | diffusion-fidelity | vlm-speed | vlm-eval | rotary-fidelity | sweep ...
 
 A study is one entry of ``STUDIES``: its name, what it measures, the module whose ``run(args)``
 runs it, and its arguments. Every study also takes ``--out`` (where its markdown tables, JSON
@@ -191,6 +191,11 @@ STUDIES = (
                   help="what runs the rewritten graphs (default eager: fidelity, not speed)"),
               arg("--small", action="store_true", help="a tiny untrained model on 20 images (a smoke test)"),
               SEED), defaults={"threads": 1}, renders=True),
+    Study("sweep", "recent architectures, tiny: which merge, and why the others fall back", "sweep", (
+        arg("--models", nargs="+", default=None, help="library class or timm names of sweep.CASES (default: all)"),
+        arg("--inner-backend", default="eager", choices=("eager", "aot_eager", "inductor"),
+            help="what runs the rewritten graphs (default eager: whether it merges, not speed)"),
+        NAME), defaults={"threads": 1, "out": "bench/results"}, renders=True),
 )
 BY_NAME = {study.name: study for study in STUDIES}
 
@@ -221,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="study", metavar="COMMAND", required=True)
     for study in STUDIES:
         p = sub.add_parser(study.name, help=study.help, description=study.help)
-        p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
+        out = study.defaults.get("out", DEFAULT_OUT)
+        p.add_argument("--out", default=out, help=f"output folder (default: ./{out})")
         p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="a turbo option for every merging configuration, e.g. alpha=0.1 (repeatable)")
         p.add_argument("--threads", type=positive, default=None, help="torch.set_num_threads")

@@ -57,10 +57,25 @@ class AttentionSite:
     dropped_mask: Optional[Node] = None  # such an all-allowing mask, cleared by check_masks
     # packed sites: the call's in-projection weight and bias and head count
     in_proj: tuple = ()
+    # joint attention (SD3, Flux): q, k and v concatenate the tokens of several sequences,
+    # each with its own residual stream; one part per sequence, in the order of the concatenation
+    joint: list["JointPart"] = field(default_factory=list)
 
     @property
     def mergeable(self) -> bool:
         return not self.problems
+
+
+@dataclass
+class JointPart:
+    """One sequence of a joint attention: its tokens' place in the concatenated sequence and
+    the residual stream (and closing add) that its share of the output returns to."""
+
+    start: int
+    count: int
+    residual: Optional[Node] = None  # None: the sequence's share of the output is not added back
+    closing_add: Optional[Node] = None
+    stream_out: Optional[Node] = None
 
 
 def find_attention_sites(gm: GraphModule) -> list[AttentionSite]:
@@ -282,8 +297,12 @@ def _walk_forward_to_matmul(node: Node, depth: int) -> Optional[Node]:
 def _find_residual(site: AttentionSite, max_visits: int = 200) -> None:
     """The add that closes the attention sub-block: the nearest add downstream of the
     attention whose other operand is the stream that fed q (an ancestor of q that
-    does not depend on the attention)."""
+    does not depend on the attention). For joint attention, one such add per sequence whose
+    tokens the queries concatenate (``AttentionSite.joint``)."""
     q_ancestors = gu.ancestors(site.q) | {site.q}
+    pieces = _query_pieces(site.q)
+    lineage = [gu.ancestors(p) | {p} for p in pieces]
+    parts: dict[int, JointPart] = {}
     queue, seen = deque([site.attn]), {site.attn}
     downstream = {site.attn}
     visits = 0
@@ -299,10 +318,46 @@ def _find_residual(site: AttentionSite, max_visits: int = 200) -> None:
                 left, right = user.args[0], user.args[1]
                 for mine, other in ((left, right), (right, left)):
                     if mine in downstream and isinstance(other, Node) and other in q_ancestors:
-                        site.closing_add, site.residual = user, other
-                        site.stream_out = _post_norm(user)
-                        return
+                        if site.closing_add is None:
+                            site.closing_add, site.residual = user, other
+                            site.stream_out = _post_norm(user)
+                        owners = [i for i, above in enumerate(lineage) if other in above]
+                        if len(owners) == 1 and owners[0] not in parts:
+                            start = sum(_token_count(p) for p in pieces[:owners[0]])
+                            parts[owners[0]] = JointPart(start, _token_count(pieces[owners[0]]), other, user,
+                                                         _post_norm(user))
+                        break
+            if site.closing_add is not None and (not pieces or len(parts) == len(pieces)):
+                break
             queue.append(user)
+        if site.closing_add is not None and (not pieces or len(parts) == len(pieces)):
+            break
+    if pieces and parts:
+        starts = [sum(_token_count(p) for p in pieces[:i]) for i in range(len(pieces))]
+        site.joint = [parts.get(i, JointPart(starts[i], _token_count(piece))) for i, piece in enumerate(pieces)]
+
+
+def _query_pieces(q: Node, depth: int = 12) -> list[Node]:
+    """The pieces of a concatenation along the token axis that the queries come from, within
+    a few elementwise steps (Flux rotates the concatenated queries), or [] if there is none."""
+    n_tokens = _token_count(q)
+    queue, seen = deque([(q, 0)]), {q}
+    while queue:
+        node, steps = queue.popleft()
+        if gu.token_cat_axis(node) == 2 and _token_count(node) == n_tokens and len(node.args[0]) >= 2:
+            pieces = list(node.args[0])
+            return pieces if all(isinstance(p, Node) and _token_count(p) for p in pieces) else []
+        if steps < depth:
+            for parent in node.all_input_nodes:
+                if parent not in seen and _token_count(parent) == n_tokens:
+                    seen.add(parent)
+                    queue.append((parent, steps + 1))
+    return []
+
+
+def _token_count(node: Node) -> int:
+    shape = gu.tensor_shape(node)
+    return shape[2] if shape is not None and len(shape) == 4 and isinstance(shape[2], int) else 0
 
 
 def _post_norm(add: Node) -> Node:
@@ -336,7 +391,13 @@ def _check_site(site: AttentionSite) -> None:
     n_keys = k_shape[site.k_token_axis]
     if _dynamic_tokens(site, stream_shape):
         return
-    if len(stream_shape) != 3 or not isinstance(stream_shape[1], int) or stream_shape[1] != n_keys:
+    if site.joint:
+        for part in (p for p in site.joint if p.residual is not None):
+            shape = gu.tensor_shape(part.residual)
+            if shape is None or len(shape) != 3 or shape[1] != part.count:
+                site.problems.append(f"joint attention: residual stream {shape} does not hold the {part.count} "
+                                     f"tokens its sequence puts into the attention")
+    elif len(stream_shape) != 3 or not isinstance(stream_shape[1], int) or stream_shape[1] != n_keys:
         site.problems.append(
             f"residual stream {stream_shape} is not [batch, tokens, channels] with {n_keys} tokens"
         )

@@ -11,6 +11,11 @@ grid (diffusers' Transformer2DModel reshapes [B, H*W, C] to [B, H, W, C]; DiT un
 [B, h*w, p*p*C] to [B, h, w, p, p, C]). Every token of such a run is needed again, so it
 cannot keep a shorter sequence: it merges before each component and restores after it.
 
+A joint attention (SD3, Flux: the queries, keys and values concatenate the image tokens
+with the text tokens) closes one residual add per sequence; each can be a component of its
+own sequence's run. The image sequence's one is a self-attention component (its keys derive
+from the stream); the text tokens stay whole inside it.
+
 Blocks: within a run, a new block starts at each self-attention component; the components
 that follow it (cross-attention, feed-forward) belong to its block and share its merge plan.
 
@@ -66,13 +71,13 @@ class GridRun:
 
 def find_grid_runs(gm: GraphModule, sites: list[AttentionSite]) -> list[GridRun]:
     """The generation runs of ``gm`` in graph order (see the module docstring)."""
-    by_add = {s.closing_add: s for s in sites if s.closing_add is not None}
+    by_add = {add: s for s in sites for add, _ in _closings(s)}
     runs: list[GridRun] = []
     claimed: set[Node] = set()
-    for site in sites:
-        if site.closing_add is None or site.closing_add in claimed or not _is_token_stream(site.residual):
+    for site, (add, residual) in ((s, c) for s in sites for c in _closings(s)):
+        if add in claimed or not _is_token_stream(residual):
             continue
-        components = _follow_run(site.residual, by_add)
+        components = _follow_run(residual, by_add)
         claimed.update(c.closing_add for c in components)
         if not components:
             continue
@@ -83,6 +88,14 @@ def find_grid_runs(gm: GraphModule, sites: list[AttentionSite]) -> list[GridRun]
         _number(run, start=sum(len(r.components) for r in runs))
         runs.append(run)
     return runs
+
+
+def _closings(site: AttentionSite) -> list[tuple[Node, Node]]:
+    """(closing add, residual stream) of each sequence the site's output returns to: one, or
+    one per sequence of a joint attention."""
+    if site.joint:
+        return [(part.closing_add, part.residual) for part in site.joint if part.closing_add is not None]
+    return [(site.closing_add, site.residual)] if site.closing_add is not None else []
 
 
 def _is_token_stream(node) -> bool:

@@ -36,6 +36,7 @@ from turbo_fx.report import BlockReport
 
 from . import graph_utils as gu
 from .find_attention import AttentionSite
+from .streams import reader_mask
 from turbo_fx.errors import CannotRewrite
 
 
@@ -46,6 +47,7 @@ class MergeInsertion:
     assign_by_count: dict[int, Node] = field(default_factory=dict)
     replaced: dict[Node, Node] = field(default_factory=dict)  # merged stream -> stream it replaced
     padding: bool = False
+    valid: Optional[Node] = None  # [B, N] the original tokens that are not padding
 
 
 def plan_merges(sites: list[AttentionSite], config: TurboConfig, protected: int, tail: int = 0) -> list[BlockReport]:
@@ -99,7 +101,7 @@ def insert_merges(
         stream = site.stream_out
         with graph.inserting_before(stream.next):
             if sizes is None:
-                sizes, assign = _initial_state(site, stream, result.padding, call)
+                sizes, assign, result.valid = _initial_state(site, stream, result.padding, call)
                 result.assign_by_count[plan.tokens_in] = assign
             merged = call(
                 merge_fn, stream, sizes, assign, *_metric_args(site, config, call), *_semantic_args(site, config, call),
@@ -126,6 +128,14 @@ def insert_merges(
                 bias = call(ops.key_bias, sizes, _logit_dtype(reader), config.cross_attention_bias)
             if bias is not None and (before or behind):
                 bias = call(ops.pad_key_bias, bias, before, behind)
+            own = reader_mask(reader)
+            if bias is not None and isinstance(own, Node):
+                # The reader's own mask, over the original keys, is the sequence's padding
+                # (streams.reader_problem): checked, then replaced by the key bias.
+                bias = call(torch.ops.turbo_fx.check_reader_padding.default, own, result.valid, bias,
+                            reader.kind == "packed")
+                if reader.kind == "packed" and gu.packed_attention_args(reader.attn)["attn_mask"] is own:
+                    gu.set_packed_attention_arg(reader.attn, "attn_mask", None)
         rebias(reader, bias, config.cross_attention_bias)
     return result
 
@@ -163,8 +173,9 @@ def _initial_state(site: AttentionSite, stream: Node, padding: bool, call):
         valid = call(ops.key_validity, checked, stream)
         sizes = call(ops.initial_sizes, stream, valid)
     else:
+        valid = None
         sizes = call(ops.initial_sizes, stream)
-    return sizes, call(ops.initial_assign, stream)
+    return sizes, call(ops.initial_assign, stream), valid
 
 
 def _apply_key_bias(graph, site: AttentionSite, bias: Node, result: MergeInsertion, call) -> None:

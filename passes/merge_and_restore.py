@@ -14,7 +14,10 @@ merge. For each block with a merging component:
     self-attention gets the ``log(size)`` key bias (proportional attention, with
     ``prop_attn``), which makes exact duplicates give exactly the unmerged result;
   * the component's output is restored (``restore_tokens``: each original token takes its
-    merged token's value) before the residual add, so the stream keeps every token.
+    merged token's value) before the residual add, so the stream keeps every token;
+  * in a joint attention (SD3, Flux) only the image tokens merge: the text tokens stay whole
+    in the concatenated sequence, their keys get a zero bias, and the text's share of the
+    output keeps its count.
 
 With ``semantic``, every cross-attention site of a run adds one ``cross_attention_saliency``
 call (the attention mass that the text keys put on each image token), which later blocks at
@@ -127,7 +130,7 @@ def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config
                     tokens = call(ops.merge_by_plan, c.stream_in, state.assign, state.size)
             _feed_branch(c, tokens, result)
             if c.kind == SELF_ATTENTION and config.prop_attn:
-                _apply_key_bias(graph, c.site, state.bias, keys, call)
+                _apply_key_bias(graph, c.site, _joint_key_bias(graph, c, state.bias, call), keys, call)
             with graph.inserting_before(c.closing_add):
                 restored = call(ops.restore_tokens, c.branch_out, state.assign, 1)
             c.closing_add.replace_input_with(c.branch_out, restored)
@@ -142,6 +145,17 @@ def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config
             "merges" if plan.merges else "untouched", plan.reason, state.semantic if plan.merges else ""))
     result.touched |= keys.touched
     return result
+
+
+def _joint_key_bias(graph, c: Component, bias: Node, call) -> Node:
+    """The key bias of a joint attention's keys: the merged sequence's bias at its place in the
+    concatenation, zero on the keys of the other sequences (which stay whole)."""
+    part = next((p for p in c.site.joint if p.residual is c.stream_in), None)
+    if part is None:
+        return bias
+    total = sum(p.count for p in c.site.joint)
+    with graph.inserting_before(c.site.attn):
+        return call(ops.pad_key_bias, bias, part.start, total - part.start - part.count)
 
 
 def _partition_constants(gm: GraphModule, c: Component, config: TurboConfig, seed: Optional[int], block: int,

@@ -58,7 +58,7 @@ class Stream:
                        f"count between sites ({sorted(counts)}): tokens are concatenated into it")
         read = [f"the sequence of site {first.index} ({first.module or first.kind}) is read by site {r.index} "
                 f"({r.module or r.kind}) of another sequence, which cannot take merged tokens: {why}"
-                for r in self.readers for why in [reader_problem(r) or self._layout_problem(r)] if why]
+                for r in self.readers for why in [reader_problem(r, self.padded) or self._layout_problem(r)] if why]
         return own + read
 
     def _layout_problem(self, reader: AttentionSite) -> str:
@@ -69,22 +69,32 @@ class Stream:
     def mergeable(self) -> bool:
         return not self.problems
 
+    @property
+    def padded(self) -> bool:
+        """The sequence has padding (its first site's mask comes from the input)."""
+        mask = self.sites[0].mask
+        return isinstance(mask, Node) and gu.depends_on_data(mask)
 
-def reader_problem(site: AttentionSite) -> str:
+
+def reader_problem(site: AttentionSite, padded: bool = False) -> str:
     """Why a cross-attention site cannot attend over merged tokens ('' if it can): it needs
     keys whose token axis is the merged one and no mask of its own, so that the key-size
-    bias can be its whole mask."""
+    bias can be its whole mask. Over a ``padded`` sequence a mask of its own computed from
+    the input is taken for the sequence's padding mask (NaFlex's attention-pooling head):
+    the key bias, which masks padding too, replaces it, after a run-time check that both
+    mask the same keys (``ops.check_reader_padding``)."""
     if site.kind not in ("sdpa", "explicit", "packed"):
         return f"{site.kind} attention as a reader is not supported yet"
-    if site.mask is not None:
+    own = reader_mask(site)
+    if isinstance(own, str):
+        return own
+    if own is not None and not (padded and isinstance(own, Node) and gu.depends_on_data(own)):
         return "it has its own attention mask over the merged tokens"
     if site.kind == "explicit" and site.softmax is None:
         return "no softmax to bias"
     if site.kind == "packed":
         # nn.MultiheadAttention (SigLIP's attention-pooling head): [tokens, batch, channels] keys.
         args = gu.packed_attention_args(site.attn)
-        if args["key_padding_mask"] is not None:
-            return "it has its own key padding mask over the merged tokens"
         shape = gu.tensor_shape(site.k)
         if shape is None or len(shape) != 3:
             return "its keys are not [tokens, batch, channels]"
@@ -94,6 +104,17 @@ def reader_problem(site: AttentionSite) -> str:
     if gu.tensor_shape(site.k) is None or len(gu.tensor_shape(site.k)) != 4:
         return "its keys are not [batch, heads, tokens, dim]"
     return ""
+
+
+def reader_mask(site: AttentionSite) -> "Node | str | None":
+    """A reader's own mask over the keys (nn.MultiheadAttention: its ``attn_mask`` or its
+    ``key_padding_mask``), or why it has two."""
+    if site.kind != "packed":
+        return site.mask
+    args = gu.packed_attention_args(site.attn)
+    if args["attn_mask"] is not None and args["key_padding_mask"] is not None:
+        return "it has both an attention mask and a key padding mask over the merged tokens"
+    return args["attn_mask"] if args["attn_mask"] is not None else args["key_padding_mask"]
 
 
 @dataclass

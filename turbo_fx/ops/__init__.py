@@ -18,7 +18,9 @@ traceable and Inductor can trace through them. Shapes use ``B`` (batch), ``H`` (
 ``N`` (tokens), ``C`` (channels). Every name is re-exported here: passes and tests write
 ``ops.merge_tokens``.
 """
-from .attention_bias import MASKED_BELOW, add_bias, pad_key_bias, check_key_padding_mask, key_bias, key_validity
+from .attention_bias import (
+    MASKED_BELOW, add_bias, pad_key_bias, check_key_padding_mask, check_reader_padding, key_bias, key_validity,
+)
 from .merge import (
     PAD_PAIR_SCORE,
     SALIENT_DEGREE,
@@ -40,7 +42,7 @@ from .semantic import cls_attention, cls_attention_from_probs
 
 __all__ = [
     "MASKED_BELOW", "PAD_PAIR_SCORE", "SALIENT_DEGREE", "SALIENT_PAIR_SCORE",
-    "add_bias", "pad_key_bias", "check_key_padding_mask", "key_bias", "key_validity",
+    "add_bias", "pad_key_bias", "check_key_padding_mask", "check_reader_padding", "key_bias", "key_validity",
     "compose_assign", "head_mean", "information_degree", "initial_assign", "initial_sizes",
     "merge_count", "merge_tokens", "MergeRecord", "merge_block", "merge_block_op", "record_merges",
     "weighted_token_mean", "weighted_token_sum", "restore_tokens", "merge_token_rows", "cls_attention",

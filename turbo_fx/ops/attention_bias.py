@@ -79,3 +79,35 @@ def pad_key_bias(bias: Tensor, before: int, after: int) -> Tensor:
 def add_bias(logits: Tensor, bias: Tensor) -> Tensor:
     """Logits plus a [B, 1, 1, N] bias (explicit attention)."""
     return logits + bias.to(logits.dtype)
+
+
+READER_MASK_DIFFERS = ("turbo_fx: a reader's own attention mask does not mask the same keys as the merged "
+                       "sequence's padding")
+
+
+@torch.library.custom_op("turbo_fx::check_reader_padding", mutates_args=(),
+                         tags=torch_compat.cudagraph_unsafe_tags())
+def check_reader_padding(mask: Tensor, valid: Tensor, bias: Tensor, masked_when_true: bool) -> Tensor:
+    """``bias`` (a copy), after raising ``RuntimeError`` unless ``mask``, a reader's own mask
+    over the original keys ([B, N], or with head and query axes), lets every query see exactly
+    the keys that ``valid`` [B, N] (the merged sequence's padding) marks valid. The key bias
+    then stands in for the mask: it masks the merged padding tokens. A boolean mask means
+    "masked" where True for ``nn.MultiheadAttention`` (``masked_when_true``) and "allowed"
+    for SDPA. A host check, like ``check_key_padding_mask``, so that a mismatch reaches
+    turbo's run-time guard, which runs the call unmerged."""
+    batch, n_keys = valid.shape
+    rows = mask.reshape(batch, -1, n_keys) if mask.numel() % (batch * n_keys) == 0 else None
+    if rows is None:
+        raise RuntimeError(READER_MASK_DIFFERS)
+    if rows.dtype == torch.bool:
+        allowed = ~rows if masked_when_true else rows
+    else:
+        allowed = rows > MASKED_BELOW
+    if not bool((allowed == valid[:, None, :]).all()):
+        raise RuntimeError(READER_MASK_DIFFERS)
+    return bias.clone()
+
+
+@check_reader_padding.register_fake
+def _check_reader_padding_fake(mask: Tensor, valid: Tensor, bias: Tensor, masked_when_true: bool) -> Tensor:
+    return torch.empty_like(bias)

@@ -1,0 +1,94 @@
+"""Joint image-text attention (SD3's MMDiT blocks): the image tokens merge and are restored
+around the attention, the text tokens stay whole inside the concatenated sequence."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+diffusers = pytest.importorskip("diffusers")
+
+TEXT = 7
+
+
+def small_sd3(layers: int = 2) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16,
+    ).eval()
+    return model
+
+
+def sd3_inputs(latents: torch.Tensor) -> dict:
+    gen = torch.Generator().manual_seed(3)
+    return dict(hidden_states=latents, encoder_hidden_states=torch.randn(2, TEXT, 32, generator=gen),
+                pooled_projections=torch.randn(2, 16, generator=gen), timestep=torch.tensor([10, 500]))
+
+
+def cell_duplicated_latents() -> torch.Tensor:
+    """Latents whose 2 x 2 patches repeat over each 2 x 2 cell of the 8 x 8 token grid: with
+    the position embedding zeroed, the four tokens of a cell are exact duplicates."""
+    cells = torch.randn(2, 4, 4, 4, 2, 2, generator=torch.Generator().manual_seed(2))  # B, C, cell rows, cols, patch
+    tokens = cells[:, :, :, None, :, None].expand(-1, -1, -1, 2, -1, 2, -1, -1)  # B, C, cr, 2, cc, 2, ph, pw
+    return tokens.permute(0, 1, 2, 3, 6, 4, 5, 7).reshape(2, 4, 16, 16).contiguous()
+
+
+def no_position_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        model.pos_embed.pos_embed.zero_()
+    return model
+
+
+def test_duplicated_image_cells_give_the_unmerged_output(turbo):
+    model = no_position_embedding(small_sd3())
+    inputs = sd3_inputs(cell_duplicated_latents())
+    with torch.no_grad():
+        want = model(**inputs).sample
+    compiled = turbo(model, ratio=0.5)
+    got = compiled(**inputs).sample
+    report = compiled.report
+    assert report.fallback_reason is None
+    merged = [c for c in report.components if c.decision == "merges"]
+    assert [(c.kind, c.tokens_in, c.tokens_merged) for c in merged] == [("self-attention", 64, 32)] * 2
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_text_keys_get_no_size_bias_and_image_keys_need_it(turbo):
+    # Without the log(size) bias the text tokens (and the image queries) attend to a merged
+    # image key as to one token: the output moves.
+    model = no_position_embedding(small_sd3())
+    inputs = sd3_inputs(cell_duplicated_latents())
+    with torch.no_grad():
+        want = model(**inputs).sample
+    got = turbo(model, ratio=0.5, prop_attn=False)(**inputs).sample
+    assert (got - want).abs().max() > 1e-4
+
+
+def test_real_latents_merge_and_ratio_zero_is_bit_identical(turbo):
+    model = small_sd3()
+    inputs = sd3_inputs(torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5)))
+    with torch.no_grad():
+        want = model(**inputs).sample
+    merged = turbo(model, ratio=0.5)
+    got = merged(**inputs).sample
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert 0 < (got - want).abs().max() and F.cosine_similarity(got.flatten(1), want.flatten(1)).min() > 0.9
+    torch._dynamo.reset()
+    untouched = turbo(model, ratio=0.0)
+    assert torch.equal(untouched(**inputs).sample, want)
+
+
+def test_joint_sites_record_each_sequence():
+    from model_builders import dynamo_graph
+    from turbo_fx.passes.find_attention import find_attention_sites
+
+    model = small_sd3()
+    inputs = sd3_inputs(torch.randn(2, 4, 16, 16))
+    sites = find_attention_sites(dynamo_graph(model, **inputs))
+    assert len(sites) == 2
+    first, last = sites
+    # image tokens first (64), then the text (7); the last block keeps no text stream
+    assert [(p.start, p.count, p.closing_add is not None) for p in first.joint] == [(0, 64, True), (64, TEXT, True)]
+    assert [(p.start, p.count, p.closing_add is not None) for p in last.joint] == [(0, 64, True), (64, TEXT, False)]
