@@ -367,9 +367,14 @@ def _post_norm(add: Node) -> Node:
     return add
 
 
+# No Dynamo setting is named: for Qwen2-VL's tower (attention split per image by a
+# ``lengths.tolist()``), capturing scalar outputs makes Dynamo raise instead of breaking.
+GRAPH_BREAK_HINT = "torch._dynamo.explain(model)(*inputs) lists the breaks and their causes"
+
+
 def _check_site(site: AttentionSite) -> None:
     if site.closing_add is None:
-        site.problems.append("no residual add closes the attention sub-block")
+        site.problems.append(_unclosed_reason(site))
         return
     if site.residual is not site.k and site.residual not in gu.ancestors(site.k):
         # Shape checks below compare against the site's own sequence; they mean nothing here.
@@ -408,6 +413,35 @@ def _check_site(site: AttentionSite) -> None:
         site.problems.append(CONSTANT_BIAS_PROBLEM)
     elif site.mask is not None and not isinstance(site.mask, Node):
         site.problems.append("attention mask is a constant")
+
+
+def _unclosed_reason(site: AttentionSite) -> str:
+    """Why no residual add closes the site, naming a graph break where the graph's edges cut
+    the sub-block: its queries are an input of this graph, or its output is returned from it
+    before any add."""
+    if _is_graph_input(site.q):
+        return ("no residual add closes the attention sub-block: its queries are an input of this graph, so "
+                f"Dynamo split the model inside the sub-block (a graph break; {GRAPH_BREAK_HINT})")
+    reaches_output = any(u.op == "output" for n in gu.descendants(site.attn) | {site.attn} for u in n.users)
+    adds_after = any(gu.is_add(n) for n in gu.descendants(site.attn))
+    if reaches_output and not adds_after:
+        return ("no residual add closes the attention sub-block: its output leaves this graph before any add, so "
+                f"Dynamo split the model inside the sub-block (a graph break; {GRAPH_BREAK_HINT})")
+    return "no residual add closes the attention sub-block"
+
+
+def _is_graph_input(node: Node, depth: int = 6) -> bool:
+    """``node`` is a graph input, or a view of one (transpose, reshape, contiguous, a cast)."""
+    while depth > 0 and isinstance(node, Node):
+        if node.op == "placeholder":
+            return True
+        if len(node.all_input_nodes) != 1 or not (gu.is_passthrough(node) or node.target in VIEW_METHODS):
+            return False
+        node, depth = node.all_input_nodes[0], depth - 1
+    return False
+
+
+VIEW_METHODS = {"transpose", "reshape", "view", "permute", "contiguous", "unsqueeze", "squeeze", "flatten"}
 
 
 def _check_packed_shapes(site: AttentionSite, q_shape: tuple, k_shape: tuple, stream_shape: tuple) -> None:
