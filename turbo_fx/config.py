@@ -19,6 +19,8 @@ FUSION_ALIASES = {
     "R-beta**|gamma-block|*alpha*I": "layer",
 }
 METRICS = ("keys", "queries")
+# Shapes of the r schedule that a FLOP budget solves for (``passes/flop_budget.py``).
+BUDGET_SCHEDULES = ("constant", "decreasing")
 # How a rotary cos/sin table follows merged tokens (``passes/token_tables.py``).
 ROTARY_RULES = ("rows", "position")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -228,6 +230,13 @@ class TurboConfig:
     r: tokens removed per attention block: an int (every block), a list with one
         entry per attention block, or a ``LinearSchedule``. Clamped per block to
         half of the mergeable tokens and to ``min_tokens``.
+    flops: a FLOP budget instead of ``r``: the merged graph's FLOPs as a fraction of the
+        unmerged graph's, in (0, 1]. r per block is solved for each graph from the graph
+        itself (``passes/flop_budget.py``); the report states the schedule and the ratio
+        it predicts. Merge mode only (encoders); generation graphs take ``ratio``.
+    schedule: the shape of the solved r: "constant" (default; one more token in the first
+        blocks where the budget falls between two constants) or "decreasing" (r falls
+        linearly to a third of its first value).
     alpha: weight of the semantic value in the information degree.
     beta, gamma: the layer-wise fusion's decay and peak block (fusion="layer").
     fusion: how redundancy R and semantic value I combine into the information
@@ -281,6 +290,8 @@ class TurboConfig:
     """
 
     r: RSpec = 8
+    flops: Optional[float] = None
+    schedule: str = "constant"
     alpha: float = 0.05
     beta: float = 0.9
     gamma: float = 6.0
@@ -334,6 +345,13 @@ class TurboConfig:
         object.__setattr__(self, "fusion", fusion)
         _check_choice("metric", self.metric, METRICS)
         _check_choice("rotary", self.rotary, ROTARY_RULES)
+        _check_choice("schedule", self.schedule, BUDGET_SCHEDULES)
+        if self.flops is not None:
+            if isinstance(self.flops, bool) or not isinstance(self.flops, (int, float)) or not 0 < self.flops <= 1:
+                raise TurboConfigError(f"option 'flops' must be a FLOP ratio in (0, 1], got {self.flops!r}")
+            if self.r != _ALGORITHM_DEFAULTS["r"]:
+                raise TurboConfigError("options 'flops' and 'r' both given: a FLOP budget solves r; give one of them")
+            object.__setattr__(self, "flops", float(self.flops))
         if self.cross_attention_bias is None:
             object.__setattr__(self, "cross_attention_bias", self.prop_attn)
         for name in ("semantic", "redundancy", "prop_attn", "cross_attention_bias", "restore_outputs"):

@@ -24,6 +24,7 @@ from turbo_fx.errors import CannotRewrite, NothingToMerge
 from turbo_fx.passes.check_masks import check_masks
 from turbo_fx.passes.find_attention import AttentionSite, find_attention_sites
 from turbo_fx.passes.find_components import GridRun, find_grid_runs
+from turbo_fx.passes.flop_budget import solve_for_graph
 from turbo_fx.passes.graph_traits import GraphTraits, graph_traits
 from turbo_fx.passes.graph_utils import graph_fake_mode
 from turbo_fx.passes.insert_merges import plan_merges
@@ -58,6 +59,7 @@ class GraphPlan:
     tail: int = 0  # protected tokens at the end of the sequence (YOLOS's detection tokens)
     semantic_source: str = ""
     padding: bool = False
+    budget: str = ""  # the FLOP budget asked, the schedule solved for it and the ratio it predicts
     # merge-and-restore mode
     runs: list[GridRun] = field(default_factory=list)
     components: list[ComponentPlan] = field(default_factory=list)
@@ -122,6 +124,8 @@ def _plan_merges(gm: GraphModule, example_inputs: Optional[Sequence[Any]], plan:
     else:
         plan.semantic_source = semantic_source(config, streams)
     plan.padding = any(s.mask is not None for s in sites)
+    if config.flops is not None:
+        plan.config = config = _solve_budget(gm, plan, config)
     try:
         plan.blocks = plan_merges(sites, config, plan.protected, plan.tail)
     except ValueError as exc:  # a per-block r list of the wrong length
@@ -133,8 +137,28 @@ def _plan_merges(gm: GraphModule, example_inputs: Optional[Sequence[Any]], plan:
         plan.stop = NothingToMerge("the configuration merges no token in this graph")
 
 
+def _solve_budget(gm: GraphModule, plan: GraphPlan, config: TurboConfig) -> TurboConfig:
+    """``config`` with r solved from the graph for its FLOP budget (``passes.flop_budget``)."""
+    try:
+        solution = solve_for_graph(gm, plan.merging, config.flops, config.schedule, plan.protected,
+                                   config.min_tokens, config.keep_salient, plan.tail, graph_fake_mode(gm))
+    except CannotRewrite as exc:
+        raise CannotRewrite(f"the FLOP budget needs every node's FLOPs, and one cannot be counted: {exc}") from exc
+    if solution is None:
+        raise CannotRewrite("the FLOP budget needs the graph's FLOPs, and the graph counts none")
+    plan.budget = (f"flops={config.flops:.3f} asked ({config.schedule} schedule): r={solution.r} "
+                   f"predicts {solution.predicted:.3f}")
+    if solution.note:
+        plan.budget += f"; {solution.note}"
+    return config.replace(r=solution.r, flops=None)
+
+
 def _plan_generation(plan: GraphPlan) -> None:
     plan.mode = GENERATION
+    if plan.config.flops is not None:
+        plan.stop = CannotRewrite("a FLOP budget ('flops') is solved for merge mode only; a generation graph "
+                                  "(merge and restore) takes 'ratio'")
+        return
     plan.components = plan_components(plan.runs, plan.config)
     in_runs = {c.site.index: c for run in plan.runs for c in run.components if c.site is not None}
     merging = {p.component.site.index for p in plan.components if p.merges and p.component.site is not None}

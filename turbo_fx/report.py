@@ -87,6 +87,7 @@ class GraphReport:
     protected_tail: int = 0  # protected tokens at the end of the sequence (YOLOS's detection tokens)
     semantic_source: str = ""  # where the semantic value came from (merge mode)
     padding: bool = False
+    budget: str = ""  # a FLOP budget: the schedule solved for it and the FLOP ratio it predicts
     sdpa_sites: list[int] = field(default_factory=list)  # explicit attention sites emitted as one SDPA call
     outputs_restored: int = 0
     reductions_weighted: int = 0  # token-axis means/sums made size-weighted
@@ -178,8 +179,12 @@ class GraphReport:
                          f"{self.last_run_time_failure}")
         if self.protected is not None:
             lines.append(f"  protected tokens: {self.protected} ({self.protected_note})")
+        if self.budget:
+            lines.append(f"  FLOP budget: {self.budget}")
         if self.semantic_source:
             lines.append(f"  semantic value: {self.semantic_source}")
+        if self.token_tables:
+            lines.append(f"  per-token tables merged with the tokens: {'; '.join(self.token_tables)}")
         if self.padding:
             lines.append("  padding mask: followed through merges (padding never merges into real tokens)")
         if self.sdpa_sites:

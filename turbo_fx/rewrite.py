@@ -215,7 +215,7 @@ def report_facts(plan: GraphPlan, done: Optional[Build] = None) -> dict[str, Any
     facts: dict[str, Any] = {
         "sites": plan.site_reports, "blocks": plan.blocks, "protected": plan.protected,
         "protected_note": plan.protected_note, "protected_tail": plan.tail,
-        "semantic_source": plan.semantic_source, "padding": plan.padding,
+        "semantic_source": plan.semantic_source, "padding": plan.padding, "budget": plan.budget,
     }
     if plan.mode == GENERATION:
         facts["components"] = [component_report(p) for p in plan.components]
