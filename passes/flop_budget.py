@@ -28,7 +28,7 @@ and, where the budget cannot be met, why.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -78,29 +78,38 @@ class BudgetSolution:
     note: str = ""  # why the budget is not met, if it is not
 
 
-def flop_model(gm: GraphModule, sites: list[AttentionSite], fake_mode) -> FlopModel:
-    """Count every node's FLOPs on fake values and sort them into segments and powers."""
-    n0 = gu.tensor_shape(sites[0].stream_out)[1]
-    boundary = {s.stream_out: i + 1 for i, s in enumerate(sites)}
-    segments = len(sites) + 1
-    linear, quadratic = [0.0] * segments, [0.0] * segments
-    fixed, segment = 0.0, 0
+def node_flops(gm: GraphModule, fake_mode) -> tuple[dict[Node, float], dict[Node, Any]]:
+    """Every node's FLOPs (torch's counter on the recorded fake values) and those values."""
+    counts: dict[Node, float] = {}
     env: dict[Node, Any] = {}
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
         if node.op in ("placeholder", "get_attr"):
             env[node] = node.meta.get("example_value")
-        else:
-            with FlopCounterMode(display=False) as counter:
-                env[node] = run_node_on_fakes(gm, node, env, fake_mode)
-            count = float(counter.get_total_flops())
-            if count:
-                power = token_power(node, env, n0)
-                if power == 0:
-                    fixed += count
-                else:
-                    (linear if power == 1 else quadratic)[segment] += count
+            continue
+        with FlopCounterMode(display=False) as counter:
+            env[node] = run_node_on_fakes(gm, node, env, fake_mode)
+        counts[node] = float(counter.get_total_flops())
+    return counts, env
+
+
+def flop_model(gm: GraphModule, sites: list[AttentionSite], fake_mode) -> FlopModel:
+    """Sort every node's FLOPs into segments and powers of the token count."""
+    n0 = gu.tensor_shape(sites[0].stream_out)[1]
+    boundary = {s.stream_out: i + 1 for i, s in enumerate(sites)}
+    segments = len(sites) + 1
+    linear, quadratic = [0.0] * segments, [0.0] * segments
+    fixed, segment = 0.0, 0
+    counts, env = node_flops(gm, fake_mode)
+    for node in gm.graph.nodes:
+        count = counts.get(node, 0.0)
+        if count:
+            power = token_power(node, env, n0)
+            if power == 0:
+                fixed += count
+            else:
+                (linear if power == 1 else quadratic)[segment] += count
         segment = boundary.get(node, segment)
     merge_unit = [_merge_unit(site) for site in sites]
     return FlopModel(n0, fixed, linear, quadratic, merge_unit)
@@ -209,3 +218,84 @@ def solve_for_graph(gm: GraphModule, sites: list[AttentionSite], budget: float, 
     if model.total <= 0:
         return None
     return solve(model, budget, shape, protected, min_tokens, keep_salient, tail)
+
+
+# ----------------------------------------------------------------------------- merge and restore
+
+
+@dataclass
+class ComponentCost:
+    """FLOPs of one generation component that change when its tokens merge."""
+
+    linear: float  # grows with the component's token count
+    quadratic: float  # grows with its square (self-attention over the merged tokens)
+    merge: float  # a block's destination similarity, per source x destination pair
+
+
+def component_costs(gm: GraphModule, runs: list, fake_mode) -> tuple[float, list[ComponentCost]]:
+    """The graph's FLOPs and, per component (in ``runs`` order), the part that merging scales:
+    the nodes between the component's input stream and its branch output that read the
+    stream. A self-attention's attention call is quadratic, a cross-attention's linear (its
+    keys are the text's)."""
+    counts, env = node_flops(gm, fake_mode)
+    costs = []
+    for run in runs:
+        for c in run.components:
+            inside = (gu.ancestors(c.branch_out, stop=lambda n, c=c: n is c.stream_in) | {c.branch_out})
+            inside &= gu.descendants(c.stream_in)
+            linear = quadratic = 0.0
+            for node in inside:
+                count = counts.get(node, 0.0)
+                if not count:
+                    continue
+                attention = c.site is not None and node is c.site.attn
+                power = (2 if c.kind == "self-attention" else 1) if attention else min(token_power(node, env, run.tokens), 1)
+                if power == 2:
+                    quadratic += count
+                elif power == 1:
+                    linear += count
+            batch, channels = gu.tensor_shape(c.stream_in)[0], gu.tensor_shape(c.stream_in)[2]
+            costs.append(ComponentCost(linear, quadratic, 2.0 * batch * channels))
+    return sum(counts.values()), costs
+
+
+def predict_generation(total: float, costs: list[ComponentCost], plans: list, sx: int = 2, sy: int = 2) -> float:
+    """Predicted FLOPs when each component of ``plans`` (``merge_and_restore.plan_components``,
+    same order as ``costs``) merges its ``r`` tokens; one similarity per merging block."""
+    flops = total
+    planned = set()
+    for cost, plan in zip(costs, plans):
+        if not plan.merges:
+            continue
+        c = plan.component
+        kept = (c.tokens - plan.r) / c.tokens
+        flops -= cost.linear * (1 - kept) + cost.quadratic * (1 - kept * kept)
+        if (c.run, c.block) not in planned:
+            planned.add((c.run, c.block))
+            destinations = (c.grid[0] // sy) * (c.grid[1] // sx)
+            flops += cost.merge * (c.tokens - destinations) * destinations
+    return flops
+
+
+def solve_generation(total: float, costs: list[ComponentCost], plan_for: Callable[[float], list], budget: float,
+                     sx: int = 2, sy: int = 2) -> tuple[float, float, str]:
+    """(ratio, predicted FLOP ratio, note): the merge ratio whose predicted FLOPs are nearest
+    to ``budget``; ``plan_for(ratio)`` gives the component plans at that ratio."""
+
+    def evaluate(ratio: float) -> float:
+        return predict_generation(total, costs, plan_for(ratio), sx, sy) / total
+
+    low, high = 0.0, 0.99
+    for _ in range(30):  # the predicted ratio falls as the merge ratio grows
+        middle = (low + high) / 2
+        if evaluate(middle) > budget:
+            low = middle
+        else:
+            high = middle
+    ratio = min((low, high), key=lambda x: abs(evaluate(x) - budget))
+    floor = evaluate(0.99)
+    note = ""
+    if budget < floor - 0.02:
+        note = (f"the budget {budget:.3f} is below the {floor:.3f} that merging reaches here (only the "
+                f"components in merge_components merge); merging the most")
+    return round(ratio, 4), evaluate(round(ratio, 4)), note

@@ -233,7 +233,7 @@ class TurboConfig:
     flops: a FLOP budget instead of ``r``: the merged graph's FLOPs as a fraction of the
         unmerged graph's, in (0, 1]. r per block is solved for each graph from the graph
         itself (``passes/flop_budget.py``); the report states the schedule and the ratio
-        it predicts. Merge mode only (encoders); generation graphs take ``ratio``.
+        it predicts. Generation graphs (merge and restore) get their ``ratio`` solved instead.
     schedule: the shape of the solved r: "constant" (default; one more token in the first
         blocks where the budget falls between two constants) or "decreasing" (r falls
         linearly to a third of its first value).

@@ -24,7 +24,7 @@ from turbo_fx.errors import CannotRewrite, NothingToMerge
 from turbo_fx.passes.check_masks import check_masks
 from turbo_fx.passes.find_attention import AttentionSite, find_attention_sites
 from turbo_fx.passes.find_components import GridRun, find_grid_runs
-from turbo_fx.passes.flop_budget import solve_for_graph
+from turbo_fx.passes.flop_budget import component_costs, solve_for_graph, solve_generation
 from turbo_fx.passes.graph_traits import GraphTraits, graph_traits
 from turbo_fx.passes.graph_utils import graph_fake_mode
 from turbo_fx.passes.insert_merges import plan_merges
@@ -81,7 +81,7 @@ def analyse(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: Tu
             return plan
         plan.runs = find_grid_runs(gm, plan.sites)
         if plan.runs:
-            _plan_generation(plan)
+            _plan_generation(gm, plan)
         else:
             _plan_merges(gm, example_inputs, plan)
     except CannotRewrite as exc:
@@ -153,12 +153,28 @@ def _solve_budget(gm: GraphModule, plan: GraphPlan, config: TurboConfig) -> Turb
     return config.replace(r=solution.r, flops=None)
 
 
-def _plan_generation(plan: GraphPlan) -> None:
+def _solve_generation_budget(gm: GraphModule, plan: GraphPlan, config: TurboConfig) -> TurboConfig:
+    """``config`` with the merge ratio solved from the graph for its FLOP budget."""
+    try:
+        total, costs = component_costs(gm, plan.runs, graph_fake_mode(gm))
+    except CannotRewrite as exc:
+        raise CannotRewrite(f"the FLOP budget needs every node's FLOPs, and one cannot be counted: {exc}") from exc
+    if total <= 0:
+        raise CannotRewrite("the FLOP budget needs the graph's FLOPs, and the graph counts none")
+    options = config.generation
+    ratio, predicted, note = solve_generation(
+        total, costs, lambda x: plan_components(plan.runs, config.replace(ratio=x, flops=None)), config.flops,
+        options.sx, options.sy)
+    plan.budget = f"flops={config.flops:.3f} asked: ratio={ratio} predicts {predicted:.3f}"
+    if note:
+        plan.budget += f"; {note}"
+    return config.replace(ratio=ratio, flops=None)
+
+
+def _plan_generation(gm: GraphModule, plan: GraphPlan) -> None:
     plan.mode = GENERATION
     if plan.config.flops is not None:
-        plan.stop = CannotRewrite("a FLOP budget ('flops') is solved for merge mode only; a generation graph "
-                                  "(merge and restore) takes 'ratio'")
-        return
+        plan.config = _solve_generation_budget(gm, plan, plan.config)
     plan.components = plan_components(plan.runs, plan.config)
     in_runs = {c.site.index: c for run in plan.runs for c in run.components if c.site is not None}
     merging = {p.component.site.index for p in plan.components if p.merges and p.component.site is not None}

@@ -47,12 +47,11 @@ def test_transformers_vision_towers_land_on_the_budget(kind):
     import transformers as tf
 
     torch.manual_seed(0)
-    common = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128)
+    common = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4)
     if kind == "dinov2":
-        model = tf.Dinov2Model(tf.Dinov2Config(image_size=224, patch_size=14, **{**common, "mlp_ratio": 2}))
-        del common
+        model = tf.Dinov2Model(tf.Dinov2Config(image_size=224, patch_size=14, mlp_ratio=2, **common))
     else:
-        model = tf.CLIPVisionModel(tf.CLIPVisionConfig(image_size=224, patch_size=16, **common))
+        model = tf.CLIPVisionModel(tf.CLIPVisionConfig(image_size=224, patch_size=16, intermediate_size=128, **common))
     report = counted(model.eval(), {"flops": 0.6}, pixel_values=torch.randn(1, 3, 224, 224))
     assert_on_budget(report, 0.6)
 
@@ -80,13 +79,34 @@ def test_a_budget_out_of_reach_merges_the_most_and_says_so():
     assert report.flop_ratio > 0.25
 
 
-def test_generation_graphs_refuse_a_budget_with_the_reason():
+def small_unet():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    model = diffusers.Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=1,
-                                         cross_attention_dim=12, norm_num_groups=4).eval()
-    report = counted(model, {"flops": 0.6}, torch.randn(1, 16, 8, 8), encoder_hidden_states=torch.randn(1, 5, 12))
-    assert "merge mode only" in report.fallback_reason
+    return diffusers.UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+
+
+@pytest.mark.parametrize("budget, components", [
+    (0.9, ("self-attention",)),
+    (0.8, ("self-attention",)),
+    (0.8, ("self-attention", "cross-attention", "feed-forward")),
+])
+def test_a_unet_lands_on_the_budget_through_its_merge_ratio(budget, components):
+    inputs = (torch.randn(2, 4, 32, 32), torch.tensor([10, 10]))
+    report = counted(small_unet(), {"flops": budget, "merge_components": components}, *inputs,
+                     encoder_hidden_states=torch.randn(2, 7, 32))
+    assert report.mode == "merge-and-restore" and "ratio=" in report.budget
+    assert_on_budget(report, budget)
+
+
+def test_a_unet_budget_out_of_reach_merges_the_most_and_says_so():
+    inputs = (torch.randn(2, 4, 32, 32), torch.tensor([10, 10]))
+    report = counted(small_unet(), {"flops": 0.3}, *inputs, encoder_hidden_states=torch.randn(2, 7, 32))
+    assert "below the" in report.budget and "ratio=0.99" in report.budget
+    assert report.flop_ratio > 0.5
 
 
 def test_the_prediction_is_the_model_by_hand():
