@@ -8,7 +8,7 @@ generation mode and the compile strategy) and ``explain`` for a report of what c
 from turbo_fx.config import CompileStrategy, GenerationOptions, LinearSchedule, TurboConfig, TurboConfigError
 from turbo_fx.report import GraphReport, TurboReport, counters, recording
 from turbo_fx.backend import turbo_backend
-from turbo_fx.explain import explain
+from turbo_fx.explain import TradeOff, explain, trade_off
 from turbo_fx.ops import MergeRecord, record_merges
 
 # The measurement tools live in turbo_fx.bench; these names are re-exported lazily, so that
@@ -50,6 +50,8 @@ __all__ = [
     "recording",
     "turbo_backend",
     "explain",
+    "trade_off",
+    "TradeOff",
     "MergeRecord",
     "record_merges",
     "analyze_redundancy",

@@ -1,6 +1,7 @@
 """turbo_fx.explain: sites, merges, tokens per block and FLOPs, checked against hand-computed FLOPs."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import turbo_fx
@@ -61,3 +62,21 @@ def test_a_configuration_that_merges_nothing_reports_every_site_untouched():
     assert graph.merges == 0
     assert {s.decision for s in graph.sites} == {"untouched"}
     assert all("merges no token" in s.reason for s in graph.sites)
+
+
+def test_trade_off_lists_each_budget_with_its_counted_flops():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=6).eval()
+    table = turbo_fx.trade_off(model, torch.randn(1, 3, 224, 224), budgets=(0.9, 0.7, 0.5))
+    assert [row.budget for row in table.rows] == [0.9, 0.7, 0.5]
+    for row in table.rows:
+        assert row.fallback == "" and abs(row.flop_ratio - row.budget) < 0.02, row
+        assert row.tokens_per_block[0] == 197 and row.schedule.startswith("r=[")
+    # a smaller budget merges more, block by block
+    ends = [row.tokens_per_block[-1] for row in table.rows]
+    assert ends == sorted(ends, reverse=True) and ends[0] > ends[-1]
+    assert "FLOP ratio counted" in str(table)
+    with pytest.raises(TypeError, match="budgets"):
+        turbo_fx.trade_off(model, torch.randn(1, 3, 224, 224), r=4)
