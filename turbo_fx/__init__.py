@@ -8,6 +8,7 @@ generation mode and the compile strategy) and ``explain`` for a report of what c
 from turbo_fx.config import CompileStrategy, GenerationOptions, LinearSchedule, TurboConfig, TurboConfigError
 from turbo_fx.report import GraphReport, TurboReport, counters, recording
 from turbo_fx.backend import turbo_backend
+from turbo_fx.calibrate import Calibration, calibrate
 from turbo_fx.explain import TradeOff, explain, trade_off
 from turbo_fx.ops import MergeRecord, record_merges
 
@@ -50,6 +51,8 @@ __all__ = [
     "recording",
     "turbo_backend",
     "explain",
+    "calibrate",
+    "Calibration",
     "trade_off",
     "TradeOff",
     "MergeRecord",

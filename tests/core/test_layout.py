@@ -84,7 +84,7 @@ LAYERS = (
     ("graph passes", ("turbo_fx.passes", "turbo_fx.passes.*")),
     ("plan, rewrite and compile", ("turbo_fx.plan", "turbo_fx.rewrite", "turbo_fx.block_compile",
                                    "turbo_fx.shared_pieces", "turbo_fx.cuda_graphs", "turbo_fx.guarded_call")),
-    ("public API", ("turbo_fx", "turbo_fx.backend", "turbo_fx.explain")),
+    ("public API", ("turbo_fx", "turbo_fx.backend", "turbo_fx.explain", "turbo_fx.calibrate")),
     ("tools", ("turbo_fx.model_zoo", "turbo_fx.model_zoo.*", "turbo_fx.bench", "turbo_fx.bench.*")),
 )
 FOLDERS = {"turbo_fx": "turbo_fx", "passes": "turbo_fx.passes", "model_zoo": "turbo_fx.model_zoo",
