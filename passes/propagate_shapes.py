@@ -297,6 +297,7 @@ class _Propagation:
             return
         counts = sorted(self.assign_by_count)
         if not counts:
+            self.merge_generation_table(node, use)
             return
         new_n = self.hints(self.env[use.tokens].shape[use.token_axis])
         offset = counts[-1] - use.n_before  # tokens the model sliced off the front before the op
@@ -312,6 +313,20 @@ class _Propagation:
                                 "is not the batch")
         merged = self.merged_table(node, use, assign, offset)
         node.replace_input_with(use.table, merged)
+
+    def merge_generation_table(self, node: Node, use: TableUse) -> None:
+        """Merge-and-restore mode: the table follows the merge of the component the tokens
+        are in (found by walking back to its ``grid_merge`` or ``merge_by_plan`` call), whose
+        input holds one row per table row."""
+        merge = _producing_merge(use.tokens, self.changed)
+        if merge is None:
+            raise CannotRewrite(f"{node.format_node()} combines merged tokens with a per-token table, and no "
+                                "merge they come from was found")
+        assign, tokens_in = merge
+        if self.hints(self.env[tokens_in].shape[1]) != use.n_before:
+            raise CannotRewrite(f"{node.format_node()} combines merged tokens with a per-token table of "
+                                f"{use.n_before} rows, which is not the merged sequence")
+        node.replace_input_with(use.table, self.merged_table(node, use, assign, 0))
 
     def merged_table(self, node: Node, use: TableUse, assign: Node, offset: int) -> Node:
         key = (use.table, assign, use.token_axis, self.env[use.tokens].dim())
@@ -474,6 +489,27 @@ class _Propagation:
                 continue
             raise CannotRewrite(f"{node.format_node()}: cannot map expand size {entry!r} on token axis {a}")
         _set_shape_spec(node, spec, packed)
+
+
+def _producing_merge(node: Node, changed: set[Node], depth: int = 40) -> Optional[tuple[Node, Node]]:
+    """(assign, tokens merged) of the merge-and-restore merge that ``node``'s tokens come from:
+    ``getitem(grid_merge(x, ...), 0)`` (its assign is item 1) or ``merge_by_plan(x, assign, size)``."""
+    from turbo_fx import ops as turbo_ops
+
+    while isinstance(node, Node) and depth > 0:
+        depth -= 1
+        if node.op == "call_function" and node.target is turbo_ops.merge_by_plan:
+            return node.args[1], node.args[0]
+        if (node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0
+                and isinstance(node.args[0], Node) and node.args[0].target is turbo_ops.grid_merge):
+            call = node.args[0]
+            assign = next((u for u in call.users if u.target is operator.getitem and u.args[1] == 1), None)
+            return (assign, call.args[0]) if assign is not None else None
+        inputs = [i for i in node.all_input_nodes if i in changed]
+        if not inputs:
+            return None
+        node = inputs[0]
+    return None
 
 
 def _split_sizes(node: Node) -> Any:

@@ -168,3 +168,79 @@ def row_duplicated_images(batch: int = 2, image: int = 16, patch: int = 4, seed:
     first = torch.randn(batch, 3, grid, 1, patch, patch, generator=torch.Generator().manual_seed(seed))
     patches = first.expand(-1, -1, -1, grid, -1, -1)  # [B, 3, rows, cols, ph, pw]
     return patches.permute(0, 1, 2, 4, 3, 5).reshape(batch, 3, image, image).contiguous()
+
+
+class JointRotaryDiT(torch.nn.Module):
+    """A small diffusion transformer in the MMDiT layout, written here: image tokens (1x1 patches of
+    an 8x8 latent) and a class-token stream attend jointly (image first), each with its own
+    residual stream and AdaLN gates from a timestep vector; the image queries and keys are
+    rotated by 2D rotary positions computed in ``forward``; the output returns to the grid.
+    ``by_cell``: rotate by the 2x2 cell's coordinates, so the four tokens of a cell share a
+    rotation (duplicated cells then stay duplicates)."""
+
+    def __init__(self, by_cell: bool = False, dim: int = 32, heads: int = 2, depth: int = 2, channels: int = 4,
+                 grid: int = 8, classes: int = 3, text: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.by_cell, self.heads, self.grid, self.text = by_cell, heads, grid, text
+        self.embed = torch.nn.Linear(channels, dim)
+        self.labels = torch.nn.Embedding(classes, text * dim)
+        self.time = torch.nn.Linear(1, dim)
+        head_dim = dim // heads
+        self.register_buffer("freqs", 1.0 / (10.0 ** (torch.arange(head_dim // 4) * 4 / head_dim)))
+
+        def stream() -> torch.nn.ModuleDict:
+            return torch.nn.ModuleDict(dict(
+                mod=torch.nn.Linear(dim, 4 * dim), qkv=torch.nn.Linear(dim, 3 * dim), out=torch.nn.Linear(dim, dim),
+                fc1=torch.nn.Linear(dim, 2 * dim), fc2=torch.nn.Linear(2 * dim, dim)))
+
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict(dict(image=stream(), text=stream())) for _ in range(depth))
+        self.out = torch.nn.Linear(dim, channels)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, 0.2)
+
+    def rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
+        if self.by_cell:
+            rows, cols = rows // 2, cols // 2
+        angles = torch.cat([rows.flatten()[:, None] * self.freqs, cols.flatten()[:, None] * self.freqs], -1)
+        angles = torch.cat([angles, angles], -1)
+        return angles.cos(), angles.sin()
+
+    def heads_of(self, t: torch.Tensor) -> torch.Tensor:
+        batch, n, dim = t.shape
+        return t.reshape(batch, n, self.heads, dim // self.heads).transpose(1, 2)
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = latents.shape
+        x = self.embed(latents.flatten(2).transpose(1, 2))
+        c = self.labels(label).reshape(batch, self.text, -1)
+        cond = torch.nn.functional.silu(self.time(timestep[:, None].float()))
+        cos, sin = self.rotation()
+        n = x.shape[1]
+        for block in self.blocks:
+            img, txt = block["image"], block["text"]
+            shift_i, scale_i, gate_i, mlp_i = img["mod"](cond)[:, None].chunk(4, -1)
+            shift_t, scale_t, gate_t, mlp_t = txt["mod"](cond)[:, None].chunk(4, -1)
+            hi = torch.nn.functional.layer_norm(x, x.shape[-1:]) * (1 + scale_i) + shift_i
+            ht = torch.nn.functional.layer_norm(c, c.shape[-1:]) * (1 + scale_t) + shift_t
+            qi, ki, vi = (self.heads_of(t) for t in img["qkv"](hi).chunk(3, -1))
+            qt, kt, vt = (self.heads_of(t) for t in txt["qkv"](ht).chunk(3, -1))
+            half = qi.shape[-1] // 2
+            qi = qi * cos + torch.cat([-qi[..., half:], qi[..., :half]], -1) * sin
+            ki = ki * cos + torch.cat([-ki[..., half:], ki[..., :half]], -1) * sin
+            q, k, v = torch.cat([qi, qt], 2), torch.cat([ki, kt], 2), torch.cat([vi, vt], 2)
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            x = x + gate_i * img["out"](attn[:, :n])
+            c = c + gate_t * txt["out"](attn[:, n:])
+            x = x + mlp_i * img["fc2"](torch.nn.functional.gelu(img["fc1"](torch.nn.functional.layer_norm(x, x.shape[-1:]))))
+            c = c + mlp_t * txt["fc2"](torch.nn.functional.gelu(txt["fc1"](torch.nn.functional.layer_norm(c, c.shape[-1:]))))
+        return self.out(x).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+def cell_duplicated_latents(batch: int = 2, channels: int = 4, grid: int = 8, seed: int = 2) -> torch.Tensor:
+    """Latents whose every 2x2 cell holds one value per channel."""
+    cells = torch.randn(batch, channels, grid // 2, grid // 2, generator=torch.Generator().manual_seed(seed))
+    return cells.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)

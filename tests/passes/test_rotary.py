@@ -64,3 +64,31 @@ def test_unknown_rule_is_refused():
 
     with pytest.raises(TurboConfigError, match="rotary"):
         TurboConfig(rotary="destination")
+
+
+@pytest.mark.parametrize("rule", ["rows", "position"])
+def test_merge_and_restore_rotates_merged_image_tokens_by_their_members(turbo, rule):
+    # A joint-attention DiT with 2D rotary positions on the image tokens: within a block the
+    # tables follow that block's merge. Rotated by 2x2 cell, duplicated cells stay duplicates and
+    # the output is the unmerged one's; rotated by token, the merged members differ.
+    from model_builders import JointRotaryDiT, cell_duplicated_latents
+
+    x, t, y = cell_duplicated_latents(), torch.tensor([3, 7]), torch.tensor([0, 2])
+    for by_cell in (True, False):
+        model = JointRotaryDiT(by_cell=by_cell).eval()
+        with torch.no_grad():
+            want = model(x, t, y)
+        torch._dynamo.reset()
+        compiled = turbo(model, ratio=0.5, rotary=rule)
+        got = compiled(x, t, y)
+        report = compiled.report
+        assert report.fallback_reason is None
+        merged = [(c.kind, c.tokens_in, c.tokens_merged) for c in report.components if c.decision == "merges"]
+        assert merged == [("self-attention", 64, 32)] * 2
+        assert len(report.token_tables) == 4  # cos and sin for each block's merge
+        if by_cell:
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        else:
+            assert (got - want).abs().max() > 1e-3
+    torch._dynamo.reset()
+    assert torch.equal(turbo(model, ratio=0.0)(x, t, y), want)
