@@ -300,7 +300,7 @@ def _find_residual(site: AttentionSite, max_visits: int = 200) -> None:
     does not depend on the attention). For joint attention, one such add per sequence whose
     tokens the queries concatenate (``AttentionSite.joint``)."""
     q_ancestors = gu.ancestors(site.q) | {site.q}
-    pieces = _query_pieces(site.q)
+    pieces, counts = _query_pieces(site.q)
     lineage = [gu.ancestors(p) | {p} for p in pieces]
     parts: dict[int, JointPart] = {}
     queue, seen = deque([site.attn]), {site.attn}
@@ -323,9 +323,8 @@ def _find_residual(site: AttentionSite, max_visits: int = 200) -> None:
                             site.stream_out = _post_norm(user)
                         owners = [i for i, above in enumerate(lineage) if other in above]
                         if len(owners) == 1 and owners[0] not in parts:
-                            start = sum(_token_count(p) for p in pieces[:owners[0]])
-                            parts[owners[0]] = JointPart(start, _token_count(pieces[owners[0]]), other, user,
-                                                         _post_norm(user))
+                            start = sum(counts[:owners[0]])
+                            parts[owners[0]] = JointPart(start, counts[owners[0]], other, user, _post_norm(user))
                         break
             if site.closing_add is not None and (not pieces or len(parts) == len(pieces)):
                 break
@@ -333,26 +332,52 @@ def _find_residual(site: AttentionSite, max_visits: int = 200) -> None:
         if site.closing_add is not None and (not pieces or len(parts) == len(pieces)):
             break
     if pieces and parts:
-        starts = [sum(_token_count(p) for p in pieces[:i]) for i in range(len(pieces))]
-        site.joint = [parts.get(i, JointPart(starts[i], _token_count(piece))) for i, piece in enumerate(pieces)]
+        site.joint = [parts.get(i, JointPart(sum(counts[:i]), counts[i])) for i in range(len(pieces))]
 
 
-def _query_pieces(q: Node, depth: int = 12) -> list[Node]:
-    """The pieces of a concatenation along the token axis that the queries come from, within
-    a few elementwise steps (Flux rotates the concatenated queries), or [] if there is none."""
-    n_tokens = _token_count(q)
+def _query_pieces(q: Node, depth: int = 12) -> tuple[list[Node], list[int]]:
+    """The pieces of a concatenation along the token axis that the queries come from, and
+    their token counts, within a few steps that keep their elements (a transpose to
+    [B, H, N, D], Flux's rotation of the concatenated queries); ([], []) if there is none."""
+    n_tokens, numel = _token_count(q), _numel(q)
     queue, seen = deque([(q, 0)]), {q}
     while queue:
         node, steps = queue.popleft()
-        if gu.token_cat_axis(node) == 2 and _token_count(node) == n_tokens and len(node.args[0]) >= 2:
-            pieces = list(node.args[0])
-            return pieces if all(isinstance(p, Node) and _token_count(p) for p in pieces) else []
+        pieces = _cat_pieces(node, n_tokens)
+        if pieces and _numel(node) == numel:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % 4
+            return pieces, [gu.tensor_shape(p)[dim] for p in pieces]
         if steps < depth:
             for parent in node.all_input_nodes:
-                if parent not in seen and _token_count(parent) == n_tokens:
+                if parent not in seen and _numel(parent) == numel:
                     seen.add(parent)
                     queue.append((parent, steps + 1))
-    return []
+    return [], []
+
+
+def _cat_pieces(node: Node, n_tokens: int) -> list[Node]:
+    """The pieces of ``node`` if it concatenates two or more tensors along an axis of
+    ``n_tokens`` ([B, N, H, D] on axis 1, [B, H, N, D] on axis 2)."""
+    if node.op != "call_function" or node.target not in gu.CAT_FUNCTIONS or not isinstance(node.args[0], (list, tuple)):
+        return []
+    shape = gu.tensor_shape(node)
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    if shape is None or len(shape) != 4 or not isinstance(dim, int) or shape[dim % 4] != n_tokens or dim % 4 not in (1, 2):
+        return []
+    pieces = list(node.args[0])
+    if len(pieces) < 2 or not all(isinstance(p, Node) and gu.tensor_shape(p) is not None for p in pieces):
+        return []
+    return pieces
+
+
+def _numel(node: Node) -> int:
+    shape = gu.tensor_shape(node)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return -1
+    count = 1
+    for d in shape:
+        count *= d
+    return count
 
 
 def _token_count(node: Node) -> int:

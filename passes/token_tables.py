@@ -1,7 +1,8 @@
 """Per-token tables that meet merged tokens: what they are and how their merged rows are built.
 
-A *table* is a tensor built without user data (parameters, buffers, an ``arange`` over the
-patch grid) with one row per original token, which an elementwise op combines with the
+A *table* is a tensor built from parameters, buffers, an ``arange`` over the patch grid or
+inputs of its own (Flux's position ids), not from the data the tokens come from, with one row
+per original token, which an elementwise op combines with the
 tokens: a position embedding added to them (YOLOS's mid-position embeddings), a rotary
 cos/sin table multiplied with the queries and keys (EVA-02, DINOv3, RoPE ViTs). After a merge
 the tokens are fewer and the table must follow them. ``propagate_shapes`` finds such an op as
@@ -83,9 +84,21 @@ def table_operand(node: Node, changed: set[Node], old: dict[Node, Any], new: dic
     axis = axes[0]
     table_axis = axis - (before.dim() - value.dim())
     n_before = size(before.shape[axis])
-    if table_axis < 0 or size(value.shape[table_axis]) != n_before or n_before == 1 or depends_on_data(table):
+    if table_axis < 0 or size(value.shape[table_axis]) != n_before or n_before == 1 or shares_data(table, tokens):
         return None
     return TableUse(tokens, table, axis, n_before)
+
+
+def shares_data(table: Node, tokens: Node) -> bool:
+    """The table derives from user data that the tokens derive from too: then it is computed
+    from the tokens (or alongside them), not a table of positions. Tables from parameters,
+    shapes, or inputs of their own (Flux's position ids) do not."""
+    inputs = _data_inputs(table)
+    return bool(inputs) and bool(inputs & _data_inputs(tokens))
+
+
+def _data_inputs(node: Node) -> set[Node]:
+    return {n for n in ancestors(node) | {node} if n.op == "placeholder" and depends_on_data(n)}
 
 
 def angle_chain(table: Node, values: dict[Node, Any], n_rows: int, from_end: int,
