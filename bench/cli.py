@@ -84,6 +84,8 @@ STUDIES = (
         arg("--list-models", action="store_true", help="list model names and exit"),
         arg("--r", nargs="+", type=non_negative, default=[0, 8, 13], help="r values (default 0 8 13)"),
         arg("--batch", type=positive, default=8, help="batch size (default 8)"),
+        arg("--image-size", type=positive, default=None,
+            help="timm models only: build at this input side in pixels (timm's img_size; default: the model's own)"),
         arg("--rounds", type=positive, default=5, help="interleaved timing rounds (default 5)"),
         arg("--warmup", type=non_negative, default=2, help="untimed calls per configuration (default 2)"),
         arg("--compile-repeats", type=positive, default=1,
@@ -131,11 +133,14 @@ STUDIES = (
             help="merge paths to measure (merge_paths.MERGE_PATHS), the first the reference of the "
                  "differences (default: all)"),
         DEVICE, DTYPE, MODE, NAME), defaults={"threads": 1}),
-    Study("diffusion-speed", "SD-1.5 / DiT-sized models: eager, Inductor, tomesd and turbo", "diffusion_speed", (
-        arg("--model", nargs="+", choices=("unet", "dit"), default=["unet"]),
+    Study("diffusion-speed", "SD-1.5 / DiT / SD3-sized models: eager, Inductor, tomesd and turbo", "diffusion_speed", (
+        arg("--model", nargs="+", choices=("unet", "dit", "sd3"), default=["unet"]),
         arg("--small", action="store_true", help="tiny configurations of the same classes (a smoke test)"),
+        arg("--sd3-blocks", type=positive, default=4,
+            help="sd3: how many of SD3-medium's 24 joint blocks to build (default 4)"),
         arg("--ratio", nargs="+", type=ratio, default=[0.3, 0.5, 0.6]),
-        arg("--configs", nargs="+", choices=("eager", "inductor", "tomesd", "tomesd-eager", "turbo", "turbo-sa"),
+        arg("--configs", nargs="+",
+            choices=("eager", "inductor", "tomesd", "tomesd-eager", "turbo", "turbo-sa", "turbo-all"),
             default=["eager", "inductor", "tomesd", "turbo"], help="eager and inductor always run"),
         arg("--rounds", type=positive, default=5, help="timed interleaved rounds"),
         arg("--ddim-steps", type=non_negative, default=10, help="0 skips the denoising loop"),

@@ -5,15 +5,23 @@ Models (random weights, seeded; no Stable Diffusion or DiT weights install offli
 - ``unet``: an SD-1.5-sized ``UNet2DConditionModel`` (SD 1.5's config), inputs latents
   [2, 4, 64, 64] (batch 2 = classifier-free guidance), a timestep, text states [2, 77, 768];
 - ``dit``: a DiT-XL/2-sized ``DiTTransformer2DModel`` (28 layers, 16 heads x 72, patch 2), inputs
-  latents [2, 4, 32, 32], timesteps [2], class labels [2] (class 1000 is DiT's null class).
-``--small`` swaps both for tiny configurations of the same classes (a smoke test).
+  latents [2, 4, 32, 32], timesteps [2], class labels [2] (class 1000 is DiT's null class);
+- ``sd3``: an ``SD3Transformer2DModel`` of SD3-medium's width (24 heads x 64 = 1536, patch 2,
+  16 latent channels, its text and pooled projections) with ``--sd3-blocks`` of its 24 joint
+  blocks (default 4: the full depth takes minutes per round on 2 cores), at 512 px: latents
+  [2, 16, 64, 64] (1024 image tokens), text states [2, 333, 4096] (77 CLIP + 256 T5 tokens, the
+  length SD3's pipeline always passes), pooled text [2, 2048], timesteps [2]. Its denoising loop
+  runs ``FlowMatchEulerDiscreteScheduler`` (shift 3), SD3's own, in place of DDIM.
+``--small`` swaps each for a tiny configuration of the same class (a smoke test).
 
 Configurations, each on its own ``fresh_copy`` of the same seeded model (the weights shared):
 ``eager`` (the reference every closeness figure is measured against), ``inductor``,
 ``tomesd r=R`` (``tomesd.apply_patch(model, ratio=R)`` with its defaults, then ``torch.compile``
 through ``tomesd_compile_shim``; UNet only, see ``TOMESD_ON_DIT``), ``tomesd-eager r=R`` (opt in),
-``turbo r=R`` (``options={"ratio": R, **--option}``) and ``turbo-sa r=R`` (the same with
-``merge_components=("self-attention",)``, tomesd's default). Every compiled configuration gets
+``turbo r=R`` (``options={"ratio": R, **--option}``), ``turbo-sa r=R`` (the same with
+``merge_components=("self-attention",)``, tomesd's default) and ``turbo-all r=R`` (all three
+components, as the paper merges; SD3 has no cross-attention, so there it adds the feed-forward).
+Every compiled configuration gets
 its own ``timing.GraphCounter`` backend, so none reuses another's frames and each counts its
 graphs. ``--compiler eager`` replaces Inductor by Dynamo's eager backend everywhere.
 
@@ -46,13 +54,18 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from turbo_fx.bench import output, timing
+from turbo_fx.bench.stats import speedup_interval
 from turbo_fx.bench.timing import fresh_copy
 
-# turbo-sa merges what tomesd merges by default (self-attention only), for equal-FLOP comparisons.
-TURBO_KINDS = ("turbo", "turbo-sa")
+# turbo-sa merges what tomesd merges by default (self-attention only), for equal-FLOP comparisons;
+# turbo-all merges every component the paper does.
+TURBO_KINDS = ("turbo", "turbo-sa", "turbo-all")
+KIND_COMPONENTS = {"turbo-sa": ("self-attention",), "turbo-all": ("self-attention", "cross-attention", "feed-forward")}
 TOMESD_ON_DIT = ("tomesd does not apply to DiT: it is written for UNets (it infers each block's "
                  "downsampling from the latent size, so with patch size 2 every DiT block counts as "
                  "downsample 2 and, at its default max_downsample=1, merges nothing); not run")
+TOMESD_ON_SD3 = ("tomesd does not apply to SD3: it patches diffusers' BasicTransformerBlock, and SD3's joint "
+                 "blocks are JointTransformerBlock; not run")
 
 # --------------------------------------------------------------------------- model configs
 SD15_UNET = dict(
@@ -72,6 +85,16 @@ SMALL_UNET = dict(
     block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
     cross_attention_dim=32, attention_head_dim=8,
 )
+# SD3-medium's transformer config but for ``num_layers``, which the builder sets.
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+SD3_LATENT = 64  # 512 px through SD3's VAE (8x): 32 x 32 = 1024 patches of 2 x 2
+SD3_TEXT_TOKENS = 77 + 256  # CLIP's 77 then T5's 256 (the pipeline's max_sequence_length)
+SD3_BLOCKS = 4
+SMALL_SD3 = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16,
+                 out_channels=4, pos_embed_max_size=16)
 DIT_XL2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
 SMALL_DIT = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
@@ -82,6 +105,7 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+SD3_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0)  # rectified flow, for FlowMatchEulerDiscreteScheduler
 
 
 @dataclass
@@ -89,20 +113,24 @@ class Case:
     """A model with its benchmark inputs and what a denoising step feeds it."""
 
     name: str
-    kind: str  # "unet" or "dit"
+    kind: str  # "unet", "dit" or "sd3"
     description: str
     model: torch.nn.Module
     inputs: tuple  # positional inputs of one guided forward (batch 2: unconditional, conditional)
-    cond: torch.Tensor  # text states [2, L, D] (UNet) or class labels [2] (DiT), uncond first
+    cond: torch.Tensor  # text states [2, L, D] (UNet, SD3) or class labels [2] (DiT), uncond first
     latent_shape: tuple  # one latent, [1, C, H, W]
     schedule: dict
     tomesd_note: Optional[str] = None  # why tomesd is not run, when it is not
+    scheduler: str = "DDIMScheduler"  # the diffusers scheduler class the denoising loop builds from ``schedule``
 
     def step_inputs(self, latents: torch.Tensor, t: torch.Tensor) -> tuple:
         """The forward's inputs at one denoising step: ``latents`` is the doubled batch [2, C, H, W]."""
         if self.kind == "unet":
             return (latents, t, self.cond)
-        return (latents, t.reshape(1).expand(latents.shape[0]).contiguous(), self.cond)
+        timesteps = t.reshape(1).expand(latents.shape[0]).contiguous()
+        if self.kind == "sd3":  # the pooled text states ride along, in the forward's positional order
+            return (latents, self.cond, self.inputs[2], timesteps.to(self.inputs[3].dtype))
+        return (latents, timesteps, self.cond)
 
     def noise_prediction(self, output: torch.Tensor) -> torch.Tensor:
         """The noise channels of an output (DiT also predicts its variance in channels 4-7)."""
@@ -147,7 +175,33 @@ def build_dit(small: bool = False, seed: int = 0) -> Case:
                 tomesd_note=TOMESD_ON_DIT)
 
 
-BUILDERS = {"unet": build_unet, "dit": build_dit}
+def build_sd3(small: bool = False, seed: int = 0, blocks: int = SD3_BLOCKS) -> Case:
+    from diffusers import SD3Transformer2DModel
+
+    cfg = dict(SMALL_SD3) if small else {**SD3_MEDIUM, "num_layers": blocks}
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(**cfg).eval()
+    size = cfg["sample_size"] if small else SD3_LATENT
+    channels, text_len = cfg["in_channels"], (7 if small else SD3_TEXT_TOKENS)
+    gen = torch.Generator().manual_seed(seed + 1)
+    latents = torch.randn(2, channels, size, size, generator=gen)
+    text = torch.randn(2, text_len, cfg["joint_attention_dim"], generator=gen)
+    pooled = torch.randn(2, cfg["pooled_projection_dim"], generator=gen)
+    timesteps = torch.tensor([500.0, 500.0])
+    params = sum(p.numel() for p in model.parameters())
+    tokens = (size // cfg["patch_size"]) ** 2
+    name = "sd3-small" if small else f"sd3-medium-{cfg['num_layers']}-blocks"
+    what = ("tiny SD3Transformer2DModel" if small else
+            f"SD3Transformer2DModel of SD3-medium's width ({cfg['num_attention_heads']} heads x "
+            f"{cfg['attention_head_dim']}), {cfg['num_layers']} of its {SD3_MEDIUM['num_layers']} joint blocks")
+    desc = (f"{what}, {params / 1e6:.1f} M parameters, RANDOM weights (seed {seed}); latents [2, {channels}, {size}, "
+            f"{size}] ({tokens} image tokens), text [2, {text_len}, {cfg['joint_attention_dim']}], pooled text "
+            f"[2, {cfg['pooled_projection_dim']}]; flow-matching Euler steps (shift {SD3_SCHEDULE['shift']:g})")
+    return Case(name, "sd3", desc, model, (latents, text, pooled, timesteps), text, (1, channels, size, size),
+                SD3_SCHEDULE, tomesd_note=TOMESD_ON_SD3, scheduler="FlowMatchEulerDiscreteScheduler")
+
+
+BUILDERS = {"unet": build_unet, "dit": build_dit, "sd3": build_sd3}
 
 
 # --------------------------------------------------------------------------- configurations
@@ -212,7 +266,7 @@ def forward(fn: Callable, inputs: tuple) -> torch.Tensor:
 @dataclass
 class Config:
     name: str
-    kind: str  # eager, inductor, tomesd, tomesd-eager, turbo or turbo-sa
+    kind: str  # eager, inductor, tomesd, tomesd-eager, turbo, turbo-sa or turbo-all
     ratio: Optional[float] = None
 
 
@@ -221,7 +275,7 @@ def configurations(kinds: Sequence[str], ratios: Sequence[float], case: Case) ->
     configs, notes = [], []
     for kind in ("eager", "inductor"):
         configs.append(Config(kind, kind))
-    for kind in ("tomesd", "tomesd-eager", "turbo", "turbo-sa"):
+    for kind in ("tomesd", "tomesd-eager", *TURBO_KINDS):
         if kind not in kinds:
             continue
         if kind.startswith("tomesd") and case.tomesd_note:
@@ -245,8 +299,8 @@ def make_model(config: Config, base: torch.nn.Module, compiler: str, turbo_optio
     options = None
     if config.kind in TURBO_KINDS:
         options = {**turbo_options, "ratio": config.ratio}
-        if config.kind == "turbo-sa":
-            options["merge_components"] = ("self-attention",)
+        if config.kind in KIND_COMPONENTS:
+            options["merge_components"] = KIND_COMPONENTS[config.kind]
     counter = timing.counted_backend(options, compiler)
     return torch.compile(model, backend=counter), counter
 
@@ -274,13 +328,13 @@ def _graph_breaks() -> int:
 
 
 def ddim_loop(fn: Callable, case: Case, noise: torch.Tensor, steps: int, guidance: float) -> tuple[list, torch.Tensor]:
-    """``steps`` DDIM steps with classifier-free guidance from ``noise``: (guided noise
-    prediction per step, final latent)."""
-    from diffusers import DDIMScheduler
+    """``steps`` denoising steps (DDIM, or the case's own scheduler) with classifier-free guidance
+    from ``noise``: (guided model prediction per step, final latent)."""
+    import diffusers
 
-    scheduler = DDIMScheduler(**case.schedule)
+    scheduler = getattr(diffusers, case.scheduler)(**case.schedule)
     scheduler.set_timesteps(steps)
-    latent = noise * scheduler.init_noise_sigma
+    latent = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts from plain noise
     predictions = []
     for t in scheduler.timesteps:
         both = torch.cat([latent, latent])
@@ -330,7 +384,7 @@ def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_optio
             entry.update(flops=timing.count_flops(forward, tomesd_model, inputs),
                          flops_note="tomesd's patched model, eager")
         else:
-            extra = {"merge_components": ("self-attention",)} if c.kind == "turbo-sa" else {}
+            extra = {"merge_components": KIND_COMPONENTS[c.kind]} if c.kind in KIND_COMPONENTS else {}
             info = turbo_flops(base, inputs, {**turbo_options, "ratio": c.ratio, **extra})
             entry.update(flops=info.pop("flops"), flops_note=info.pop("why"), turbo_explain=info)
         log(f"FLOPs {c.name}: " + (f"{entry['flops'] / 1e9:.2f} G" if entry["flops"] else str(entry["flops_note"])))
@@ -394,8 +448,11 @@ def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_optio
         entry["latency"] = st
         entry["latency_s"] = times[c.name]
         entry["speedup_vs_inductor"] = inductor_median / st["median"]
+        interval = speedup_interval(times["inductor"], times[c.name])
+        entry["speedup_interval"] = [interval["low"], interval["high"]]
         entry["compile_s"] = None if c.kind in ("eager", "tomesd-eager") else first + second - 2 * st["median"]
         entry["flop_ratio"] = entry["flops"] / base_flops if entry["flops"] else None
+        entry["flop_ideal_speedup"] = 1 / entry["flop_ratio"] if entry["flop_ratio"] else None
         entry["output"] = timing.closeness(outputs[c.name], reference)
         if trajectories:
             ref_eps, ref_latent = trajectories["eager"]
@@ -413,13 +470,21 @@ def _run_case(case, configs, notes, ratios, kinds, rounds, compiler, turbo_optio
             "settings": {"ratios": list(ratios), "configs": list(kinds), "rounds": rounds, "compiler": compiler,
                          "turbo_options": turbo_options, "ddim_steps": ddim_steps, "guidance": guidance,
                          "seed": seed, "torch_threads": torch.get_num_threads()},
-            "baseline_flops": base_flops, "configs": results, "notes": notes}
+            "scheduler": case.scheduler, "baseline_flops": base_flops, "configs": results, "notes": notes}
 
 
 # --------------------------------------------------------------------------- output
-TABLE_HEADERS = ["config", "compile s", "median ms", "IQR ms", "speed-up vs Inductor", "Dynamo graphs",
-                 "graph breaks", "GFLOPs", "FLOP ratio", "output rel L2", "output cosine",
-                 "DDIM final rel L2", "DDIM final cosine"]
+TABLE_HEADERS = ["config", "compile s", "median ms", "IQR ms", "speed-up vs Inductor", "95% interval",
+                 "Dynamo graphs", "graph breaks", "GFLOPs", "FLOP ratio", "FLOP-ideal speed-up",
+                 "output rel L2", "output cosine", "DDIM final rel L2", "DDIM final cosine"]
+
+
+def _interval(e: dict) -> str:
+    """The speed-up's 95% interval, '-' for Inductor itself or a run stored without one."""
+    interval = e.get("speedup_interval")
+    if not interval or e["kind"] == "inductor":
+        return "-"
+    return f"[{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def table_rows(run: dict) -> list[list[str]]:
@@ -427,9 +492,10 @@ def table_rows(run: dict) -> list[list[str]]:
     for name, e in run["configs"].items():
         final = (e.get("ddim") or {}).get("final_latent") or {}
         rows.append([name, f(e.get("compile_s"), ".1f"), f(e["latency"]["median"] * 1e3, ".1f"),
-                     f(e["latency"]["iqr"] * 1e3, ".1f"), f"{e['speedup_vs_inductor']:.2f}x",
+                     f(e["latency"]["iqr"] * 1e3, ".1f"), f"{e['speedup_vs_inductor']:.2f}x", _interval(e),
                      f(e.get("dynamo_graphs"), "d"), f(e.get("graph_breaks"), "d"),
                      f(e["flops"] / 1e9 if e["flops"] else None, ".3g", "unavailable"), f(e.get("flop_ratio"), ".3f"),
+                     f(e.get("flop_ratio") and 1 / e["flop_ratio"], ".2f") + ("x" if e.get("flop_ratio") else ""),
                      f"{e['output']['rel_l2']:.2e}", f"{e['output']['cosine']:.6f}",
                      f(final.get("rel_l2"), ".2e"), f(final.get("cosine"), ".6f")])
     return rows
@@ -450,7 +516,10 @@ def markdown(payload: dict) -> str:
         s = run["settings"]
         lines += [f"## {run['model']}", "", f"{run['description']}.", "",
                   f"Compiler {s['compiler']}, {s['rounds']} timed rounds (median), {s['torch_threads']} torch threads; "
-                  f"closeness against the eager unmerged model on the same inputs; DDIM {s['ddim_steps']} steps, "
+                  f"speed-up intervals: 95% bootstrap over the interleaved rounds; FLOP-ideal speed-up: 1 / FLOP "
+                  f"ratio; closeness against the eager unmerged model on the same inputs; "
+                  f"{'DDIM' if run.get('scheduler', 'DDIMScheduler') == 'DDIMScheduler' else run['scheduler']} "
+                  f"{s['ddim_steps']} steps (the DDIM columns), "
                   f"guidance {s['guidance']}, the same initial noise. Compile s: the first two calls minus two "
                   f"medians, empty Inductor cache. Turbo options: {s['turbo_options'] or '{}'}.", "",
                   output.table(TABLE_HEADERS, table_rows(run))]
@@ -468,7 +537,8 @@ def run(args) -> dict:
     timing.log(f"machine: {timing.machine_line(machine)}")
     payload = {"machine": machine, "command": args.command, "runs": []}
     for kind in args.model:
-        case = BUILDERS[kind](small=args.small, seed=args.seed)
+        extra = {"blocks": args.sd3_blocks} if kind == "sd3" else {}
+        case = BUILDERS[kind](small=args.small, seed=args.seed, **extra)
         payload["runs"].append(run_case(case, args.ratio, args.configs, rounds=args.rounds, compiler=args.compiler,
                                         turbo_options=args.options, ddim_steps=args.ddim_steps,
                                         guidance=args.guidance, seed=args.seed, tomesd_shim=args.tomesd_shim))

@@ -51,6 +51,14 @@ DEFINITIONS = {
 }
 
 
+def check(args) -> None:
+    from turbo_fx.bench.cli import UsageError
+
+    others = [m for m in args.model if not m.startswith("timm:")]
+    if args.image_size and others:
+        raise UsageError(f"--image-size applies to timm models only, not {others}")
+
+
 def run(args) -> dict:
     if args.list_models:
         from turbo_fx.model_zoo.registry import list_models
@@ -59,7 +67,8 @@ def run(args) -> dict:
         return {}
     info = timing.machine()
     timing.log(f"machine: {timing.machine_line(info)}")
-    settings = {"models": args.model, "r": sorted(set(args.r)), "batch": args.batch, "rounds": args.rounds,
+    settings = {"models": args.model, "r": sorted(set(args.r)), "batch": args.batch,
+                "image_size": args.image_size, "rounds": args.rounds,
                 "warmup": args.warmup, "compile_repeats": args.compile_repeats, "device": args.device,
                 "dtype": args.dtype, "mode": args.mode, "options": args.options}
     timing.log(f"settings: {settings}")
@@ -88,12 +97,14 @@ def configurations(settings: dict) -> list[str]:
 
 def measure(model_name: str, settings: dict) -> dict:
     """Every figure of one model (see the module docstring)."""
-    zoo, inputs = timing.load_model(model_name, settings["batch"], settings["device"], settings["dtype"])
+    size = settings.get("image_size")
+    zoo, inputs = timing.load_model(model_name, settings["batch"], settings["device"], settings["dtype"],
+                                    **({"img_size": size} if size else {}))
     model, device, mode = zoo.model, torch.device(settings["device"]), settings["mode"]
     timing.log(f"== {model_name}: {zoo.description}, batch {settings['batch']}")
     names = configurations(settings)
     result = {"model": model_name, "weights": "real" if zoo.real_weights else "random", "batch": settings["batch"],
-              "configs": {name: {} for name in ["eager"] + names}}
+              "input_shapes": [list(t.shape) for t in inputs], "configs": {name: {} for name in ["eager"] + names}}
     cfg = result["configs"]
 
     def compiled(name):
@@ -235,7 +246,8 @@ def markdown(payload: dict) -> str:
                          f"{c['flops'] / 1e9:.2f}", f"{c['flop_ratio']:.3f}",
                          f"{c['flop_efficiency']:.3f}" if name.startswith("turbo") else "-",
                          output.tokens(c.get("tokens_per_block")), f"{c['max_abs_diff_vs_eager']:.2e}"])
-        out += [f"## {res['model']} ({res['weights']} weights)", "", output.table(head, rows), "",
+        shapes = "; inputs " + ", ".join(str(shape) for shape in res["input_shapes"]) if res.get("input_shapes") else ""
+        out += [f"## {res['model']} ({res['weights']} weights{shapes})", "", output.table(head, rows), "",
                 f"Latency: {s['rounds']} interleaved rounds after {s['warmup']} warm-up call(s), batch "
                 f"{res['batch']}; load average before/after timing: {fmt_load(res['load_average_before_timing'])} / "
                 f"{fmt_load(res['load_average_after_timing'])}. Compile s: {DEFINITIONS['compile_s']}. Speed-up: "

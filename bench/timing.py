@@ -103,13 +103,14 @@ def on_device(inputs: tuple, device: str, dtype: torch.dtype) -> tuple:
     return tuple(t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in inputs)
 
 
-def load_model(name: str, batch: int, device: str = "cpu", dtype: str = "fp32"):
+def load_model(name: str, batch: int, device: str = "cpu", dtype: str = "fp32", **build_kwargs):
     """The model_zoo model ``name`` (weights seeded where random) on ``device`` in ``dtype``, and
-    its example inputs of ``batch`` rows there."""
+    its example inputs of ``batch`` rows there. ``build_kwargs`` go to ``build_model`` (for a
+    timm name, to ``timm.create_model``: ``img_size=224``)."""
     from turbo_fx.model_zoo.registry import build_model
 
     torch.manual_seed(0)
-    zoo = build_model(name)
+    zoo = build_model(name, **build_kwargs)
     zoo.model.to(device, DTYPES[dtype])
     return zoo, on_device(zoo.example_inputs(batch), device, DTYPES[dtype])
 

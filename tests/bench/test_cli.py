@@ -38,6 +38,7 @@ def test_help_of_every_command(command, capsys):
     (["eval", "--task", "audio"], "invalid choice: 'audio'"),
     (["bench", "--r", "-1"], "must be >= 0"),
     (["bench", "--mode", "fast"], "invalid choice: 'fast'"),
+    (["bench", "--model", "dinov2-s", "--image-size", "224"], "--image-size applies to timm models only"),
     (["eval", "--train", "0"], "must be a positive integer"),
     (["compress"], "invalid choice: 'compress'"),
     ([], "required: COMMAND"),

@@ -70,12 +70,40 @@ def test_tomesd_is_not_run_on_dit():
     assert any("tomesd does not apply to DiT" in n for n in notes)
 
 
+def test_tomesd_finds_no_block_to_patch_in_sd3():
+    sd3 = ds.build_sd3(small=True)
+    patched = tomesd.apply_patch(timing.fresh_copy(sd3.model), ratio=0.5)
+    assert not any(type(m).__name__ == "ToMeBlock" for m in patched.modules())
+    configs, notes = ds.configurations(["eager", "inductor", "tomesd", "turbo"], [0.5], sd3)
+    assert [c.name for c in configs] == ["eager", "inductor", "turbo r=0.5"]
+    assert any("tomesd does not apply to SD3" in n for n in notes)
+
+
+def test_sd3_case_inputs_and_denoising_step():
+    sd3 = ds.build_sd3(small=True)
+    latents, text, pooled, timesteps = sd3.inputs
+    assert latents.shape == (2, 4, 16, 16) and text.shape == (2, 7, 32) and pooled.shape == (2, 16)
+    assert timesteps.dtype == torch.float32 and sd3.cond is text
+    step = sd3.step_inputs(latents, torch.tensor(750.0))
+    assert step[1] is text and step[2] is pooled and step[3].tolist() == [750.0, 750.0]
+    out = ds.forward(sd3.model, sd3.inputs)
+    assert sd3.noise_prediction(out).shape == latents.shape
+    predictions, final = ds.ddim_loop(sd3.model, sd3, torch.randn(sd3.latent_shape), 2, 4.0)
+    assert len(predictions) == 2 and final.shape == sd3.latent_shape and torch.isfinite(final).all()
+
+
+def test_sd3_full_size_config_is_sd3_medium_but_for_depth():
+    assert ds.SD3_MEDIUM["num_attention_heads"] * ds.SD3_MEDIUM["attention_head_dim"] == 1536
+    assert ds.SD3_MEDIUM["num_layers"] == 24 and ds.SD3_TEXT_TOKENS == 333
+    assert (ds.SD3_LATENT // ds.SD3_MEDIUM["patch_size"]) ** 2 == 1024
+
+
 # --------------------------------------------------------------------------- the harness
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("diffusion")
-    assert cli.main(["diffusion-speed", "--small", "--compiler", "eager", "--model", "unet", "dit", "--ratio", "0.5",
-                     "--configs", "eager", "inductor", "tomesd", "turbo",
+    assert cli.main(["diffusion-speed", "--small", "--compiler", "eager", "--model", "unet", "dit", "sd3", "--ratio", "0.5",
+                     "--configs", "eager", "inductor", "tomesd", "turbo", "turbo-all",
                      "--rounds", "1", "--ddim-steps", "2", "--out", str(out), "--name", "t"]) == 0
     torch._dynamo.reset()
     payload = output.load_json(str(out / "t.json"))
@@ -84,13 +112,15 @@ def small_run(tmp_path_factory):
 
 def test_harness_runs_end_to_end(small_run):
     payload, out = small_run
-    assert [run["model"] for run in payload["runs"]] == ["unet-small", "dit-small"]
-    unet, dit = payload["runs"]
-    assert list(unet["configs"]) == ["eager", "inductor", "tomesd r=0.5", "turbo r=0.5"]
-    assert list(dit["configs"]) == ["eager", "inductor", "turbo r=0.5"]
+    assert [run["model"] for run in payload["runs"]] == ["unet-small", "dit-small", "sd3-small"]
+    unet, dit, sd3 = payload["runs"]
+    assert list(unet["configs"]) == ["eager", "inductor", "tomesd r=0.5", "turbo r=0.5", "turbo-all r=0.5"]
+    assert list(dit["configs"]) == list(sd3["configs"]) == ["eager", "inductor", "turbo r=0.5", "turbo-all r=0.5"]
     for run in payload["runs"]:
         for name, e in run["configs"].items():
             assert e["latency"]["n"] == 1 and e["latency"]["median"] > 0
+            # One round: the interval collapses onto the speed-up itself.
+            assert e["speedup_interval"] == pytest.approx([e["speedup_vs_inductor"]] * 2)
             assert len(e["ddim"]["per_step"]) == 2
             assert 0 <= e["output"]["rel_l2"] and -1 <= e["output"]["cosine"] <= 1
             if e["kind"] in ("eager", "tomesd-eager"):
@@ -110,6 +140,14 @@ def test_harness_runs_end_to_end(small_run):
     assert turbo["flops"] is not None or turbo["flops_note"].startswith(("unavailable", "explain failed"))
     assert unet["settings"]["tomesd_shim"] is True and dit["settings"]["tomesd_shim"] is None
     assert any("tomesd does not apply to DiT" in n for n in dit["notes"])
+    # SD3's joint attention merges its image tokens: fewer FLOPs, the same output shape.
+    merged = sd3["configs"]["turbo r=0.5"]
+    assert any(g["rewritten"] and g["merges"] for g in merged["turbo_report"]), merged["turbo_report"]
+    assert 0 < merged["flops"] < sd3["baseline_flops"] and merged["flop_ideal_speedup"] == 1 / merged["flop_ratio"]
+    assert sd3["scheduler"] == "FlowMatchEulerDiscreteScheduler" and 0 < merged["output"]["rel_l2"] < 1
+    assert any("tomesd does not apply to SD3" in n for n in sd3["notes"])
+    # Merging the feed-forward too leaves fewer FLOPs than the default (self-attention only).
+    assert 0 < sd3["configs"]["turbo-all r=0.5"]["flops"] < merged["flops"]
     machine = payload["machine"]
     assert machine["cpu"] and machine["logical_cpus"] >= 1 and machine["diffusers"] and machine["tomesd"] == "0.1.3"
 
@@ -123,7 +161,7 @@ def test_written_files(small_run):
     header = next(line for line in text.splitlines() if line.startswith("| config") and "compile s" in line)
     assert [h.strip() for h in header.strip("|").split("|")] == ds.TABLE_HEADERS
     for name in ["eager", "inductor", "tomesd r=0.5", "turbo r=0.5", "## unet-small", "## dit-small",
-                 "step 1", "step 2", "RANDOM weights"]:
+                 "## sd3-small", "FlowMatchEulerDiscreteScheduler 2 steps", "step 1", "step 2", "RANDOM weights"]:
         assert name in text
 
 
@@ -149,6 +187,9 @@ def test_markdown_columns_and_missing_values():
     eager, turbo = (dict(zip(ds.TABLE_HEADERS, r)) for r in rows)
     assert eager["compile s"] == "-" and eager["Dynamo graphs"] == "-" and eager["GFLOPs"] == "1e-07"
     assert turbo["compile s"] == "12.2" and turbo["GFLOPs"] == "unavailable" and turbo["FLOP ratio"] == "-"
+    assert turbo["FLOP-ideal speed-up"] == "-" and turbo["95% interval"] == "-" and eager["FLOP-ideal speed-up"] == "1.00x"
+    run["configs"]["turbo r=0.5"]["speedup_interval"] = [1.125, 1.375]
+    assert dict(zip(ds.TABLE_HEADERS, ds.table_rows(run)[1]))["95% interval"] == "[1.12, 1.38]"
     assert turbo["median ms"] == "500.0" and turbo["speed-up vs Inductor"] == "1.25x"
     assert turbo["output rel L2"] == "1.25e-02" and turbo["DDIM final cosine"] == "0.500000"
     assert ds.ddim_rows(run) == [["turbo r=0.5", "5.00e-01 / 0.7500"]]

@@ -56,3 +56,10 @@ def test_speed_plot_draws_the_flop_ideal_line():
     (line,) = [l for l in fig.axes[0].get_lines() if l.get_label().startswith("FLOP-ideal")]
     assert list(line.get_xdata()) == [40.0, 60.0, 100.0]
     assert list(line.get_ydata()) == pytest.approx([40.0, 60.0, 100.0])
+
+
+def test_a_timm_model_loads_at_another_image_size():
+    from turbo_fx.bench import timing
+
+    zoo, (images,) = timing.load_model("timm:test_vit", 2, img_size=96)
+    assert zoo.image_size == 96 and images.shape == (2, 3, 96, 96)
