@@ -5,6 +5,7 @@
     turbo-fx analyze   --model dinov2-s
     turbo-fx visualize --model dinov2-s --image chelsea --r 16
     turbo-fx merge-paths | diffusion-speed | diffusion-fidelity | vlm-speed | vlm-eval | rotary-fidelity | sweep ...
+    turbo-fx calibration --max-drift 0.005 0.01
 
 A study is one entry of ``STUDIES``: its name, what it measures, the module whose ``run(args)``
 runs it, and its arguments. Every study also takes ``--out`` (where its markdown tables, JSON
@@ -195,6 +196,25 @@ STUDIES = (
               arg("--inner-backend", default="eager", choices=("eager", "aot_eager", "inductor"),
                   help="what runs the rewritten graphs (default eager: fidelity, not speed)"),
               arg("--small", action="store_true", help="a tiny untrained model on 20 images (a smoke test)"),
+              SEED), defaults={"threads": 1}, renders=True),
+    Study("calibration", "turbo_fx.calibrate on DINOv2-S: does the chosen budget keep its drift on held-out images",
+          "calibration", (
+              arg("--max-drift", type=float, nargs="+", default=[0.002, 0.005, 0.01, 0.02],
+                  help="drift bounds to calibrate for (mean 1 - cosine of the probe features; default "
+                       "0.002 0.005 0.01 0.02)"),
+              arg("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
+                  help="candidate FLOP budgets (default calibrate's: 0.9 0.8 0.7 0.6 0.5 0.4)"),
+              arg("--train", type=positive, default=2000, help="training images for the probe (default 2000)"),
+              arg("--calibration-batches", type=positive, default=4,
+                  help="calibration batches, of further training images (default 4)"),
+              arg("--calibration-batch", type=positive, default=16, help="images per calibration batch (default 16)"),
+              arg("--test", type=positive, default=1000, help="class-balanced held-out test images (default 1000)"),
+              arg("--batch", type=positive, default=16, help="held-out images per batch (default 16)"),
+              arg("--every-budget", action="store_true",
+                  help="score every candidate budget on the held-out images, not only the chosen ones"),
+              arg("--cache", default=None,
+                  help="folder for cached unmerged train features (default: $TURBO_FX_CACHE or ~/.cache/turbo_fx)"),
+              arg("--small", action="store_true", help="a tiny random DINOv2 on a few images (a smoke test)"),
               SEED), defaults={"threads": 1}, renders=True),
     Study("sweep", "recent architectures, tiny: which merge, and why the others fall back", "sweep", (
         arg("--models", nargs="+", default=None, help="library class or timm names of sweep.CASES (default: all)"),
