@@ -365,7 +365,7 @@ def _cat_pieces(node: Node, n_tokens: int) -> list[Node]:
     if shape is None or len(shape) != 4 or not isinstance(dim, int) or shape[dim % 4] != n_tokens or dim % 4 not in (1, 2):
         return []
     pieces = list(node.args[0])
-    if len(pieces) < 2 or not all(isinstance(p, Node) and gu.tensor_shape(p) is not None for p in pieces):
+    if len(pieces) < 2 or not all(isinstance(p, Node) and len(gu.tensor_shape(p) or ()) == 4 for p in pieces):
         return []
     return pieces
 
