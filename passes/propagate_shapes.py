@@ -494,14 +494,12 @@ class _Propagation:
 def _producing_merge(node: Node, changed: set[Node], depth: int = 40) -> Optional[tuple[Node, Node]]:
     """(assign, tokens merged) of the merge-and-restore merge that ``node``'s tokens come from:
     ``getitem(grid_merge(x, ...), 0)`` (its assign is item 1) or ``merge_by_plan(x, assign, size)``."""
-    from turbo_fx import ops as turbo_ops
-
     while isinstance(node, Node) and depth > 0:
         depth -= 1
-        if node.op == "call_function" and node.target is turbo_ops.merge_by_plan:
+        if node.op == "call_function" and node.target is ops.merge_by_plan:
             return node.args[1], node.args[0]
         if (node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0
-                and isinstance(node.args[0], Node) and node.args[0].target is turbo_ops.grid_merge):
+                and isinstance(node.args[0], Node) and node.args[0].target is ops.grid_merge):
             call = node.args[0]
             assign = next((u for u in call.users if u.target is operator.getitem and u.args[1] == 1), None)
             return (assign, call.args[0]) if assign is not None else None
