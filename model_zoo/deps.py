@@ -71,3 +71,36 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         return Path(cache_dir).expanduser()
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "turbo_fx"
+
+
+def record_path(weights: str | os.PathLike) -> Path:
+    """A trained stand-in's training record: the JSON next to its weights (same stem)."""
+    return Path(weights).with_suffix(".json")
+
+
+def save_weights(tensors: dict, meta: dict[str, str], path: str | os.PathLike, record: str | None = None) -> Path:
+    """Tensors as a safetensors file with ``meta`` (the weights version and the model's config
+    as strings), plus ``record`` (the training run's JSON) beside it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # never leave a half-written file where the loader looks
+    if record is not None:
+        record_path(path).write_text(record + "\n")
+    return path
+
+
+def read_weights(path: str | os.PathLike, version: int) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a file ``save_weights`` wrote; a file of another weights
+    version is refused, since its tensors may not fit the current model."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if int(meta.get("weights_version", -1)) != version:
+        raise ValueError(f"{path} holds weights version {meta.get('weights_version')}, expected {version}")
+    return load_file(str(path)), meta

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import training
-from .deps import default_cache_dir
+from .deps import default_cache_dir, read_weights, record_path, save_weights
 
 # --------------------------------------------------------------------------- vocabulary and captions
 
@@ -446,41 +446,20 @@ def weights_path(cache_dir: Optional[str | os.PathLike] = None) -> Path:
     return default_cache_dir(cache_dir) / WEIGHTS_NAME
 
 
-def record_path(weights: str | os.PathLike) -> Path:
-    """The training run's JSON, next to the weights (same stem, ``.json``)."""
-    return Path(weights).with_suffix(".json")
-
-
 def save_decoder(decoder: CaptionDecoder, path: str | os.PathLike, record: Optional[TrainRecord] = None) -> Path:
     """The decoder's weights in a safetensors file (its config in the metadata), plus the record's JSON."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in decoder.state_dict().items()}
     meta = {"weights_version": str(WEIGHTS_VERSION), "decoder_config": json.dumps(asdict(decoder.cfg)),
             "vocabulary": json.dumps(list(VOCAB.words))}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # never leave a half-written file where the loader looks
-    if record is not None:
-        record_path(path).write_text(json.dumps(asdict(record), indent=1) + "\n")
-    return path
+    return save_weights(decoder.state_dict(), meta, path, None if record is None else json.dumps(asdict(record), indent=1))
 
 
 def read_decoder(path: str | os.PathLike) -> CaptionDecoder:
     """The decoder saved by :func:`save_decoder`, in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if int(meta.get("weights_version", -1)) != WEIGHTS_VERSION:
-        raise ValueError(f"{path} holds weights version {meta.get('weights_version')}, expected {WEIGHTS_VERSION}")
+    tensors, meta = read_weights(path, WEIGHTS_VERSION)
     if json.loads(meta["vocabulary"]) != list(VOCAB.words):
         raise ValueError(f"{path} was trained with another vocabulary")
     decoder = CaptionDecoder(DecoderConfig(**json.loads(meta["decoder_config"])))
-    decoder.load_state_dict(load_file(str(path)), strict=True)
+    decoder.load_state_dict(tensors, strict=True)
     return decoder.eval()
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from . import training
-from .deps import default_cache_dir, require
+from .deps import default_cache_dir, read_weights, record_path, require, save_weights
 
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES  # the "no class" label of classifier-free guidance
@@ -318,40 +318,20 @@ def weights_path(cache_dir: Optional[str | os.PathLike] = None) -> Path:
     return default_cache_dir(cache_dir) / WEIGHTS_NAME
 
 
-def record_path(weights: str | os.PathLike) -> Path:
-    """The training run's JSON, next to the weights (same stem, ``.json``)."""
-    return Path(weights).with_suffix(".json")
-
-
 def save_fashion_diffusion(unet: nn.Module, class_tokens: ClassTokens, path: str | os.PathLike,
                            record: Optional[TrainRecord] = None) -> Path:
     """UNet and class tokens in one safetensors file (keys ``unet.*`` and ``class_tokens.*``), plus the record's JSON."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"unet.{k}": v.detach().contiguous() for k, v in unet.state_dict().items()}
-    tensors.update({f"class_tokens.{k}": v.detach().contiguous() for k, v in class_tokens.state_dict().items()})
+    tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    tensors.update({f"class_tokens.{k}": v for k, v in class_tokens.state_dict().items()})
     meta = {"weights_version": str(WEIGHTS_VERSION), "tokens_per_label": str(class_tokens.tokens),
             "num_classes": str(class_tokens.num_classes)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # never leave a half-written file where the loader looks
-    if record is not None:
-        record_path(path).write_text(json.dumps(record.__dict__, indent=1, default=list) + "\n")
-    return path
+    text = None if record is None else json.dumps(record.__dict__, indent=1, default=list)
+    return save_weights(tensors, meta, path, text)
 
 
 def read_fashion_diffusion(path: str | os.PathLike) -> tuple[nn.Module, ClassTokens]:
     """The (UNet, ClassTokens) saved by :func:`save_fashion_diffusion`, in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if int(meta.get("weights_version", -1)) != WEIGHTS_VERSION:
-        raise ValueError(f"{path} holds weights version {meta.get('weights_version')}, expected {WEIGHTS_VERSION}")
-    tensors = load_file(str(path))
+    tensors, meta = read_weights(path, WEIGHTS_VERSION)
     unet = build_fashion_unet()
     unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, strict=True)
     tokens = ClassTokens(int(meta["num_classes"]), int(meta["tokens_per_label"]))
