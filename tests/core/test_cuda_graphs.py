@@ -174,7 +174,10 @@ def test_two_threads_calling_one_captured_forward_each_get_their_own_outputs():
     input copy to the output clone, a thread's replay reads the other's inputs or hands out
     the other's outputs."""
     captured, _ = _captured(graph=YieldingGraph)
-    captured(W, _x(0)), captured(W, _x(1))  # warm up and capture
+    # Both warm-up inputs alive at once: a freed first one could hand its address to the
+    # second, which would then look like an input read in place and be captured again later.
+    first, second = _x(0), _x(1)
+    captured(W, first), captured(W, second)  # warm up and capture
 
     def call(thread, i):
         x = _x(100 * thread + i + 2)
@@ -195,7 +198,8 @@ def test_a_recapture_in_one_thread_while_another_replays_does_not_raise():
         return (sum(w.sum() for w in args[:-1]) * args[-1],)
 
     captured, report = _captured(chain, YieldingGraph)
-    captured(*ws, _x(0)), captured(*ws, _x(1))
+    first, second = _x(0), _x(1)  # alive together, so the second has an address of its own
+    captured(*ws, first), captured(*ws, second)
 
     def call(thread, i):
         args = [*ws, _x(100 * thread + i + 2)]
