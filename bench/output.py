@@ -122,3 +122,11 @@ def tokens(per_block: Optional[Sequence[int]]) -> str:
 def file_stem(name: str) -> str:
     """A model or study name as a file name stem (``timm:vit_base`` -> ``timm_vit_base``)."""
     return name.replace(":", "_").replace("/", "_")
+
+
+def render_markdown(path: str, markdown) -> str:
+    """Rewrite the markdown beside a result JSON from the JSON alone, with the study's ``markdown``."""
+    text = markdown(load_json(path))
+    with open(path.removesuffix(".gz").removesuffix(".json") + ".md", "w") as f:
+        f.write(text)
+    return text

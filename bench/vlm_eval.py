@@ -486,10 +486,7 @@ def markdown(payload: dict) -> str:
 
 def render(path: str) -> str:
     """Rewrite the markdown beside a result JSON of this study from the JSON alone."""
-    text = markdown(output.load_json(path))
-    with open(path.removesuffix(".gz").removesuffix(".json") + ".md", "w") as f:
-        f.write(text)
-    return text
+    return output.render_markdown(path, markdown)
 
 
 def run(args) -> dict:
