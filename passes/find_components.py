@@ -19,15 +19,29 @@ from the stream); the text tokens stay whole inside it.
 Blocks: within a run, a new block starts at each self-attention component; the components
 that follow it (cross-attention, feed-forward) belong to its block and share its merge plan.
 
+*Local* components (``find_local_runs``) serve graphs that neither merge mode nor the grid
+runs above can take: an attention sub-block whose tokens are regrouped before and after it,
+so that no residual add closes it on the sequence it attends over (TimeSformer's divided
+space-time attention regroups the video's tokens by frame for the spatial attention and by
+place for the temporal one; window attention regroups by window). The component runs from
+the sequence its query, key and value projections read (before a LayerNorm, and before a
+token ``cat`` that puts tokens of other origin, such as a per-frame class token, around it:
+those are its protected ``lead`` and ``trail`` tokens) to the output projection's result on
+the same tokens. Its grid is the (height, width) that a reshape before it split the tokens
+into, or one row of tokens when none did. Each is a run of its own.
+
 Guarantees: the graph is not modified. Only runs that end in a grid are returned, with the
 grid, the token count and each component's module path.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from . import graph_utils as gu
@@ -46,7 +60,7 @@ class Component:
     index: int
     kind: str
     stream_in: Node  # the [B, N, C] stream entering the component
-    closing_add: Node  # stream_in + branch
+    closing_add: Optional[Node]  # stream_in + branch; None for a local component (every reader is restored)
     branch_out: Node  # the operand of closing_add that the component computed
     stream_out: Node  # the stream leaving it (closing_add, or the LayerNorm after it)
     module: str
@@ -56,6 +70,8 @@ class Component:
     tokens: int = 0
     grid: tuple[int, int] = (0, 0)
     problems: list[str] = field(default_factory=list)
+    lead: int = 0  # tokens of other origin before the merged ones inside the component (local components)
+    trail: int = 0  # and after them
 
 
 @dataclass
@@ -196,3 +212,137 @@ def _number(run: GridRun, start: int) -> None:
             block += 1
         component.index, component.run, component.block = start + i, run.index, block
         component.tokens, component.grid = run.tokens, run.grid
+
+
+_VIEW_METHODS = {"view", "reshape", "permute", "transpose", "contiguous", "flatten", "unflatten"}
+_PER_TOKEN_STEPS = 8
+# The site problems that only say the sub-block is not closed on a [B, N, C] stream: the
+# structure a local component is for. Any other problem (causal, cross-attention, a bias)
+# rules the site out.
+_LOCAL_PROBLEMS = ("no residual add closes the attention sub-block", "residual stream ")  # nodes between a projection and the attention (head split, rotation)
+
+
+def find_local_runs(gm: GraphModule, sites: list[AttentionSite], start: int = 0) -> list[GridRun]:
+    """One run per attention site that merges and restores on its own (a *local* component, see
+    the module docstring), in graph order; sites whose projections or output cannot be traced
+    to one [batch, tokens, channels] sequence are left out."""
+    runs: list[GridRun] = []
+    for site in sites:
+        component = local_component(site)
+        if component is None:
+            continue
+        run = GridRun(start + len(runs), [component], component.grid)
+        _number(run, start=sum(len(r.components) for r in runs))
+        runs.append(run)
+    return runs
+
+
+def local_component(site: AttentionSite) -> Optional[Component]:
+    """The local component of ``site``, or None where its structure is not the one described."""
+    if site.kind not in ("sdpa", "explicit") or site.mask is not None or site.joint:
+        return None
+    if not all(p.startswith(_LOCAL_PROBLEMS) for p in site.problems):  # causal, cross-attention, biases...
+        return None
+    q_shape, k_shape = gu.tensor_shape(site.q), gu.tensor_shape(site.k)
+    if q_shape is None or k_shape is None or len(q_shape) != 4 or q_shape[1] != k_shape[1]:
+        return None
+    n_tokens = q_shape[2]
+    sequence = _projection_input(site.q, n_tokens)
+    if sequence is None or _projection_input(site.k, n_tokens) is not sequence:
+        return None
+    batch = gu.tensor_shape(sequence)[0]
+    output = _projection_output(site.attn, batch, n_tokens)
+    if output is None:
+        return None
+    stream, lead, trail = _merged_piece(sequence)
+    tokens = gu.tensor_shape(stream)[1]
+    if tokens < 2:
+        return None
+    component = Component(-1, SELF_ATTENTION, stream, None, output, output, site.module, site, lead=lead, trail=trail)
+    component.grid = _grid_before(stream) or (1, tokens)
+    return component
+
+
+def _is_linear(node: Node) -> bool:
+    return node.op == "call_function" and node.target is F.linear or (
+        node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target), torch.nn.Linear))
+
+
+def _projection_input(node: Node, n_tokens: int) -> Optional[Node]:
+    """The [B, N, C] input of the nearest linear projection above ``node`` (queries or keys),
+    with N its token count."""
+    queue, seen = deque([(node, 0)]), {node}
+    while queue:
+        current, steps = queue.popleft()
+        if _is_linear(current):
+            source = current.args[0]
+            shape = gu.tensor_shape(source)
+            if isinstance(source, Node) and shape is not None and len(shape) == 3 and shape[1] == n_tokens:
+                return source
+            return None
+        if steps < _PER_TOKEN_STEPS:
+            for parent in current.all_input_nodes:
+                if parent not in seen:
+                    seen.add(parent)
+                    queue.append((parent, steps + 1))
+    return None
+
+
+def _projection_output(attn: Node, batch: int, n_tokens: int) -> Optional[Node]:
+    """The last [B, N, C] node of the chain after the attention call that only regroups heads,
+    projects and drops out (each node the only reader of the one before), ending after a
+    linear projection."""
+    node, found, projected = attn, None, False
+    for _ in range(_PER_TOKEN_STEPS):
+        users = list(node.users)
+        if len(users) != 1:
+            break
+        user = users[0]
+        if _is_linear(user):
+            projected = True
+        elif not (user.target in _VIEW_METHODS or user.target in (torch.transpose, torch.reshape, torch.flatten)
+                  or user.target is F.dropout or gu.is_passthrough(user)):
+            break
+        shape = gu.tensor_shape(user)
+        if projected and shape is not None and len(shape) == 3 and shape[:2] == (batch, n_tokens):
+            found = user
+        node = user
+    return found
+
+
+def _merged_piece(sequence: Node) -> tuple[Node, int, int]:
+    """(the tokens that merge, tokens before them, tokens after them): ``sequence`` itself, or
+    above a LayerNorm and a token ``cat``, the concatenation's largest piece, the other pieces
+    staying whole."""
+    node = sequence
+    while gu.is_layer_norm(node) or node.target is F.dropout:
+        node = node.args[0]
+    if not gu.is_token_cat(node):
+        return node, 0, 0
+    pieces = list(node.args[0])
+    counts = [gu.tensor_shape(p)[1] for p in pieces]
+    largest = max(range(len(pieces)), key=lambda i: counts[i])
+    return pieces[largest], sum(counts[:largest]), sum(counts[largest + 1:])
+
+
+def _grid_before(stream: Node, depth: int = 6) -> Optional[tuple[int, int]]:
+    """(height, width) when a few regrouping steps above ``stream`` [B, N, C] a tensor held its
+    tokens as two adjacent axes height x width, both above 1, with the axes before them
+    holding B and those after them C."""
+    shape = gu.tensor_shape(stream)
+    batch, n, channels = shape
+    node = stream
+    for _ in range(depth):
+        if not (node.target in _VIEW_METHODS or node.target in (torch.reshape, torch.flatten, torch.permute)):
+            return None
+        node = node.args[0]
+        if not isinstance(node, Node):
+            return None
+        dims = gu.tensor_shape(node)
+        if dims is None:
+            return None
+        for a in range(len(dims) - 2):
+            if (dims[a] * dims[a + 1] == n and dims[a] > 1 and dims[a + 1] > 1 and dims[-1] == channels
+                    and math.prod(dims[:a]) == batch and math.prod(dims[a + 2:-1]) == 1):
+                return int(dims[a]), int(dims[a + 1])
+    return None

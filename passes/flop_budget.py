@@ -272,7 +272,7 @@ def predict_generation(total: float, costs: list[ComponentCost], plans: list, sx
         flops -= cost.linear * (1 - kept) + cost.quadratic * (1 - kept * kept)
         if (c.run, c.block) not in planned:
             planned.add((c.run, c.block))
-            destinations = (c.grid[0] // sy) * (c.grid[1] // sx)
+            destinations = ops.destination_count(c.grid[0], c.grid[1], sx, sy)
             flops += cost.merge * (c.tokens - destinations) * destinations
     return flops
 

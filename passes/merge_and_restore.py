@@ -17,7 +17,9 @@ merge. For each block with a merging component:
     merged token's value) before the residual add, so the stream keeps every token;
   * in a joint attention (SD3, Flux) only the image tokens merge: the text tokens stay whole
     in the concatenated sequence, their keys get a zero bias, and the text's share of the
-    output keeps its count.
+    output keeps its count;
+  * a local component (no closing add) restores its output for every reader; the tokens
+    around its merged ones (a per-frame class token) stay whole and get a zero key bias.
 
 With ``semantic``, every cross-attention site of a run adds one ``cross_attention_saliency``
 call (the attention mass that the text keys put on each image token), which later blocks at
@@ -64,7 +66,8 @@ def plan_components(runs: list[GridRun], config: TurboConfig) -> list[ComponentP
     plans = []
     for run in runs:
         height, width = run.grid
-        sources = run.tokens - (height // config.generation.sy) * (width // config.generation.sx)
+        destinations = ops.destination_count(height, width, config.generation.sx, config.generation.sy)
+        sources = run.tokens - destinations
         downsample = round((largest / run.tokens) ** 0.5)
         for component in run.components:
             r = min(int(config.generation.ratio * run.tokens), sources)
@@ -77,6 +80,9 @@ def plan_components(runs: list[GridRun], config: TurboConfig) -> list[ComponentP
                 reason = "self-attention with its own mask"
             elif component.site is not None and component.site.kind == "packed":
                 reason = "packed (nn.MultiheadAttention) attention in merge-and-restore mode is not supported yet"
+            elif destinations == 0:
+                reason = (f"its {height}x{width} tokens fill no {config.generation.sx}x{config.generation.sy} cell, "
+                          "so no token is a merge destination")
             elif r == 0:
                 reason = f"ratio {config.generation.ratio} merges no token of {run.tokens}"
             plans.append(ComponentPlan(component, r, reason))
@@ -131,10 +137,7 @@ def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config
             _feed_branch(c, tokens, result)
             if c.kind == SELF_ATTENTION and config.prop_attn:
                 _apply_key_bias(graph, c.site, _joint_key_bias(graph, c, state.bias, call), keys, call)
-            with graph.inserting_before(c.closing_add):
-                restored = call(ops.restore_tokens, c.branch_out, state.assign, 1)
-            c.closing_add.replace_input_with(c.branch_out, restored)
-            result.touched.add(c.closing_add)
+            _restore_output(graph, c, state.assign, call, result)
         if c.index in needed:
             assign, size = (state.assign, state.size) if plan.merges else (None, None)
             with graph.inserting_after(c.site.attn):
@@ -147,14 +150,35 @@ def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config
     return result
 
 
+def _restore_output(graph, c: Component, assign: Node, call, result: RestoreInsertion) -> None:
+    """The component's output restored to every original token, for the closing add or, in a
+    local component, for every reader of the output."""
+    if c.closing_add is not None:
+        with graph.inserting_before(c.closing_add):
+            restored = call(ops.restore_tokens, c.branch_out, assign, 1)
+        c.closing_add.replace_input_with(c.branch_out, restored)
+        result.touched.add(c.closing_add)
+        return
+    readers = list(c.branch_out.users)
+    with graph.inserting_after(c.branch_out):
+        restored = call(ops.restore_tokens, c.branch_out, assign, 1, c.lead, c.trail)
+    for reader in readers:
+        reader.replace_input_with(c.branch_out, restored)
+        result.touched.add(reader)
+
+
 def _joint_key_bias(graph, c: Component, bias: Node, call) -> Node:
     """The key bias of a joint attention's keys: the merged sequence's bias at its place in the
-    concatenation, zero on the keys of the other sequences (which stay whole)."""
+    concatenation, zero on the keys of the other sequences (which stay whole); likewise around
+    a local component's merged tokens."""
     part = next((p for p in c.site.joint if p.residual is c.stream_in), None)
     if part is None:
-        return bias
+        if not (c.lead or c.trail):
+            return bias
+        with graph.inserting_after(bias):  # before every use: explicit attention adds it to the logits
+            return call(ops.pad_key_bias, bias, c.lead, c.trail)
     total = sum(p.count for p in c.site.joint)
-    with graph.inserting_before(c.site.attn):
+    with graph.inserting_after(bias):
         return call(ops.pad_key_bias, bias, part.start, total - part.start - part.count)
 
 

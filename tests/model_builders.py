@@ -244,3 +244,64 @@ def cell_duplicated_latents(batch: int = 2, channels: int = 4, grid: int = 8, se
     """Latents whose every 2x2 cell holds one value per channel."""
     cells = torch.randn(batch, channels, grid // 2, grid // 2, generator=torch.Generator().manual_seed(seed))
     return cells.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+
+class FactorizedVideoTransformer(torch.nn.Module):
+    """Divided space-time attention written here, unlike TimeSformer's code: tokens held as
+    [B, frames, places, C], each block a spatial attention over the places of each frame and a
+    temporal one over the frames of each place (separate q/k/v projections, SDPA), the residual
+    adds made on the 4-D tensor, no class token, mean pooling. ``pos`` is a learned per-place
+    embedding (tests zero it to make duplicated patches exact duplicates)."""
+
+    def __init__(self, dim: int = 32, heads: int = 2, depth: int = 2, patch: int = 4, image: int = 16,
+                 seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.dim, self.heads, self.places = dim, heads, (image // patch) ** 2
+        self.patch = torch.nn.Conv2d(3, dim, patch, patch)
+        self.pos = torch.nn.Parameter(torch.randn(self.places, dim) * 0.5)
+
+        def attention() -> torch.nn.ModuleDict:
+            return torch.nn.ModuleDict({name: torch.nn.Linear(dim, dim) for name in ("q", "k", "v", "o")})
+
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict(dict(
+            space=attention(), time=attention(),
+            mlp=torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))))
+            for _ in range(depth))
+
+    def attend(self, layers: torch.nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+        groups, length, dim = x.shape
+        h = torch.nn.functional.layer_norm(x, (dim,))
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(groups, length, self.heads, dim // self.heads).transpose(1, 2)
+
+        out = torch.nn.functional.scaled_dot_product_attention(split(layers.q(h)), split(layers.k(h)), split(layers.v(h)))
+        return layers.o(out.transpose(1, 2).reshape(groups, length, dim))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        batch, frames = video.shape[:2]
+        x = self.patch(video.flatten(0, 1)).flatten(2).transpose(1, 2)
+        x = x.reshape(batch, frames, self.places, self.dim) + self.pos
+        for block in self.blocks:
+            x = x + self.attend(block.space, x.reshape(batch * frames, self.places, self.dim)).reshape(x.shape)
+            by_place = x.transpose(1, 2).reshape(batch * self.places, frames, self.dim)
+            x = x + self.attend(block.time, by_place).reshape(batch, self.places, frames, self.dim).transpose(1, 2)
+            x = x + block.mlp(torch.nn.functional.layer_norm(x, (self.dim,)))
+        return x.mean(dim=(1, 2))
+
+
+def row_repeated_video(batch: int = 2, frames: int = 2, image: int = 16, patch: int = 4, seed: int = 3) -> torch.Tensor:
+    """Frames whose patches repeat along each row of the patch grid: the tokens of a row (four
+    consecutive tokens in row-major order) are exact duplicates once position embeddings are zero."""
+    rows = torch.randn(batch, frames, 3, image // patch, 1, patch, patch, generator=torch.Generator().manual_seed(seed))
+    tiles = rows.expand(-1, -1, -1, -1, image // patch, -1, -1)  # B, T, 3, row, column, py, px
+    return tiles.permute(0, 1, 2, 3, 5, 4, 6).reshape(batch, frames, 3, image, image).contiguous()
+
+
+def cell_repeated_video(batch: int = 2, frames: int = 2, image: int = 32, patch: int = 8, seed: int = 3) -> torch.Tensor:
+    """Frames whose patches repeat over each 2 x 2 cell of the patch grid."""
+    cells = torch.randn(batch, frames, 3, image // patch // 2, 1, image // patch // 2, 1, patch, patch,
+                        generator=torch.Generator().manual_seed(seed))
+    tiles = cells.expand(-1, -1, -1, -1, 2, -1, 2, -1, -1)  # B, T, 3, cell row, 2, cell column, 2, py, px
+    return tiles.permute(0, 1, 2, 3, 4, 7, 5, 6, 8).reshape(batch, frames, 3, image, image).contiguous()

@@ -23,7 +23,7 @@ from turbo_fx.config import TurboConfig
 from turbo_fx.errors import CannotRewrite, NothingToMerge
 from turbo_fx.passes.check_masks import check_masks
 from turbo_fx.passes.find_attention import AttentionSite, find_attention_sites
-from turbo_fx.passes.find_components import GridRun, find_grid_runs
+from turbo_fx.passes.find_components import GridRun, find_grid_runs, find_local_runs
 from turbo_fx.passes.flop_budget import component_costs, solve_for_graph, solve_generation
 from turbo_fx.passes.graph_traits import GraphTraits, graph_traits
 from turbo_fx.passes.graph_utils import graph_fake_mode
@@ -63,6 +63,7 @@ class GraphPlan:
     # merge-and-restore mode
     runs: list[GridRun] = field(default_factory=list)
     components: list[ComponentPlan] = field(default_factory=list)
+    mode_note: str = ""  # why merge-and-restore mode serves a graph that is not a generation graph
 
     @property
     def split_refusal(self) -> Optional[str]:
@@ -83,7 +84,12 @@ def analyse(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: Tu
         if plan.runs:
             _plan_generation(gm, plan)
         else:
-            _plan_merges(gm, example_inputs, plan)
+            try:
+                _plan_merges(gm, example_inputs, plan)
+            except CannotRewrite as exc:
+                plan.stop = exc
+            if isinstance(plan.stop, CannotRewrite):
+                _plan_local(gm, plan, config)
     except CannotRewrite as exc:
         plan.stop = exc
     except Exception as exc:  # an analysis bug must never break the user's model
@@ -169,6 +175,23 @@ def _solve_generation_budget(gm: GraphModule, plan: GraphPlan, config: TurboConf
     if note:
         plan.budget += f"; {note}"
     return config.replace(ratio=ratio, flops=None)
+
+
+def _plan_local(gm: GraphModule, plan: GraphPlan, config: TurboConfig) -> None:
+    """Where merge mode cannot take the graph, its attention sub-blocks that are regrouped
+    around the attention (``find_local_runs``) merge and restore on their own; the plan keeps
+    merge mode's reason in ``mode_note``. Unchanged when there is no such sub-block."""
+    runs = find_local_runs(gm, plan.sites)
+    if not runs:
+        return
+    reason = str(plan.stop)
+    fresh = GraphPlan(config=config, traits=plan.traits, sites=plan.sites, runs=runs)
+    fresh.mode_note = (f"merge-and-restore around each attention ({len(runs)} sub-blocks whose tokens are "
+                       f"regrouped around the attention); the whole sequence cannot merge: {reason}")
+    _plan_generation(gm, fresh)
+    for name in ("mode", "config", "runs", "components", "site_reports", "stop", "budget", "mode_note"):
+        setattr(plan, name, getattr(fresh, name))
+    plan.merging, plan.readers, plan.blocks = [], [], []
 
 
 def _plan_generation(gm: GraphModule, plan: GraphPlan) -> None:

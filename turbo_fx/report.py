@@ -88,6 +88,7 @@ class GraphReport:
     semantic_source: str = ""  # where the semantic value came from (merge mode)
     padding: bool = False
     budget: str = ""  # a FLOP budget: the schedule solved for it and the FLOP ratio it predicts
+    mode_note: str = ""  # why merge-and-restore serves a graph that is not a generation graph
     sdpa_sites: list[int] = field(default_factory=list)  # explicit attention sites emitted as one SDPA call
     outputs_restored: int = 0
     reductions_weighted: int = 0  # token-axis means/sums made size-weighted
@@ -179,6 +180,8 @@ class GraphReport:
                          f"{self.last_run_time_failure}")
         if self.protected is not None:
             lines.append(f"  protected tokens: {self.protected} ({self.protected_note})")
+        if self.mode_note:
+            lines.append(f"  mode: {self.mode_note}")
         if self.budget:
             lines.append(f"  FLOP budget: {self.budget}")
         if self.semantic_source:

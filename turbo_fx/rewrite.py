@@ -216,6 +216,7 @@ def report_facts(plan: GraphPlan, done: Optional[Build] = None) -> dict[str, Any
         "sites": plan.site_reports, "blocks": plan.blocks, "protected": plan.protected,
         "protected_note": plan.protected_note, "protected_tail": plan.tail,
         "semantic_source": plan.semantic_source, "padding": plan.padding, "budget": plan.budget,
+        "mode_note": plan.mode_note,
     }
     if plan.mode == GENERATION:
         facts["components"] = [component_report(p) for p in plan.components]

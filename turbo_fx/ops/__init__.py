@@ -33,7 +33,7 @@ from .merge import (
     merge_count,
     merge_tokens,
 )
-from .grid_merge import cell_offsets, cross_attention_saliency, grid_merge, grid_merge_plan, grid_partition, merge_by_plan
+from .grid_merge import cell_offsets, cell_shape, destination_count, cross_attention_saliency, grid_merge, grid_merge_plan, grid_partition, merge_by_plan
 from .merge_step import MergeRecord, _is_fake, merge_block, merge_block_op, record_merges
 from .packed_attention import key_padding_bias, packed_cls_probs, packed_head_mean
 from .reductions import weighted_token_mean, weighted_token_sum
@@ -47,5 +47,5 @@ __all__ = [
     "merge_count", "merge_tokens", "MergeRecord", "merge_block", "merge_block_op", "record_merges",
     "weighted_token_mean", "weighted_token_sum", "restore_tokens", "merge_token_rows", "cls_attention",
     "cls_attention_from_probs", "_is_fake", "key_padding_bias", "packed_cls_probs", "packed_head_mean",
-    "cell_offsets", "cross_attention_saliency", "grid_merge", "grid_merge_plan", "grid_partition", "merge_by_plan",
+    "cell_offsets", "cell_shape", "destination_count", "cross_attention_saliency", "grid_merge", "grid_merge_plan", "grid_partition", "merge_by_plan",
 ]

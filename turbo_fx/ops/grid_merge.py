@@ -39,11 +39,25 @@ def cell_offsets(cells: Tensor, cell_size: int, seed: int) -> Tensor:
     return h % cell_size
 
 
+def cell_shape(height: int, sx: int, sy: int) -> tuple[int, int]:
+    """The (sx, sy) cell of a grid: as asked, or for one row of tokens (a sequence with no
+    grid) ``sx * sy`` tokens wide, so that it keeps the same share of destinations."""
+    return (sx * sy, 1) if height == 1 else (sx, sy)
+
+
+def destination_count(height: int, width: int, sx: int, sy: int) -> int:
+    """How many destinations ``grid_partition`` gives the grid (one per full cell)."""
+    sx, sy = cell_shape(height, sx, sy)
+    return (height // sy) * (width // sx)
+
+
 def grid_partition(height: int, width: int, sx: int, sy: int, seed: Optional[int], device=None) -> tuple[Tensor, Tensor]:
     """(destinations, sources) of a ``height`` x ``width`` token grid in row-major order:
     one destination per full ``sy`` x ``sx`` cell (its top-left token, or a token chosen by
     ``cell_offsets`` when ``seed`` is given); sources are all other tokens, ascending. Tokens
-    of rows or columns that do not fill a cell are sources."""
+    of rows or columns that do not fill a cell are sources. A grid of one row takes cells of
+    ``cell_shape``."""
+    sx, sy = cell_shape(height, sx, sy)
     cells_h, cells_w = height // sy, width // sx
     cy = torch.arange(cells_h, device=device).unsqueeze(1)
     cx = torch.arange(cells_w, device=device).unsqueeze(0)

@@ -5,9 +5,14 @@ import torch
 from torch import Tensor
 
 
-def restore_tokens(y: Tensor, assign: Tensor, axis: int) -> Tensor:
+def restore_tokens(y: Tensor, assign: Tensor, axis: int, lead: int = 0, trail: int = 0) -> Tensor:
     """Give a token-axis tensor back its original token count: each original token
-    takes the value of the merged token it went into. Axis 0 must be the batch."""
+    takes the value of the merged token it went into. Axis 0 must be the batch. ``lead`` and
+    ``trail`` tokens before and after the merged ones (of another origin) are kept as they are."""
+    if lead or trail:
+        merged = y.shape[axis] - lead - trail
+        middle = restore_tokens(y.narrow(axis, lead, merged), assign, axis)
+        return torch.cat([y.narrow(axis, 0, lead), middle, y.narrow(axis, lead + merged, trail)], dim=axis)
     moved = y.movedim(axis, 1)
     index = assign.reshape(assign.shape + (1,) * (moved.dim() - 2)).expand(
         (assign.shape[0], assign.shape[1]) + tuple(moved.shape[2:])
