@@ -4,7 +4,7 @@
     turbo-fx eval      --task fashion-mnist --suite full --train 4000 --test 2000
     turbo-fx analyze   --model dinov2-s
     turbo-fx visualize --model dinov2-s --image chelsea --r 16
-    turbo-fx merge-paths | diffusion-speed | diffusion-fidelity | vlm-speed | vlm-eval | rotary-fidelity | sweep ...
+    turbo-fx merge-paths | diffusion-speed | diffusion-fidelity | vlm-speed | vlm-eval | rotary-fidelity | joint-dit-fidelity | sweep ...
     turbo-fx calibration --max-drift 0.005 0.01
 
 A study is one entry of ``STUDIES``: its name, what it measures, the module whose ``run(args)``
@@ -196,6 +196,18 @@ STUDIES = (
               arg("--inner-backend", default="eager", choices=("eager", "aot_eager", "inductor"),
                   help="what runs the rewritten graphs (default eager: fidelity, not speed)"),
               arg("--small", action="store_true", help="a tiny untrained model on 20 images (a smoke test)"),
+              SEED), defaults={"threads": 1}, renders=True),
+    Study("joint-dit-fidelity", "a joint-attention rotary DiT trained on Fashion-MNIST: generated images under "
+          "each rotary rule", "joint_dit_fidelity", (
+              arg("--samples", type=positive, default=200, help="generated images per row (default 200)"),
+              arg("--steps", type=positive, default=20, help="DDIM steps (default 20)"),
+              arg("--guidance", type=float, default=2.5, help="classifier-free guidance (default 2.5)"),
+              arg("--ratios", type=ratio, nargs="+", default=[0.25, 0.5, 0.75],
+                  help="merge-and-restore ratios (default 0.25 0.5 0.75)"),
+              arg("--rules", nargs="+", default=["rows", "position"],
+                  help="values of turbo's rotary option, each compared with the first (default rows position)"),
+              arg("--batch", type=positive, default=50, help="samples per model call, doubled by guidance (default 50)"),
+              arg("--small", action="store_true", help="a tiny untrained model, pixel-space reference (a smoke test)"),
               SEED), defaults={"threads": 1}, renders=True),
     Study("calibration", "turbo_fx.calibrate on DINOv2-S: does the chosen budget keep its drift on held-out images",
           "calibration", (
