@@ -36,6 +36,7 @@ grid, the token count and each component's module path.
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
@@ -219,7 +220,8 @@ _PER_TOKEN_STEPS = 8
 # The site problems that only say the sub-block is not closed on a [B, N, C] stream: the
 # structure a local component is for. Any other problem (causal, cross-attention, a bias)
 # rules the site out.
-_LOCAL_PROBLEMS = ("no residual add closes the attention sub-block", "residual stream ")  # nodes between a projection and the attention (head split, rotation)
+_LOCAL_PROBLEMS = ("no residual add closes the attention sub-block", "residual stream ",
+                   "joint attention: residual stream ")  # nodes between a projection and the attention (head split, rotation)
 
 
 def find_local_runs(gm: GraphModule, sites: list[AttentionSite], start: int = 0) -> list[GridRun]:
@@ -239,10 +241,12 @@ def find_local_runs(gm: GraphModule, sites: list[AttentionSite], start: int = 0)
 
 def local_component(site: AttentionSite) -> Optional[Component]:
     """The local component of ``site``, or None where its structure is not the one described."""
-    if site.kind not in ("sdpa", "explicit") or site.mask is not None or site.joint:
+    if site.kind not in ("sdpa", "explicit") or site.mask is not None:
         return None
     if not all(p.startswith(_LOCAL_PROBLEMS) for p in site.problems):  # causal, cross-attention, biases...
         return None
+    if site.joint:
+        return _joint_component(site)
     q_shape, k_shape = gu.tensor_shape(site.q), gu.tensor_shape(site.k)
     if q_shape is None or k_shape is None or len(q_shape) != 4 or q_shape[1] != k_shape[1]:
         return None
@@ -260,6 +264,22 @@ def local_component(site: AttentionSite) -> Optional[Component]:
         return None
     component = Component(-1, SELF_ATTENTION, stream, None, output, output, site.module, site, lead=lead, trail=trail)
     component.grid = _grid_before(stream) or (1, tokens)
+    return component
+
+
+def _joint_component(site: AttentionSite) -> Optional[Component]:
+    """A joint attention's component on its largest sequence (the image tokens of an MMDiT),
+    closed by that sequence's own residual add; the other sequences stay whole."""
+    largest = max(site.joint, key=lambda p: p.count)
+    shape = gu.tensor_shape(largest.residual) if largest.residual is not None else None
+    if largest.closing_add is None or shape is None or len(shape) != 3 or shape[1] != largest.count:
+        return None
+    if sum(p.count == largest.count for p in site.joint) > 1:
+        return None  # two sequences of one size: nothing says which holds the image
+    add = largest.closing_add
+    branch = add.args[1] if add.args[0] is largest.residual else add.args[0]
+    component = Component(-1, SELF_ATTENTION, largest.residual, add, branch, largest.stream_out, site.module, site)
+    component.grid = _grid_before(largest.residual) or (1, largest.count)
     return component
 
 
@@ -290,21 +310,20 @@ def _projection_input(node: Node, n_tokens: int) -> Optional[Node]:
 
 def _projection_output(attn: Node, batch: int, n_tokens: int) -> Optional[Node]:
     """The last [B, N, C] node of the chain after the attention call that only regroups heads,
-    projects and drops out (each node the only reader of the one before), ending after a
-    linear projection."""
-    node, found, projected = attn, None, False
+    projects and drops out (each node the only reader of the one before): the output
+    projection's result, or the regrouped heads where the model has none of its own (Flux's
+    single-stream blocks project attention and feed-forward together)."""
+    node, found = attn, None
     for _ in range(_PER_TOKEN_STEPS):
         users = list(node.users)
         if len(users) != 1:
             break
         user = users[0]
-        if _is_linear(user):
-            projected = True
-        elif not (user.target in _VIEW_METHODS or user.target in (torch.transpose, torch.reshape, torch.flatten)
-                  or user.target is F.dropout or gu.is_passthrough(user)):
+        if not (_is_linear(user) or user.target in _VIEW_METHODS or user.target is F.dropout or gu.is_passthrough(user)
+                or user.target in (torch.transpose, torch.reshape, torch.flatten, torch.permute)):
             break
         shape = gu.tensor_shape(user)
-        if projected and shape is not None and len(shape) == 3 and shape[:2] == (batch, n_tokens):
+        if shape is not None and len(shape) == 3 and shape[:2] == (batch, n_tokens):
             found = user
         node = user
     return found
@@ -315,14 +334,38 @@ def _merged_piece(sequence: Node) -> tuple[Node, int, int]:
     above a LayerNorm and a token ``cat``, the concatenation's largest piece, the other pieces
     staying whole."""
     node = sequence
-    while gu.is_layer_norm(node) or node.target is F.dropout:
-        node = node.args[0]
+    while True:
+        if gu.is_layer_norm(node) or node.target is F.dropout:
+            node = node.args[0]
+            continue
+        tokens = _modulated_tokens(node)
+        if tokens is None:
+            break
+        node = tokens
     if not gu.is_token_cat(node):
         return node, 0, 0
     pieces = list(node.args[0])
     counts = [gu.tensor_shape(p)[1] for p in pieces]
     largest = max(range(len(pieces)), key=lambda i: counts[i])
     return pieces[largest], sum(counts[:largest]), sum(counts[largest + 1:])
+
+
+def _modulated_tokens(node: Node) -> Optional[Node]:
+    """The token operand of a per-sample modulation ``x * scale`` or ``x + shift`` (AdaLN), whose
+    other operand has one row for all tokens ([B, 1, C] or [C]); None for anything else."""
+    if not (gu.is_add(node) or node.target in (operator.mul, torch.mul, "mul")) or len(node.args) != 2:
+        return None
+    shape = gu.tensor_shape(node)
+    if shape is None or len(shape) != 3:
+        return None
+    tokens = [a for a in node.args if isinstance(a, Node) and gu.tensor_shape(a) == shape]
+    others = [a for a in node.args if a not in tokens]
+    if len(tokens) != 1 or len(others) != 1:
+        return None
+    other = gu.tensor_shape(others[0]) if isinstance(others[0], Node) else ()
+    if other is None or (len(other) >= 2 and other[-2] != 1):
+        return None
+    return tokens[0]
 
 
 def _grid_before(stream: Node, depth: int = 6) -> Optional[tuple[int, int]]:

@@ -69,6 +69,21 @@ def set_packed_attention_arg(node: Node, name: str, value: Any) -> None:
     _set_call_arg(node, list(inspect.signature(F.multi_head_attention_forward).parameters).index(name), name, value)
 
 
+def is_attention_call(node: Node) -> bool:
+    """An SDPA call, packed attention, or the probabilities-times-values product of explicit
+    attention (a matmul whose first operand is a softmax, or a dropout of one)."""
+    if is_sdpa(node) or is_packed_attention(node):
+        return True
+    if not is_matmul(node) or not isinstance(node.args[0], Node):
+        return False
+    probs = node.args[0]
+    while probs.target is F.dropout or is_passthrough(probs):
+        if not isinstance(probs.args[0], Node):
+            return False
+        probs = probs.args[0]
+    return is_softmax(probs)
+
+
 def is_add(node: Node) -> bool:
     return is_call(node, ADD_FUNCTIONS, ADD_METHODS)
 

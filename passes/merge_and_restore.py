@@ -32,6 +32,7 @@ for ``propagate_shapes``.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 from typing import Optional
@@ -101,6 +102,7 @@ class _BlockState:
 class RestoreInsertion:
     touched: set[Node] = field(default_factory=set)
     reports: list[ComponentReport] = field(default_factory=list)
+    replaced: dict[Node, Node] = field(default_factory=dict)  # copy -> the node it copies (local components)
 
 
 def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config: TurboConfig,
@@ -134,10 +136,14 @@ def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config
                     tokens, state.assign, state.size, state.bias = (call(operator.getitem, merged, i) for i in range(4))
                 else:
                     tokens = call(ops.merge_by_plan, c.stream_in, state.assign, state.size)
-            _feed_branch(c, tokens, result)
+            original = c
+            if c.closing_add is None:
+                c = _copy_local(graph, c, tokens, result)
+            else:
+                _feed_branch(c, tokens, result)
             if c.kind == SELF_ATTENTION and config.prop_attn:
                 _apply_key_bias(graph, c.site, _joint_key_bias(graph, c, state.bias, call), keys, call)
-            _restore_output(graph, c, state.assign, call, result)
+            _restore_output(graph, c, original, state.assign, call, result)
         if c.index in needed:
             assign, size = (state.assign, state.size) if plan.merges else (None, None)
             with graph.inserting_after(c.site.attn):
@@ -150,21 +156,48 @@ def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config
     return result
 
 
-def _restore_output(graph, c: Component, assign: Node, call, result: RestoreInsertion) -> None:
+def _restore_output(graph, c: Component, original: Component, assign: Node, call, result: RestoreInsertion) -> None:
     """The component's output restored to every original token, for the closing add or, in a
-    local component, for every reader of the output."""
+    local component (``c`` its merged copy), for every reader of the original output; the
+    original nodes that nothing reads any more are removed."""
     if c.closing_add is not None:
         with graph.inserting_before(c.closing_add):
             restored = call(ops.restore_tokens, c.branch_out, assign, 1)
         c.closing_add.replace_input_with(c.branch_out, restored)
         result.touched.add(c.closing_add)
         return
-    readers = list(c.branch_out.users)
     with graph.inserting_after(c.branch_out):
         restored = call(ops.restore_tokens, c.branch_out, assign, 1, c.lead, c.trail)
-    for reader in readers:
-        reader.replace_input_with(c.branch_out, restored)
+    for reader in list(original.branch_out.users):
+        reader.replace_input_with(original.branch_out, restored)
         result.touched.add(reader)
+    for node in reversed(_local_nodes(original, graph)):
+        if not node.users:
+            graph.erase_node(node)
+            result.touched.discard(node)
+
+
+def _local_nodes(c: Component, graph) -> list[Node]:
+    """The nodes of a local component that read its input stream, in graph order."""
+    inside = (gu.ancestors(c.branch_out, stop=lambda n: n is c.stream_in) | {c.branch_out}) & gu.descendants(c.stream_in)
+    return [n for n in graph.nodes if n in inside]
+
+
+def _copy_local(graph, c: Component, merged: Node, result: RestoreInsertion) -> Component:
+    """A copy of the local component's nodes that read its stream, reading the merged tokens
+    instead: the originals may have readers outside the component (Flux's concatenated stream
+    and its normalised copy also feed the residual and the feed-forward), which keep every
+    token. Returns the component as its copy."""
+    copies: dict[Node, Node] = {c.stream_in: merged}
+    for node in _local_nodes(c, graph):
+        with graph.inserting_after(node):
+            copy = graph.node_copy(node, lambda n: copies.get(n, n))
+        copies[node] = copy
+        result.replaced[copy] = node
+        result.touched.add(copy)
+    site = dataclasses.replace(c.site, **{f.name: copies[getattr(c.site, f.name)] for f in dataclasses.fields(c.site)
+                                          if isinstance(getattr(c.site, f.name), Node) and getattr(c.site, f.name) in copies})
+    return dataclasses.replace(c, branch_out=copies[c.branch_out], stream_out=copies[c.branch_out], site=site)
 
 
 def _joint_key_bias(graph, c: Component, bias: Node, call) -> Node:

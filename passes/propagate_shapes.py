@@ -35,7 +35,7 @@ from turbo_fx.errors import CannotRewrite
 from turbo_fx import ops
 from turbo_fx.report import counters
 
-from .graph_utils import is_merge, is_sdpa, is_token_cat, token_cat_axis
+from .graph_utils import CAT_FUNCTIONS, is_merge, is_sdpa, is_token_cat, token_cat_axis
 from .token_tables import TableUse, angle_chain, table_operand
 
 log = logging.getLogger("turbo_fx")
@@ -229,6 +229,7 @@ class _Propagation:
         self.read_sizes = False
         self.rotary = "rows"
         self.tables: dict[tuple, Node] = {}
+        self.whole_token_assigns: dict[tuple, Node] = {}
         self.table_facts: list[str] = []
 
     def run(self, dirty: set[Node]) -> set[Node]:
@@ -284,7 +285,7 @@ class _Propagation:
         elif not is_method and node.target is operator.getitem:
             lead, trail = self.token_layout(src)
             _check_and_fix_index(node, self.hints.shape(old.shape), axes, lead, self.tail, trail)
-        elif is_method and node.target == "split" and isinstance(_split_sizes(node), (list, tuple)):
+        elif is_method and node.target in ("split", "split_with_sizes") and isinstance(_split_sizes(node), (list, tuple)):
             self.rewrite_split(node, src, old.shape, new.shape, axes)
         else:
             _check_axis_ops(node, old.shape, axes, self.fixed_prefix(src))
@@ -323,9 +324,20 @@ class _Propagation:
             raise CannotRewrite(f"{node.format_node()} combines merged tokens with a per-token table, and no "
                                 "merge they come from was found")
         assign, tokens_in = merge
-        if self.hints(self.env[tokens_in].shape[1]) != use.n_before:
-            raise CannotRewrite(f"{node.format_node()} combines merged tokens with a per-token table of "
-                                f"{use.n_before} rows, which is not the merged sequence")
+        n_in = self.hints(self.env[tokens_in].shape[1])
+        if n_in != use.n_before:
+            # Tokens of another sequence concatenated around the merged ones (Flux's text before
+            # its image tokens) have rows of their own in the table, which they keep.
+            lead, trail = self.token_layout(use.tokens)
+            if lead + n_in + trail != use.n_before:
+                raise CannotRewrite(f"{node.format_node()} combines merged tokens with a per-token table of "
+                                    f"{use.n_before} rows, which is not the merged sequence")
+            merged_count = self.hints(self.env[use.tokens].shape[use.token_axis]) - lead - trail
+            key = (assign, lead, trail)
+            if key not in self.whole_token_assigns:
+                self.whole_token_assigns[key] = self.insert(node, ops.assign_with_whole_tokens,
+                                                            (assign, lead, trail, merged_count))
+            assign = self.whole_token_assigns[key]
         node.replace_input_with(use.table, self.merged_table(node, use, assign, 0))
 
     def merged_table(self, node: Node, use: TableUse, assign: Node, offset: int) -> Node:
@@ -378,16 +390,16 @@ class _Propagation:
         front of the merged ones (CaiT's class token before the patches)."""
         return self.token_layout(node)[0]
 
-    def token_layout(self, node: Node, depth: int = 12) -> tuple[int, int]:
+    def token_layout(self, node: Node, depth: int = 24) -> tuple[int, int]:
         """(fixed leading tokens, tokens of other sequences after the merged ones) on ``node``'s
         token axis: a token ``cat`` puts other sequences' tokens around the merged ones (CaiT's
         class token before the patches; SD3's text tokens after the image tokens in its joint
         attention, whose output follows the queries)."""
         while isinstance(node, Node) and depth > 0:
             depth -= 1
-            if is_token_cat(node) or token_cat_axis(node) == 2:
+            axis = _sequence_cat_axis(node)
+            if axis is not None:
                 pieces = list(node.args[0])
-                axis = 1 if is_token_cat(node) else 2
                 counts = [getattr(self.env.get(piece), "shape", None) for piece in pieces]
                 counts = [shape[axis] if shape is not None and len(shape) > axis and isinstance(shape[axis], int)
                           else None for shape in counts]
@@ -399,7 +411,11 @@ class _Propagation:
             changed = [i for i in node.all_input_nodes if i in self.changed]
             if is_sdpa(node) and node.args and node.args[0] in self.changed:
                 changed = [node.args[0]]  # the output's token axis is the queries'
-            if len(changed) != 1:
+            if len(changed) > 1:  # a rotation stacking two halves of the same tokens, or tokens times a table
+                default = (self.protected, 0)
+                layouts = {self.token_layout(c, depth) for c in changed} - {default}
+                return layouts.pop() if len(layouts) == 1 else default
+            if not changed:
                 return self.protected, 0
             node = changed[0]
         return self.protected, 0
@@ -457,21 +473,29 @@ class _Propagation:
         return result
 
     def rewrite_split(self, node: Node, src: Node, old_in, new_in, axes: list[int]) -> None:
-        """``split((p, n - p), dim)`` along the token axis, the prefix ``p`` within the tokens that
-        keep their place (DINOv3 splits its class and register tokens off before the rotation):
-        the last size becomes the merged count less ``p``."""
+        """``split(sizes, dim)`` along the token axis where one piece holds every merged token and
+        the others only tokens that keep their place (DINOv3 splits its class and register
+        tokens off before the rotation; Flux splits its joint attention's output into text and
+        image): that piece shrinks by the number of tokens merged."""
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
         if not isinstance(dim, int) or dim % len(old_in) not in axes:
             return
+        axis = dim % len(old_in)
         sizes = list(_split_sizes(node))
-        lead = sum(sizes[:-1])
-        if not all(isinstance(x, int) for x in sizes) or lead > self.fixed_prefix(src):
+        lead, trail = self.token_layout(src)
+        old_n = self.hints(old_in[axis])
+        starts = [sum(sizes[:i]) for i in range(len(sizes))] if all(isinstance(x, int) for x in sizes) else []
+        holding = [i for i, start in enumerate(starts) if start <= lead and start + sizes[i] >= old_n - trail]
+        if not holding:
             raise CannotRewrite(f"{node.format_node()}: split along the token axis into pieces that cut "
                                 "through the merged tokens")
-        new_n = self.new_size(node, src, dim % len(old_in), new_in[dim % len(old_in)])
-        sizes[-1] = new_n - lead if isinstance(new_n, int) else self.insert(node, operator.sub, (new_n, lead))
-        if "split_size" in node.kwargs:
-            node.update_kwarg("split_size", tuple(sizes))
+        piece = holding[0]
+        new_n = self.new_size(node, src, axis, new_in[axis])
+        rest = old_n - sizes[piece]
+        sizes[piece] = new_n - rest if isinstance(new_n, int) else self.insert(node, operator.sub, (new_n, rest))
+        key = next((k for k in ("split_size", "split_sizes") if k in node.kwargs), None)
+        if key is not None:
+            node.update_kwarg(key, tuple(sizes))
         else:
             node.args = (node.args[0], tuple(sizes), *node.args[2:])
 
@@ -489,6 +513,20 @@ class _Propagation:
                 continue
             raise CannotRewrite(f"{node.format_node()}: cannot map expand size {entry!r} on token axis {a}")
         _set_shape_spec(node, spec, packed)
+
+
+def _sequence_cat_axis(node: Node) -> Optional[int]:
+    """The token axis of a ``cat`` that joins sequences: axis 1 of [B, N, C] or [B, N, H, D]
+    (Flux's text and image queries before the heads move), axis 2 of [B, H, N, D]."""
+    if is_token_cat(node) or token_cat_axis(node) == 2:
+        return token_cat_axis(node)
+    if node.op != "call_function" or node.target not in CAT_FUNCTIONS or not isinstance(node.args[0], (list, tuple)):
+        return None
+    value = node.meta.get("example_value")
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    if not isinstance(value, torch.Tensor) or value.dim() != 4 or not isinstance(dim, int):
+        return None
+    return 1 if dim % 4 == 1 else None
 
 
 def _producing_merge(node: Node, changed: set[Node], depth: int = 40) -> Optional[tuple[Node, Node]]:
@@ -511,7 +549,10 @@ def _producing_merge(node: Node, changed: set[Node], depth: int = 40) -> Optiona
 
 
 def _split_sizes(node: Node) -> Any:
-    return node.kwargs.get("split_size", node.args[1] if len(node.args) > 1 else None)
+    for key in ("split_size", "split_sizes"):
+        if key in node.kwargs:
+            return node.kwargs[key]
+    return node.args[1] if len(node.args) > 1 else None
 
 
 def _check_and_fix_index(node: Node, old_h: tuple, axes, protected: int, tail: int = 0, trail: int = 0) -> None:

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch.fx import Node
 
-from .graph_utils import ancestors, depends_on_data
+from .graph_utils import ancestors, depends_on_data, is_attention_call
 
 ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
                          torch.add, torch.sub, torch.mul, torch.div}
@@ -92,13 +92,15 @@ def table_operand(node: Node, changed: set[Node], old: dict[Node, Any], new: dic
 def shares_data(table: Node, tokens: Node) -> bool:
     """The table derives from user data that the tokens derive from too: then it is computed
     from the tokens (or alongside them), not a table of positions. Tables from parameters,
-    shapes, or inputs of their own (Flux's position ids) do not."""
+    shapes, or inputs of their own (Flux's position ids) do not. The tokens' inputs are
+    followed around attention calls, not through them: an earlier block's rotated attention
+    makes every later token depend on the position ids without making them the tokens' data."""
     inputs = _data_inputs(table)
-    return bool(inputs) and bool(inputs & _data_inputs(tokens))
+    return bool(inputs) and bool(inputs & _data_inputs(tokens, stop=is_attention_call))
 
 
-def _data_inputs(node: Node) -> set[Node]:
-    return {n for n in ancestors(node) | {node} if n.op == "placeholder" and depends_on_data(n)}
+def _data_inputs(node: Node, stop=None) -> set[Node]:
+    return {n for n in ancestors(node, stop=stop) | {node} if n.op == "placeholder" and depends_on_data(n)}
 
 
 def angle_chain(table: Node, values: dict[Node, Any], n_rows: int, from_end: int,

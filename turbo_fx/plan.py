@@ -178,16 +178,17 @@ def _solve_generation_budget(gm: GraphModule, plan: GraphPlan, config: TurboConf
 
 
 def _plan_local(gm: GraphModule, plan: GraphPlan, config: TurboConfig) -> None:
-    """Where merge mode cannot take the graph, its attention sub-blocks that are regrouped
-    around the attention (``find_local_runs``) merge and restore on their own; the plan keeps
-    merge mode's reason in ``mode_note``. Unchanged when there is no such sub-block."""
+    """Where merge mode cannot take the graph, each attention sub-block that can merge and
+    restore on its own (``find_local_runs``: regrouped around the attention, or a joint
+    attention whose tokens are never reshaped to a grid) does; the plan keeps merge mode's
+    reason in ``mode_note``. Unchanged when there is no such sub-block."""
     runs = find_local_runs(gm, plan.sites)
     if not runs:
         return
     reason = str(plan.stop)
     fresh = GraphPlan(config=config, traits=plan.traits, sites=plan.sites, runs=runs)
-    fresh.mode_note = (f"merge-and-restore around each attention ({len(runs)} sub-blocks whose tokens are "
-                       f"regrouped around the attention); the whole sequence cannot merge: {reason}")
+    fresh.mode_note = (f"merge-and-restore around each of {len(runs)} attention sub-block(s), since the whole "
+                       f"sequence cannot merge: {reason}")
     _plan_generation(gm, fresh)
     for name in ("mode", "config", "runs", "components", "site_reports", "stop", "budget", "mode_note"):
         setattr(plan, name, getattr(fresh, name))

@@ -97,6 +97,8 @@ def _insert_merges(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> Pas
 def _merge_and_restore(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> PassResult:
     ctx.old_values = recorded_values(gm)
     ctx.insertion = insert_merge_and_restore(gm, plan.components, ctx.config, ctx.fake_mode)
+    for copy, original in ctx.insertion.replaced.items():
+        ctx.old_values[copy] = ctx.old_values[original]
     return PassResult(len(ctx.insertion.touched), {"components": ctx.insertion.reports})
 
 

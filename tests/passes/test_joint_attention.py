@@ -92,3 +92,68 @@ def test_joint_sites_record_each_sequence():
     # image tokens first (64), then the text (7); the last block keeps no text stream
     assert [(p.start, p.count, p.closing_add is not None) for p in first.joint] == [(0, 64, True), (64, TEXT, True)]
     assert [(p.start, p.count, p.closing_add is not None) for p in last.joint] == [(0, 64, True), (64, TEXT, False)]
+
+
+# Flux: double-stream blocks (joint attention, text and image each with its residual stream) and
+# single-stream blocks (one stream that concatenates text and image), rotary positions from ids,
+# packed tokens returned as they are (no grid after the last block).
+FLUX_TEXT, FLUX_GROUPS = 6, 16
+
+
+def small_flux() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def flux_inputs(duplicated: bool) -> dict:
+    """64 image tokens; with ``duplicated``, every 4 consecutive tokens (one cell of the one-row
+    partition) share their content and their position ids, so they are exact duplicates."""
+    gen = torch.Generator().manual_seed(1)
+    group = torch.arange(FLUX_GROUPS)
+    ids = torch.stack([torch.zeros(FLUX_GROUPS), (group // 4).float(), (group % 4).float()], -1)
+    if duplicated:
+        tokens, img_ids = torch.randn(2, FLUX_GROUPS, 16, generator=gen).repeat_interleave(4, 1), ids.repeat_interleave(4, 0)
+    else:
+        rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+        tokens = torch.randn(2, 64, 16, generator=gen)
+        img_ids = torch.stack([torch.zeros(64), rows.flatten().float(), cols.flatten().float()], -1)
+    return dict(hidden_states=tokens, encoder_hidden_states=torch.randn(2, FLUX_TEXT, 32, generator=gen),
+                pooled_projections=torch.randn(2, 32, generator=gen), timestep=torch.tensor([0.5, 0.5]),
+                img_ids=img_ids, txt_ids=torch.zeros(FLUX_TEXT, 3))
+
+
+def test_flux_duplicated_image_tokens_give_the_unmerged_output(turbo):
+    model, inputs = small_flux(), flux_inputs(duplicated=True)
+    with torch.no_grad():
+        want = model(**inputs).sample
+    compiled = turbo(model, ratio=0.5)
+    got = compiled(**inputs).sample
+    report = compiled.report
+    assert report.fallback_reason is None and "tokens are concatenated" in report.mode_note
+    merged = [(c.module, c.grid, c.tokens_in, c.tokens_merged) for c in report.components if c.decision == "merges"]
+    # The image tokens of all four blocks, on one row (the model never reshapes them to a grid);
+    # the six text tokens stay whole, and so do their rows of the rotary tables (70 = 6 + 64).
+    assert [m[1:] for m in merged] == [((1, 64), 64, 32)] * 4
+    assert [m[0] for m in merged] == ["transformer_blocks.0.attn", "transformer_blocks.1.attn",
+                                      "single_transformer_blocks.0.attn", "single_transformer_blocks.1.attn"]
+    assert report.token_tables and all(t.endswith("(70 rows from token 0): rows") for t in report.token_tables)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_flux_needs_the_size_bias_and_ratio_zero_is_bit_identical(turbo):
+    model, inputs = small_flux(), flux_inputs(duplicated=True)
+    with torch.no_grad():
+        want = model(**inputs).sample
+    assert (turbo(model, ratio=0.5, prop_attn=False)(**inputs).sample - want).abs().max() > 1e-3
+    torch._dynamo.reset()
+    assert torch.equal(turbo(model, ratio=0.0)(**inputs).sample, want)
+
+
+def test_flux_real_positions_merge_close_to_the_unmerged_output(turbo):
+    model, inputs = small_flux(), flux_inputs(duplicated=False)
+    with torch.no_grad():
+        want = model(**inputs).sample
+    got = turbo(model, ratio=0.5)(**inputs).sample
+    assert 0 < (got - want).abs().max() and F.cosine_similarity(got.flatten(1), want.flatten(1)).min() > 0.9

@@ -42,3 +42,13 @@ def merge_token_rows(table: Tensor, assign: Tensor, like: Tensor, token_axis: in
     counts = rows.new_zeros(batch, n_tokens).scatter_add(1, index, rows.new_ones(index.shape))
     mean = sums / counts.clamp_min(1.0).unsqueeze(-1)
     return mean.to(table.dtype).reshape(batch, n_tokens, *rest).movedim(1, token_axis)
+
+
+def assign_with_whole_tokens(assign: Tensor, lead: int, trail: int, merged: int) -> Tensor:
+    """The assignment of a sequence that puts ``lead`` and ``trail`` tokens of another origin
+    around the merged ones: those keep a slot of their own, the merged ones shift behind the
+    lead. ``merged``: how many merged tokens ``assign`` maps into."""
+    batch = assign.shape[0]
+    before = torch.arange(lead, device=assign.device).expand(batch, lead)
+    after = (lead + merged + torch.arange(trail, device=assign.device)).expand(batch, trail)
+    return torch.cat([before, assign + lead, after], dim=1)
