@@ -34,6 +34,28 @@ def inductor_ops(model_and_input):
     return top_level_aten_ops(torch.compile(model, backend="inductor"), x)
 
 
+@pytest.fixture(scope="module")
+def opaque_ops(model_and_input):
+    """The ATen-call op's counts and reports: one Inductor compile shared by the tests below,
+    which all hold other paths against it (the count is deterministic for a given graph)."""
+    model, x = model_and_input
+    return turbo_aten_ops(model, x, r=4, compile_merge_step=False)
+
+
+@pytest.fixture(scope="module")
+def step_outputs(model_and_input):
+    """The rewritten graph run eagerly with the ATen-call merge op and with the compiled merge
+    step: neither depends on the Inductor paths the parametrised test below counts."""
+    model, x = model_and_input
+    outputs = []
+    for options in (dict(r=4, inner_backend="eager"), dict(r=4, compile_merge_step=True, inner_backend="eager")):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            outputs.append(torch.compile(model, backend="turbo", options=options)(x))
+    torch._dynamo.reset()
+    return outputs
+
+
 def test_fused_merge_adds_two_library_calls_per_block(model_and_input, inductor_ops):
     model, x = model_and_input
     counts, (report,) = turbo_aten_ops(model, x, r=4, fuse_merges=True)
@@ -46,9 +68,8 @@ def test_fused_merge_adds_two_library_calls_per_block(model_and_input, inductor_
     assert not HOST_SYNCING & set(counts), counts
 
 
-def test_opaque_merge_never_syncs_the_host(model_and_input, inductor_ops):
-    model, x = model_and_input
-    counts, (report,) = turbo_aten_ops(model, x, r=4, compile_merge_step=False)
+def test_opaque_merge_never_syncs_the_host(opaque_ops, inductor_ops):
+    counts, (report,) = opaque_ops
     added = counts - inductor_ops
     assert report.fallback_reason is None
     merges = report.merges
@@ -60,14 +81,10 @@ def test_opaque_merge_never_syncs_the_host(model_and_input, inductor_ops):
 
 @pytest.mark.parametrize("compile_merge_step, compile_blocks", [(None, None), (True, None), (True, False)],
                          ids=["the default", "merge pieces compiled", "opaque op compiled"])
-def test_compiled_merge_step_adds_a_few_ops_and_changes_nothing(model_and_input, inductor_ops, compile_merge_step,
-                                                                compile_blocks):
+def test_compiled_merge_step_adds_a_few_ops_and_changes_nothing(model_and_input, inductor_ops, opaque_ops,
+                                                                step_outputs, compile_merge_step, compile_blocks):
     model, x = model_and_input
-    eager, _ = turbo_aten_ops(model, x, r=4, compile_merge_step=False)
-    # The outputs are compared with the rewritten graph run eagerly (no second Inductor compile).
-    torch._dynamo.reset()
-    with torch.no_grad():
-        expected = torch.compile(model, backend="turbo", options=dict(r=4, inner_backend="eager"))(x)
+    eager, _ = opaque_ops
     counts, (report,) = turbo_aten_ops(model, x, r=4, compile_merge_step=compile_merge_step,
                                        compile_blocks=compile_blocks)
     pieces = "compiled merge pieces" in (report.block_compile or "")
@@ -78,8 +95,6 @@ def test_compiled_merge_step_adds_a_few_ops_and_changes_nothing(model_and_input,
     assert set(added) <= {"aten::bmm", "aten::topk"}, added
     assert sum((eager - inductor_ops).values()) > 10 * report.merges
     assert not HOST_SYNCING & set(counts), counts
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(model, backend="turbo", options=dict(r=4, compile_merge_step=True,
-                                                                 inner_backend="eager"))(x)
+    # The outputs are compared with the rewritten graph run eagerly (no second Inductor compile).
+    expected, out = step_outputs
     assert (out - expected).abs().max().item() < 1e-5
