@@ -135,10 +135,12 @@ STUDIES = (
                  "differences (default: all)"),
         DEVICE, DTYPE, MODE, NAME), defaults={"threads": 1}),
     Study("diffusion-speed", "SD-1.5 / DiT / SD3-sized models: eager, Inductor, tomesd and turbo", "diffusion_speed", (
-        arg("--model", nargs="+", choices=("unet", "dit", "sd3"), default=["unet"]),
+        arg("--model", nargs="+", choices=("unet", "dit", "sd3", "flux"), default=["unet"]),
         arg("--small", action="store_true", help="tiny configurations of the same classes (a smoke test)"),
         arg("--sd3-blocks", type=positive, default=4,
             help="sd3: how many of SD3-medium's 24 joint blocks to build (default 4)"),
+        arg("--flux-blocks", type=positive, default=2,
+            help="flux: double-stream blocks to build, with twice as many single-stream ones (default 2)"),
         arg("--ratio", nargs="+", type=ratio, default=[0.3, 0.5, 0.6]),
         arg("--configs", nargs="+",
             choices=("eager", "inductor", "tomesd", "tomesd-eager", "turbo", "turbo-sa", "turbo-all"),

@@ -12,6 +12,12 @@ Models (random weights, seeded; no Stable Diffusion or DiT weights install offli
   [2, 16, 64, 64] (1024 image tokens), text states [2, 333, 4096] (77 CLIP + 256 T5 tokens, the
   length SD3's pipeline always passes), pooled text [2, 2048], timesteps [2]. Its denoising loop
   runs ``FlowMatchEulerDiscreteScheduler`` (shift 3), SD3's own, in place of DDIM.
+- ``flux``: a ``FluxTransformer2DModel`` of Flux's head shape (128-wide heads, the 16-56-56
+  rotary axes) at half its width (12 heads = 1536; Flux.1 has 24) with ``--flux-blocks``
+  double-stream and twice as many single-stream blocks (default 2 + 4; Flux.1 has 19 + 38), at
+  512 px: packed latents [2, 1024, 64] (32 x 32 tokens of 2 x 2 patches of 16 channels), text
+  states [2, 256, 4096] (T5, Flux-schnell's length), pooled text [2, 768], its position ids;
+  flow-matching Euler steps. Flux-dev's guidance embedding is off (schnell's configuration).
 ``--small`` swaps each for a tiny configuration of the same class (a smoke test).
 
 Configurations, each on its own ``fresh_copy`` of the same seeded model (the weights shared):
@@ -66,6 +72,8 @@ TOMESD_ON_DIT = ("tomesd does not apply to DiT: it is written for UNets (it infe
                  "downsample 2 and, at its default max_downsample=1, merges nothing); not run")
 TOMESD_ON_SD3 = ("tomesd does not apply to SD3: it patches diffusers' BasicTransformerBlock, and SD3's joint "
                  "blocks are JointTransformerBlock; not run")
+TOMESD_ON_FLUX = ("tomesd does not apply to Flux: it patches diffusers' BasicTransformerBlock, and Flux's blocks "
+                  "are FluxTransformerBlock and FluxSingleTransformerBlock; not run")
 
 # --------------------------------------------------------------------------- model configs
 SD15_UNET = dict(
@@ -113,7 +121,7 @@ class Case:
     """A model with its benchmark inputs and what a denoising step feeds it."""
 
     name: str
-    kind: str  # "unet", "dit" or "sd3"
+    kind: str  # "unet", "dit", "sd3" or "flux"
     description: str
     model: torch.nn.Module
     inputs: tuple  # positional inputs of one guided forward (batch 2: unconditional, conditional)
@@ -130,6 +138,8 @@ class Case:
         timesteps = t.reshape(1).expand(latents.shape[0]).contiguous()
         if self.kind == "sd3":  # the pooled text states ride along, in the forward's positional order
             return (latents, self.cond, self.inputs[2], timesteps.to(self.inputs[3].dtype))
+        if self.kind == "flux":  # Flux takes the timestep in [0, 1] and its position ids
+            return (latents, self.cond, self.inputs[2], timesteps.to(self.inputs[3].dtype) / 1000, *self.inputs[4:])
         return (latents, timesteps, self.cond)
 
     def noise_prediction(self, output: torch.Tensor) -> torch.Tensor:
@@ -201,7 +211,47 @@ def build_sd3(small: bool = False, seed: int = 0, blocks: int = SD3_BLOCKS) -> C
                 SD3_SCHEDULE, tomesd_note=TOMESD_ON_SD3, scheduler="FlowMatchEulerDiscreteScheduler")
 
 
-BUILDERS = {"unet": build_unet, "dit": build_dit, "sd3": build_sd3}
+FLUX_HALF = dict(patch_size=1, in_channels=64, num_attention_heads=12, attention_head_dim=128,
+                 joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+FLUX_BLOCKS = 2
+FLUX_SIDE, FLUX_TEXT = 32, 256  # 512 px: 64 x 64 latents packed in 2 x 2 patches; T5 tokens
+SMALL_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, num_attention_heads=2,
+                  attention_head_dim=16, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+
+
+def flux_ids(side: int, text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux's position ids: (0, row, column) per image token in row-major order, zeros for text."""
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    image = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+    return image, torch.zeros(text, 3)
+
+
+def build_flux(small: bool = False, seed: int = 0, blocks: int = FLUX_BLOCKS) -> Case:
+    from diffusers import FluxTransformer2DModel
+
+    cfg = dict(SMALL_FLUX) if small else {**FLUX_HALF, "num_layers": blocks, "num_single_layers": 2 * blocks}
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**cfg).eval()
+    side, text_len = (8, 6) if small else (FLUX_SIDE, FLUX_TEXT)
+    gen = torch.Generator().manual_seed(seed + 1)
+    latents = torch.randn(2, side * side, cfg["in_channels"], generator=gen)
+    text = torch.randn(2, text_len, cfg["joint_attention_dim"], generator=gen)
+    pooled = torch.randn(2, cfg["pooled_projection_dim"], generator=gen)
+    img_ids, txt_ids = flux_ids(side, text_len)
+    params = sum(p.numel() for p in model.parameters())
+    name = "flux-small" if small else f"flux-half-width-{cfg['num_layers']}+{cfg['num_single_layers']}-blocks"
+    what = ("tiny FluxTransformer2DModel" if small else
+            f"FluxTransformer2DModel with Flux's heads ({cfg['num_attention_heads']} x {cfg['attention_head_dim']}, "
+            f"half Flux.1's width), {cfg['num_layers']} double-stream and {cfg['num_single_layers']} single-stream blocks")
+    desc = (f"{what}, {params / 1e6:.1f} M parameters, RANDOM weights (seed {seed}); packed latents [2, {side * side}, "
+            f"{cfg['in_channels']}], text [2, {text_len}, {cfg['joint_attention_dim']}], pooled text "
+            f"[2, {cfg['pooled_projection_dim']}]; flow-matching Euler steps (shift {SD3_SCHEDULE['shift']:g})")
+    inputs = (latents, text, pooled, torch.tensor([0.5, 0.5]), img_ids, txt_ids)
+    return Case(name, "flux", desc, model, inputs, text, (1, side * side, cfg["in_channels"]), SD3_SCHEDULE,
+                tomesd_note=TOMESD_ON_FLUX, scheduler="FlowMatchEulerDiscreteScheduler")
+
+
+BUILDERS = {"unet": build_unet, "dit": build_dit, "sd3": build_sd3, "flux": build_flux}
 
 
 # --------------------------------------------------------------------------- configurations
@@ -537,7 +587,7 @@ def run(args) -> dict:
     timing.log(f"machine: {timing.machine_line(machine)}")
     payload = {"machine": machine, "command": args.command, "runs": []}
     for kind in args.model:
-        extra = {"blocks": args.sd3_blocks} if kind == "sd3" else {}
+        extra = {"sd3": {"blocks": args.sd3_blocks}, "flux": {"blocks": args.flux_blocks}}.get(kind, {})
         case = BUILDERS[kind](small=args.small, seed=args.seed, **extra)
         payload["runs"].append(run_case(case, args.ratio, args.configs, rounds=args.rounds, compiler=args.compiler,
                                         turbo_options=args.options, ddim_steps=args.ddim_steps,

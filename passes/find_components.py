@@ -225,28 +225,99 @@ _LOCAL_PROBLEMS = ("no residual add closes the attention sub-block", "residual s
 
 
 def find_local_runs(gm: GraphModule, sites: list[AttentionSite], start: int = 0) -> list[GridRun]:
-    """One run per attention site that merges and restores on its own (a *local* component, see
-    the module docstring), in graph order; sites whose projections or output cannot be traced
-    to one [batch, tokens, channels] sequence are left out."""
+    """The runs that merge and restore where neither merge mode nor a grid run takes the graph
+    (see the module docstring), in graph order: for a joint attention, the run of its largest
+    sequence (attention and feed-forward components on that stream, block after block); for a
+    stream that concatenates sequences (Flux's single-stream blocks), the run of its residual
+    components, each merging only its largest piece; for any other site, its local component.
+    Sites whose structure is none of these are left out."""
+    by_add = {add: s for s in sites for add, _ in _closings(s)}
     runs: list[GridRun] = []
+    claimed: set[int] = set()
     for site in sites:
-        component = local_component(site)
-        if component is None:
+        if site.index in claimed or not _local_site(site):
             continue
-        run = GridRun(start + len(runs), [component], component.grid)
+        components = _fallback_components(site, by_add)
+        if not components:
+            continue
+        claimed.update(c.site.index for c in components if c.site is not None)
+        run = GridRun(start + len(runs), components, components[0].grid)
         _number(run, start=sum(len(r.components) for r in runs))
         runs.append(run)
     return runs
 
 
+def _local_site(site: AttentionSite) -> bool:
+    return (site.kind in ("sdpa", "explicit") and site.mask is None
+            and all(p.startswith(_LOCAL_PROBLEMS) for p in site.problems))  # not causal, cross, biased...
+
+
+def _fallback_components(site: AttentionSite, by_add: dict[Node, AttentionSite]) -> list[Component]:
+    if site.joint:
+        return _joint_run(site, by_add)
+    if site.closing_add is not None and _is_token_stream(site.residual):
+        layout = _concatenated_layout(site.residual)
+        if layout is not None:
+            return _concatenated_run(site.residual, layout, by_add)
+    component = local_component(site)
+    return [component] if component is not None else []
+
+
+def _joint_run(site: AttentionSite, by_add: dict[Node, AttentionSite]) -> list[Component]:
+    """The run on a joint attention's largest sequence (the image tokens of an MMDiT), from its
+    residual stream: the attention closed by that stream's own add, and the components that
+    follow on the stream; the other sequences stay whole. Its grid is one row unless a reshape
+    above the stream names one."""
+    largest = max(site.joint, key=lambda p: p.count)
+    if largest.closing_add is None or not _is_token_stream(largest.residual):
+        return []
+    if gu.tensor_shape(largest.residual)[1] != largest.count or sum(p.count == largest.count for p in site.joint) > 1:
+        return []  # two sequences of one size: nothing says which holds the image
+    components = _follow_run(largest.residual, by_add)
+    if not components or components[0].closing_add is not largest.closing_add:
+        return []
+    grid = _grid_before(largest.residual) or (1, largest.count)
+    for component in components:
+        component.grid = grid
+    return components
+
+
+def _concatenated_layout(stream: Node, depth: int = 64) -> Optional[tuple[int, int, int]]:
+    """(lead, merged, trail): where ``stream`` [B, N, C] comes, through residual adds, from a
+    token ``cat`` of sequences, the tokens before its largest piece, that piece's and those after."""
+    node = stream
+    while depth > 0:
+        depth -= 1
+        if gu.is_token_cat(node):
+            counts = [gu.tensor_shape(p)[1] for p in node.args[0]]
+            largest = max(range(len(counts)), key=lambda i: counts[i])
+            if sum(c == counts[largest] for c in counts) > 1:
+                return None
+            return sum(counts[:largest]), counts[largest], sum(counts[largest + 1:])
+        if not gu.is_add(node) or len(node.args) < 2:
+            return None
+        left, right = node.args[0], node.args[1]
+        if isinstance(right, Node) and isinstance(left, Node) and left in gu.ancestors(right):
+            node = left
+        elif isinstance(right, Node) and isinstance(left, Node) and right in gu.ancestors(left):
+            node = right
+        else:
+            return None
+    return None
+
+
+def _concatenated_run(stream: Node, layout: tuple[int, int, int], by_add: dict[Node, AttentionSite]) -> list[Component]:
+    lead, merged, trail = layout
+    components = _follow_run(stream, by_add)
+    for component in components:
+        component.lead, component.trail, component.grid = lead, trail, (1, merged)
+    return components
+
+
 def local_component(site: AttentionSite) -> Optional[Component]:
     """The local component of ``site``, or None where its structure is not the one described."""
-    if site.kind not in ("sdpa", "explicit") or site.mask is not None:
+    if not _local_site(site) or site.joint:
         return None
-    if not all(p.startswith(_LOCAL_PROBLEMS) for p in site.problems):  # causal, cross-attention, biases...
-        return None
-    if site.joint:
-        return _joint_component(site)
     q_shape, k_shape = gu.tensor_shape(site.q), gu.tensor_shape(site.k)
     if q_shape is None or k_shape is None or len(q_shape) != 4 or q_shape[1] != k_shape[1]:
         return None
@@ -264,22 +335,6 @@ def local_component(site: AttentionSite) -> Optional[Component]:
         return None
     component = Component(-1, SELF_ATTENTION, stream, None, output, output, site.module, site, lead=lead, trail=trail)
     component.grid = _grid_before(stream) or (1, tokens)
-    return component
-
-
-def _joint_component(site: AttentionSite) -> Optional[Component]:
-    """A joint attention's component on its largest sequence (the image tokens of an MMDiT),
-    closed by that sequence's own residual add; the other sequences stay whole."""
-    largest = max(site.joint, key=lambda p: p.count)
-    shape = gu.tensor_shape(largest.residual) if largest.residual is not None else None
-    if largest.closing_add is None or shape is None or len(shape) != 3 or shape[1] != largest.count:
-        return None
-    if sum(p.count == largest.count for p in site.joint) > 1:
-        return None  # two sequences of one size: nothing says which holds the image
-    add = largest.closing_add
-    branch = add.args[1] if add.args[0] is largest.residual else add.args[0]
-    component = Component(-1, SELF_ATTENTION, largest.residual, add, branch, largest.stream_out, site.module, site)
-    component.grid = _grid_before(largest.residual) or (1, largest.count)
     return component
 
 

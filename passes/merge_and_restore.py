@@ -103,6 +103,7 @@ class RestoreInsertion:
     touched: set[Node] = field(default_factory=set)
     reports: list[ComponentReport] = field(default_factory=list)
     replaced: dict[Node, Node] = field(default_factory=dict)  # copy -> the node it copies (local components)
+    values: dict = field(default_factory=dict)  # inserted node -> its value, which merging does not change
 
 
 def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config: TurboConfig,
@@ -126,16 +127,18 @@ def insert_merge_and_restore(gm: GraphModule, plans: list[ComponentPlan], config
         state = blocks.setdefault((c.run, c.block), _BlockState())
         if plan.merges:
             with graph.inserting_before(c.stream_in.next):
+                body = _merged_part(graph, c, result, fake_mode)
                 if state.assign is None:
                     state.semantic, semantic = _semantic_source(saliency.get(c.grid), config)
                     seed = config.generation.seed + n_blocks if config.generation.use_rand else None
                     dst, src = _partition_constants(gm, c, config, seed, n_blocks, fake_mode)
                     n_blocks += 1
-                    merged = call(ops.grid_merge, c.stream_in, dst, src, plan.r, semantic, config.alpha, config.redundancy, config.prop_attn,
+                    merged = call(ops.grid_merge, body, dst, src, plan.r, semantic, config.alpha, config.redundancy, config.prop_attn,
                                   _bias_dtype(c))
                     tokens, state.assign, state.size, state.bias = (call(operator.getitem, merged, i) for i in range(4))
                 else:
-                    tokens = call(ops.merge_by_plan, c.stream_in, state.assign, state.size)
+                    tokens = call(ops.merge_by_plan, body, state.assign, state.size)
+                tokens = _with_whole_tokens(graph, c, tokens, result, fake_mode)
             original = c
             if c.closing_add is None:
                 c = _copy_local(graph, c, tokens, result)
@@ -162,7 +165,7 @@ def _restore_output(graph, c: Component, original: Component, assign: Node, call
     original nodes that nothing reads any more are removed."""
     if c.closing_add is not None:
         with graph.inserting_before(c.closing_add):
-            restored = call(ops.restore_tokens, c.branch_out, assign, 1)
+            restored = call(ops.restore_tokens, c.branch_out, assign, 1, c.lead, c.trail)
         c.closing_add.replace_input_with(c.branch_out, restored)
         result.touched.add(c.closing_add)
         return
@@ -175,6 +178,38 @@ def _restore_output(graph, c: Component, original: Component, assign: Node, call
         if not node.users:
             graph.erase_node(node)
             result.touched.discard(node)
+
+
+def _merged_part(graph, c: Component, result: RestoreInsertion, fake_mode) -> Node:
+    """What merges of a closed component's stream: all of it, or where the stream holds other
+    sequences around the merged one (``lead``, ``trail``: Flux's text before its image tokens
+    in the single-stream blocks), the slice between them."""
+    if c.closing_add is None or not (c.lead or c.trail):
+        return c.stream_in
+    return _slice(graph, c.stream_in, c.lead, c.tokens, result, fake_mode)
+
+
+def _with_whole_tokens(graph, c: Component, tokens: Node, result: RestoreInsertion, fake_mode) -> Node:
+    """The merged slice put back between the stream's other sequences, which stay whole."""
+    if c.closing_add is None or not (c.lead or c.trail):
+        return tokens
+    n = gu.tensor_shape(c.stream_in)[1]
+    head = _slice(graph, c.stream_in, 0, c.lead, result, fake_mode)
+    tail = _slice(graph, c.stream_in, n - c.trail, c.trail, result, fake_mode)
+    node = graph.call_function(torch.cat, ([head, tokens, tail], 1))
+    result.touched.add(node)
+    return node
+
+
+def _slice(graph, stream: Node, start: int, length: int, result: RestoreInsertion, fake_mode) -> Node:
+    """``stream.narrow(1, start, length)``; its value is known before any merge (the stream keeps
+    every token), so shape propagation sees it unchanged."""
+    node = graph.call_function(torch.narrow, (stream, 1, start, length))
+    with fake_mode:
+        node.meta["example_value"] = torch.narrow(gu.example_value(stream), 1, start, length)
+    result.values[node] = node.meta["example_value"]
+    result.touched.add(node)
+    return node
 
 
 def _local_nodes(c: Component, graph) -> list[Node]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections import deque
 from typing import Any, Iterable, Optional
 
 import torch
@@ -532,8 +533,9 @@ def _sequence_cat_axis(node: Node) -> Optional[int]:
 def _producing_merge(node: Node, changed: set[Node], depth: int = 40) -> Optional[tuple[Node, Node]]:
     """(assign, tokens merged) of the merge-and-restore merge that ``node``'s tokens come from:
     ``getitem(grid_merge(x, ...), 0)`` (its assign is item 1) or ``merge_by_plan(x, assign, size)``."""
-    while isinstance(node, Node) and depth > 0:
-        depth -= 1
+    queue, seen = deque([(node, 0)]), {node}
+    while queue:
+        node, steps = queue.popleft()
         if node.op == "call_function" and node.target is ops.merge_by_plan:
             return node.args[1], node.args[0]
         if (node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0
@@ -541,10 +543,11 @@ def _producing_merge(node: Node, changed: set[Node], depth: int = 40) -> Optiona
             call = node.args[0]
             assign = next((u for u in call.users if u.target is operator.getitem and u.args[1] == 1), None)
             return (assign, call.args[0]) if assign is not None else None
-        inputs = [i for i in node.all_input_nodes if i in changed]
-        if not inputs:
-            return None
-        node = inputs[0]
+        if steps < depth:
+            for parent in node.all_input_nodes:
+                if parent in changed and parent not in seen:
+                    seen.add(parent)
+                    queue.append((parent, steps + 1))
     return None
 
 

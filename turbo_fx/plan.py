@@ -187,8 +187,9 @@ def _plan_local(gm: GraphModule, plan: GraphPlan, config: TurboConfig) -> None:
         return
     reason = str(plan.stop)
     fresh = GraphPlan(config=config, traits=plan.traits, sites=plan.sites, runs=runs)
-    fresh.mode_note = (f"merge-and-restore around each of {len(runs)} attention sub-block(s), since the whole "
-                       f"sequence cannot merge: {reason}")
+    count = sum(len(run.components) for run in runs)
+    fresh.mode_note = (f"merge-and-restore of {count} component(s) (each merges its tokens and restores them), "
+                       f"since the whole sequence cannot merge: {reason}")
     _plan_generation(gm, fresh)
     for name in ("mode", "config", "runs", "components", "site_reports", "stop", "budget", "mode_note"):
         setattr(plan, name, getattr(fresh, name))

@@ -99,6 +99,7 @@ def _merge_and_restore(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) ->
     ctx.insertion = insert_merge_and_restore(gm, plan.components, ctx.config, ctx.fake_mode)
     for copy, original in ctx.insertion.replaced.items():
         ctx.old_values[copy] = ctx.old_values[original]
+    ctx.old_values.update(ctx.insertion.values)
     return PassResult(len(ctx.insertion.touched), {"components": ctx.insertion.reports})
 
 

@@ -39,7 +39,7 @@ def test_divided_space_time_model_with_duplicated_rows_gives_the_unmerged_output
     compiled = turbo(model, ratio=0.5)
     got = compiled(video)
     report = compiled.report
-    assert report.fallback_reason is None and "attention sub-block(s)" in report.mode_note
+    assert report.fallback_reason is None and "since the whole sequence cannot merge" in report.mode_note
     # Only the spatial attentions merge: the temporal ones hold 2 tokens, 8x fewer than the largest.
     assert merged(report) == [("self-attention", (1, 16), 16, 8)] * 2
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
