@@ -176,10 +176,12 @@ class JointRotaryDiT(torch.nn.Module):
     residual stream and AdaLN gates from a timestep vector; the image queries and keys are
     rotated by 2D rotary positions computed in ``forward``; the output returns to the grid.
     ``by_cell``: rotate by the 2x2 cell's coordinates, so the four tokens of a cell share a
-    rotation (duplicated cells then stay duplicates)."""
+    rotation (duplicated cells then stay duplicates). ``single``: that many single-stream blocks
+    follow on the concatenation [image, text] (unlike Flux's [text, image], each with separate
+    attention and feed-forward adds), and the image tokens are returned as tokens, not a grid."""
 
     def __init__(self, by_cell: bool = False, dim: int = 32, heads: int = 2, depth: int = 2, channels: int = 4,
-                 grid: int = 8, classes: int = 3, text: int = 2, seed: int = 0) -> None:
+                 grid: int = 8, classes: int = 3, text: int = 2, seed: int = 0, single: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.by_cell, self.heads, self.grid, self.text = by_cell, heads, grid, text
@@ -195,6 +197,7 @@ class JointRotaryDiT(torch.nn.Module):
                 fc1=torch.nn.Linear(dim, 2 * dim), fc2=torch.nn.Linear(2 * dim, dim)))
 
         self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict(dict(image=stream(), text=stream())) for _ in range(depth))
+        self.single = torch.nn.ModuleList(stream() for _ in range(single))
         self.out = torch.nn.Linear(dim, channels)
         with torch.no_grad():
             for name, param in self.named_parameters():
@@ -237,7 +240,26 @@ class JointRotaryDiT(torch.nn.Module):
             c = c + gate_t * txt["out"](attn[:, n:])
             x = x + mlp_i * img["fc2"](torch.nn.functional.gelu(img["fc1"](torch.nn.functional.layer_norm(x, x.shape[-1:]))))
             c = c + mlp_t * txt["fc2"](torch.nn.functional.gelu(txt["fc1"](torch.nn.functional.layer_norm(c, c.shape[-1:]))))
+        if self.single:
+            return self.out(self.single_stream(torch.cat([x, c], 1), cond, cos, sin)[:, :n])
         return self.out(x).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+
+    def single_stream(self, s: torch.Tensor, cond: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Blocks on one stream of image then text tokens, attention and feed-forward each closed by
+        its own add; the text rows of the rotation are the identity."""
+        cos = torch.cat([cos, torch.ones(self.text, cos.shape[-1])], 0)
+        sin = torch.cat([sin, torch.zeros(self.text, sin.shape[-1])], 0)
+        for block in self.single:
+            shift, scale, gate, mlp = block["mod"](cond)[:, None].chunk(4, -1)
+            h = torch.nn.functional.layer_norm(s, s.shape[-1:]) * (1 + scale) + shift
+            q, k, v = (self.heads_of(t) for t in block["qkv"](h).chunk(3, -1))
+            half = q.shape[-1] // 2
+            q = q * cos + torch.cat([-q[..., half:], q[..., :half]], -1) * sin
+            k = k * cos + torch.cat([-k[..., half:], k[..., :half]], -1) * sin
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            s = s + gate * block["out"](attn)
+            s = s + mlp * block["fc2"](torch.nn.functional.gelu(block["fc1"](torch.nn.functional.layer_norm(s, s.shape[-1:]))))
+        return s
 
 
 def cell_duplicated_latents(batch: int = 2, channels: int = 4, grid: int = 8, seed: int = 2) -> torch.Tensor:

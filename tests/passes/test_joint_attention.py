@@ -157,3 +157,28 @@ def test_flux_real_positions_merge_close_to_the_unmerged_output(turbo):
         want = model(**inputs).sample
     got = turbo(model, ratio=0.5)(**inputs).sample
     assert 0 < (got - want).abs().max() and F.cosine_similarity(got.flatten(1), want.flatten(1)).min() > 0.9
+
+
+def test_joint_then_single_stream_model_written_here_merges_image_tokens_only(turbo):
+    # Not Flux's code: the text follows the image in the single stream, attention and
+    # feed-forward close separate adds, rotations are (row, column) of 2x2 cells.
+    from tests.model_builders import JointRotaryDiT, cell_duplicated_latents
+
+    model = JointRotaryDiT(by_cell=True, single=2).eval()
+    inputs = (cell_duplicated_latents(), torch.tensor([3.0, 7.0]), torch.tensor([0, 2]))
+    with torch.no_grad():
+        want = model(*inputs)
+    compiled = turbo(model, ratio=0.25, merge_components=("self-attention", "feed-forward"))
+    got = compiled(*inputs)
+    report = compiled.report
+    assert report.fallback_reason is None
+    merging = [(c.kind, c.tokens_in, c.tokens_merged) for c in report.components if c.decision == "merges"]
+    # Two joint blocks (attention, feed-forward) on the image stream, then the single stream's
+    # four components, each merging 16 of its 64 image tokens and keeping the 2 text tokens.
+    assert merging == [("self-attention", 64, 48), ("feed-forward", 64, 48)] * 4
+    assert all(t.endswith("rows") for t in report.token_tables)
+    # On one row of tokens a cell of 4 holds two duplicated pairs: at ratio 0.25 every merged
+    # token is an exact duplicate of its destination, so the output is the unmerged one.
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+    assert (turbo(model, ratio=0.25, prop_attn=False)(*inputs) - want).abs().max() > 1e-4
