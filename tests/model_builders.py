@@ -327,3 +327,35 @@ def cell_repeated_video(batch: int = 2, frames: int = 2, image: int = 32, patch:
                         generator=torch.Generator().manual_seed(seed))
     tiles = cells.expand(-1, -1, -1, -1, 2, -1, 2, -1, -1)  # B, T, 3, cell row, 2, cell column, 2, py, px
     return tiles.permute(0, 1, 2, 3, 4, 7, 5, 6, 8).reshape(batch, frames, 3, image, image).contiguous()
+
+
+class PaddedPatchEncoder(torch.nn.Module):
+    """Variable-resolution patches padded to one length, written here unlike SigLIP 2's code:
+    [B, N, P] patches with a [B, N] validity mask, pre-norm blocks whose SDPA takes a boolean
+    mask of the valid keys, and a pooling head that is an ``nn.MultiheadAttention`` probe with
+    ``key_padding_mask``. No position embedding, so duplicated patches stay duplicates."""
+
+    def __init__(self, patch: int = 48, dim: int = 32, heads: int = 2, depth: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.heads = heads
+        self.embed = torch.nn.Linear(patch, dim)
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict(dict(
+            norm1=torch.nn.LayerNorm(dim), qkv=torch.nn.Linear(dim, 3 * dim), out=torch.nn.Linear(dim, dim),
+            norm2=torch.nn.LayerNorm(dim), mlp=torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(),
+                                                                   torch.nn.Linear(2 * dim, dim))))
+            for _ in range(depth))
+        self.probe = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.pool = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, patches: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        x = self.embed(patches)
+        batch, n, dim = x.shape
+        allowed = valid.bool()[:, None, None, :]
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](x)).reshape(batch, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            x = x + block["out"](attn.transpose(1, 2).reshape(batch, n, dim))
+            x = x + block["mlp"](block["norm2"](x))
+        pooled, _ = self.pool(self.probe.expand(batch, -1, -1), x, x, key_padding_mask=~valid.bool(), need_weights=False)
+        return pooled[:, 0]

@@ -163,3 +163,78 @@ def test_timm_architectures_compiled_block_by_block_compute_the_rewrite(turbo, n
     torch._dynamo.reset()
     eager = turbo(model, r=4)(x)
     assert (out - eager).abs().max().item() < 1e-5
+
+
+# The recent families of ``turbo-fx sweep`` (``turbo_fx.bench.sweep.CASES``: rotary positions,
+# joint image-text attention, readers that reshape the tokens, video, NaFlex, a tower Dynamo
+# compiles as many graphs), built tiny from their library classes, and what each does: merge
+# mode, merge-and-restore, or a fallback whose reason names the structure.
+RECENT = {
+    "vit_small_patch16_dinov3": "merge",
+    "eva02_tiny_patch14_224": "merge",
+    "vit_base_patch16_rope_reg1_gap_256": "merge",
+    "DINOv3ViTModel": "merge",
+    "FluxTransformer2DModel": "merge-and-restore",  # joint attention with no grid, then a concatenated stream
+    "SD3Transformer2DModel": "merge-and-restore",
+    "LlavaForConditionalGeneration": "merge",  # the tower; its language model is causal
+    "DPTForDepthEstimation": "merge",
+    "TimesformerModel": "merge-and-restore",  # divided space-time attention, around each spatial attention
+    "Siglip2VisionModel": "merge",
+    "Qwen2VisionTransformerPretrainedModel": "fallback",  # Dynamo cuts inside its attention sub-blocks
+    "vit_small_patch16_224": "merge",
+    "CLIPVisionModel": "merge",
+    "DiTTransformer2DModel": "merge-and-restore",
+}
+_RECENT_RUNS: dict[str, tuple] = {}  # one compile per case for the tests below
+
+
+def run_recent(turbo, name: str) -> tuple:
+    """(merged output, unmerged output, graph reports) of sweep case ``name``; an exception
+    raised by the compiled call is kept and raised again for the next test."""
+    from turbo_fx.bench import sweep
+
+    if name not in _RECENT_RUNS:
+        case = sweep.BY_NAME[name]
+        built = sweep.build(case)
+        compiled = turbo(built.model, **case.options)
+        try:
+            out = built.output(compiled(*built.args, **built.kwargs))
+        except Exception as exc:
+            _RECENT_RUNS[name] = (exc,)
+            raise
+        with torch.no_grad():
+            plain = built.output(built.model(*built.args, **built.kwargs))
+        _RECENT_RUNS[name] = (out, plain, list(compiled.graphs))
+    if len(_RECENT_RUNS[name]) == 1:
+        raise _RECENT_RUNS[name][0]
+    return _RECENT_RUNS[name]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("name", list(RECENT))
+def test_recent_architectures(turbo, name):
+    out, plain, graphs = run_recent(turbo, name)
+    assert graphs and out.shape == plain.shape
+    merged = [g for g in graphs if g.rewritten]
+    if RECENT[name] == "fallback":
+        assert not merged and torch.allclose(out, plain, atol=1e-5)
+    else:
+        assert [g.mode for g in merged] == [RECENT[name]], [g.fallback_reason for g in graphs]
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("name", list(RECENT))
+def test_recent_architectures_fall_back_for_structural_reasons(turbo, name):
+    """Every graph left alone says which structure it could not handle, never the text of an
+    exception (``Error:``, ``Exception``) raised by a trial build."""
+    _, _, graphs = run_recent(turbo, name)
+    reasons = [g.fallback_reason for g in graphs if g.fallback_reason]
+    quoting = [reason for reason in reasons if "Error:" in reason or "Exception" in reason]
+    assert not quoting, "\n".join(quoting)
+
+
+def test_recent_cases_are_the_sweep_cases():
+    from turbo_fx.bench import sweep
+
+    assert list(RECENT) == [case.name for case in sweep.CASES]

@@ -78,3 +78,35 @@ def test_reader_mask_check_accepts_the_same_padding_and_refuses_another(kind):
     shifted[0, 3] = True
     with pytest.raises(RuntimeError, match="does not mask the same keys"):
         ops.check_reader_padding(mask_for(shifted), valid, bias, masked_when_true)
+
+
+def padded_patches(duplicated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two images of 32 and 20 patches padded to 32; with ``duplicated`` every odd patch copies
+    the one before it."""
+    patches = torch.randn(2, 32, 48, generator=torch.Generator().manual_seed(3))
+    if duplicated:
+        patches[:, 1::2] = patches[:, 0::2]
+    valid = torch.ones(2, 32, dtype=torch.long)
+    valid[1, 20:] = 0
+    return patches, valid
+
+
+def test_a_padded_patch_encoder_written_here_gives_the_unmerged_pooled_output(turbo):
+    from tests.model_builders import PaddedPatchEncoder
+
+    model = PaddedPatchEncoder().eval()
+    patches, valid = padded_patches(duplicated=True)
+    with torch.no_grad():
+        want = model(patches, valid)
+    compiled = turbo(model, r=4)
+    got = compiled(patches, valid)
+    report = next(g for g in compiled.graphs if g.blocks)
+    assert report.fallback_reason is None and report.padding
+    assert report.tokens_per_block == [32, 28]
+    assert [s.decision for s in report.sites] == ["merges", "merges", "reads merged"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    other = patches.clone()
+    other[1, 20:] = 7.0  # padding content must not reach the pooled output
+    torch.testing.assert_close(compiled(other, valid), got, atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+    assert (turbo(model, r=4, prop_attn=False)(patches, valid) - want).abs().max() > 1e-4  # the oracle can fail
