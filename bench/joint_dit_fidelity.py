@@ -18,12 +18,20 @@ FLOPs per model call (counted on the compiled graph), FD to real test images in 
 PSNR / SSIM to the unmerged image from the same noise (bootstrap intervals)
 (``bench.diffusion_fidelity``). At each ratio every further rule is compared with the first on
 the same images: PSNR and SSIM (paired bootstrap), FD (both bootstraps drawn with the same
-indices) and accuracy (Newcombe, exact McNemar). ``--small`` runs a tiny untrained model
+indices) and accuracy (Newcombe, exact McNemar).
+
+Per-call error, apart from sampling: the relative L2 error of one model call against the
+unmerged call, per image, on class-balanced test images noised to a few timesteps (mean over
+the timesteps, then over images with a bootstrap interval). A control repeats it on the same
+weights with the rotation removed (frequencies zeroed: cos 1, sin 0, where the rule cannot
+matter), which separates what merging costs through positions from what it costs otherwise.
+``--small`` runs a tiny untrained model
 against a pixel-space reference (a smoke test of the plumbing); ``--render JSON`` rewrites the
 markdown from a saved result.
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,7 +48,7 @@ from turbo_fx.model_zoo import fashion_diffusion as fd
 from turbo_fx.model_zoo import fashion_joint_dit as jd
 from turbo_fx.report import recording
 
-DEFAULT_RATIOS = (0.25, 0.5, 0.75)
+DEFAULT_RATIOS = (0.1, 0.25, 0.5, 0.75)
 DEFAULT_RULES = ("rows", "position")
 SMALL_CONFIG = jd.JointDiTConfig(dim=32, depth=2, heads=2)
 STEM = "joint_dit_fidelity"
@@ -149,6 +157,9 @@ def compare(a: dict, b: dict, seed: int = stats.SEED) -> dict:
            for key in ("psnr", "ssim")}
     out["fd"] = paired_fd(a["fd"], b["fd"], a["fd_replicates"], b["fd_replicates"])
     out["accuracy"] = as_dict(stats.paired_proportions(a["correct"], b["correct"]))
+    if "call_error" in a and "call_error" in b:
+        out["call_error"] = as_dict(stats.paired_bootstrap_mean(a["call_error"]["per_image"],
+                                                                b["call_error"]["per_image"], seed=seed))
     return out
 
 
@@ -173,7 +184,75 @@ def score(reference: fid.FidelityReference, images: np.ndarray, labels: np.ndarr
 
 
 # ----------------------------------------------------------------------------------------
+# Per-call error
+
+
+CALL_TIMESTEPS = (900, 500, 100)
+
+
+def noised_calls(tokens: fd.ClassTokens, images: torch.Tensor, labels: torch.Tensor,
+                 timesteps: Sequence[int] = CALL_TIMESTEPS, seed: int = 0) -> list[tuple]:
+    """One model call's inputs per timestep: ``images`` noised to it (DDPM's forward process,
+    one seeded noise for all), the timestep, the labels' context tokens."""
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    scheduler = fd.ddpm_scheduler()
+    with torch.no_grad():
+        context = tokens(labels)
+    calls = []
+    for t in timesteps:
+        steps = torch.full((len(images),), int(t), dtype=torch.long)
+        calls.append((scheduler.add_noise(images, noise, steps), steps, context))
+    return calls
+
+
+def relative_errors(outputs: Sequence[torch.Tensor], references: Sequence[torch.Tensor]) -> np.ndarray:
+    """Per image, ``|out - ref| / |ref|`` (L2 over the image) averaged over the calls."""
+    errors = [((o - r).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1).clamp_min(1e-12)).double().numpy()
+              for o, r in zip(outputs, references)]
+    return np.mean(errors, axis=0)
+
+
+def call_outputs(fn: Callable, calls: Sequence[tuple]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [fn(*c).float() for c in calls]
+
+
+def without_rotation(model: jd.FashionJointDiT) -> jd.FashionJointDiT:
+    """The same weights with every rotation angle 0 (the control of the per-call error)."""
+    control = copy.deepcopy(model)
+    control.frequencies.zero_()
+    return control.eval()
+
+
+def error_summary(errors: Sequence[float], seed: int = stats.SEED) -> dict:
+    mean, interval = fid.mean_interval(errors, seed)
+    return {"mean": mean, "ci": list(interval), "per_image": [float(e) for e in errors]}
+
+
+def control_errors(model: jd.FashionJointDiT, calls: Sequence[tuple], ratios: Sequence[float],
+                   seed: int = stats.SEED) -> list[dict]:
+    """Per ratio, the per-call error of merging the rotation-free copy of ``model``."""
+    control = without_rotation(model)
+    reference = call_outputs(control, calls)
+    out = []
+    for ratio in ratios:
+        errors = relative_errors(call_outputs(compile_variant(control, {"ratio": ratio}, "eager"), calls), reference)
+        out.append({"ratio": ratio, **error_summary(errors, seed)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------
 # The whole study
+
+
+def call_images(n: int, seed: int, given: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model-range test images ``[n, 1, 32, 32]`` and their labels for the per-call error."""
+    if given is not None:
+        return torch.as_tensor(given[0], dtype=torch.float32), torch.as_tensor(given[1], dtype=torch.long)
+    from turbo_fx.model_zoo.data import fashion_mnist
+
+    images, labels = fashion_mnist("test", limit=n, seed=seed + 1)
+    return fd.to_model_range(images), torch.from_numpy(labels).long()
 
 
 def sample_row(fn: Callable, tokens: fd.ClassTokens, labels: torch.Tensor, noise: torch.Tensor, steps: int,
@@ -186,10 +265,13 @@ def study(samples: int = 200, steps: int = 20, guidance: float = 2.5, ratios: Se
           rules: Sequence[str] = DEFAULT_RULES, seed: int = 0, batch: int = 50, extra_options: Optional[dict] = None,
           model: Optional[torch.nn.Module] = None, tokens: Optional[fd.ClassTokens] = None,
           reference: Optional[fid.FidelityReference] = None, training: Optional[dict] = None,
+          call_samples: int = 50, images_for_calls: Optional[tuple] = None,
           log: Callable[[str], None] = print) -> dict:
     """Every row of :func:`row_specs`, sampled from the same noise and scored (see the module
     docstring). ``model``/``tokens`` default to the trained stand-in (trained first if not
-    cached), ``reference`` to ``fashion_reference`` at 112 px."""
+    cached), ``reference`` to ``fashion_reference`` at 112 px. The per-call error uses
+    ``call_samples`` class-balanced test images, or ``images_for_calls`` (model-range images
+    ``[n, 1, H, W]``, labels) when given."""
     problem = check_rules(rules)
     if problem:
         raise ValueError(problem)
@@ -204,6 +286,8 @@ def study(samples: int = 200, steps: int = 20, guidance: float = 2.5, ratios: Se
                             "model_config": dict(model.cfg.__dict__), "tokens": model.cfg.grid ** 2},
                "machine": timing.machine(), "training": training, "labels": labels.tolist(),
                "unmerged_check": unmerged_check(model, inputs), "rows": []}
+    calls = noised_calls(tokens, *call_images(call_samples, seed, images_for_calls), seed=seed)
+    call_reference = call_outputs(model, calls)
     images = {}
     for spec in row_specs(ratios, rules, extra_options):
         started = time.perf_counter()
@@ -213,6 +297,8 @@ def study(samples: int = 200, steps: int = 20, guidance: float = 2.5, ratios: Se
             fn = compile_variant(model, spec.options, "eager")
             _, facts = first_call_facts(fn, inputs)
         images[spec.label] = sample_row(fn, tokens, labels, noise, steps, guidance, batch)
+        if spec.rule is not None:
+            facts["call_error"] = error_summary(relative_errors(call_outputs(fn, calls), call_reference), seed)
         row = {"label": spec.label, "rule": spec.rule, "ratio": spec.ratio, "options": spec.options, **facts,
                "sample_seconds": round(time.perf_counter() - started, 1)}
         payload["rows"].append(row)
@@ -229,6 +315,8 @@ def study(samples: int = 200, steps: int = 20, guidance: float = 2.5, ratios: Se
         row["score_seconds"] = round(time.perf_counter() - started, 1)
         log(fid.summary_line(row["label"], row))
     payload["comparisons"] = compare_rules(payload["rows"], seed)
+    payload["control"] = control_errors(model, calls, ratios, seed)
+    payload["call_timesteps"], payload["call_images"] = list(CALL_TIMESTEPS), len(calls[0][0])
     payload["images"] = images
     return payload
 
@@ -286,21 +374,33 @@ def table_rows(payload: dict) -> list[list[str]]:
             ci(r["fd"], r["fd_ci"], ".1f"), ci(r["accuracy"], r["accuracy_ci"], ".1f", 100),
             ci(r["psnr"], r["psnr_ci"], ".2f") if merged else "-",
             ci(r["ssim"], r["ssim_ci"], ".3f") if merged else "-",
+            ci(r["call_error"]["mean"], r["call_error"]["ci"], ".3f") if "call_error" in r else "-",
         ])
     return body
 
 
 HEADERS = ["configuration", "rule ran", "GFLOPs per call (ratio)", "FD [95%]", "class accuracy % [95%]",
-           "PSNR to unmerged dB [95%]", "SSIM to unmerged [95%]"]
+           "PSNR to unmerged dB [95%]", "SSIM to unmerged [95%]", "per-call error [95%]"]
 COMPARISON_HEADERS = ["ratio", "A − B", "PSNR dB [95%], p", "SSIM [95%], p", "FD [95%]",
-                      "accuracy points [95%], p (x:y)"]
+                      "accuracy points [95%], p (x:y)", "per-call error [95%], p"]
 
 
 def comparison_rows(payload: dict) -> list[list[str]]:
     return [[f"{c['ratio']:g}", f"{c['a']} − {c['b']}", diff(c["psnr"], 2), diff(c["ssim"], 4),
              diff(c["fd"], 1, with_p=False),
-             diff(c["accuracy"], 1, 100) + f" ({c['accuracy']['a_only']}:{c['accuracy']['b_only']})"]
+             diff(c["accuracy"], 1, 100) + f" ({c['accuracy']['a_only']}:{c['accuracy']['b_only']})",
+             diff(c["call_error"], 3) if "call_error" in c else "-"]
             for c in payload["comparisons"]]
+
+
+def control_rows(payload: dict) -> list[list[str]]:
+    """Per ratio: the per-call error of each rule, and of the rotation-free control."""
+    body = []
+    for c in payload.get("control", []):
+        merged = [r for r in payload["rows"] if r["rule"] is not None and r["ratio"] == c["ratio"] and "call_error" in r]
+        body.append([f"{c['ratio']:g}", *(ci(r["call_error"]["mean"], r["call_error"]["ci"], ".3f") for r in merged),
+                     ci(c["mean"], c["ci"], ".3f")])
+    return body
 
 
 def markdown(payload: dict) -> str:
@@ -329,6 +429,16 @@ def markdown(payload: dict) -> str:
                   "bootstrap; FD: both bootstraps drawn with the same indices; accuracy: Newcombe and exact "
                   "McNemar, (x:y) = samples only A / only B gets right. Bold: the interval excludes 0.", "",
                   output.table(COMPARISON_HEADERS, comparison_rows(payload)), ""]
+    if payload.get("control"):
+        rules = s["rules"]
+        lines += ["## Per-call error with and without the rotation", "",
+                  "Relative L2 error of one model call against the unmerged call, per image (mean over timesteps "
+                  f"{', '.join(map(str, payload.get('call_timesteps', CALL_TIMESTEPS)))}), on "
+                  f"{payload.get('call_images', '')} class-balanced test images noised to each timestep; mean and "
+                  "bootstrap 95% interval. Control: the same weights with every rotation angle 0 (cos 1, sin 0), "
+                  "merged at the same ratio and compared with its own unmerged call.", "",
+                  output.table(["ratio", *(f"`{r}`" for r in rules), "no rotation (control)"], control_rows(payload)),
+                  ""]
     if fallbacks:
         lines += ["Fallbacks (compiled unmerged):", *fallbacks, ""]
     seconds = sum(r.get("sample_seconds", 0) + r.get("score_seconds", 0) for r in payload["rows"])
@@ -349,12 +459,15 @@ def first_of_each_class(labels: Sequence[int], classes: int = fd.NUM_CLASSES) ->
 
 def run(args) -> dict:
     small = getattr(args, "small", False)
-    model = tokens = reference = None
+    model = tokens = reference = given = None
     if small:
         model, tokens = small_model(args.seed)
         reference = pixel_reference(args.seed)
+        gen = torch.Generator().manual_seed(args.seed)
+        given = (torch.rand(4, 1, 32, 32, generator=gen) * 2 - 1, torch.arange(4))
     payload = study(args.samples, args.steps, args.guidance, args.ratios, args.rules, args.seed, args.batch,
-                    getattr(args, "options", None), model=model, tokens=tokens, reference=reference, log=timing.log)
+                    getattr(args, "options", None), model=model, tokens=tokens, reference=reference,
+                    images_for_calls=given, log=timing.log)
     payload["command"] = args.command
     payload["settings"]["small"] = small
     images = payload.pop("images")

@@ -29,7 +29,12 @@ The forward has the UNet's signature ``model(sample, timestep, encoder_hidden_st
 Training: ``python -m turbo_fx.model_zoo.fashion_joint_dit train [--steps N] [--out PATH]``
 (the DDPM epsilon objective and the recipe of ``fashion_diffusion``); :func:`load_fashion_joint_dit`
 reads the cached weights (``fashion_joint_dit_v<N>.safetensors`` under ``default_cache_dir``)
-and trains only when they are absent. The run's record is the JSON beside the weights.
+and trains only when they are absent. The run's record is the JSON beside the weights. The
+default run (1.1 M parameters, width 96, 4 blocks, 3 heads of 32; 1000 steps of 48 images, 0.8
+epoch, AdamW at 1e-3 with warm-up and cosine decay, EMA 0.995, one thread, ``nice -n 10``) took
+1539 s on the shared 2-core AMD EPYC machine while other jobs ran (about 1 s per step alone),
+final loss 0.071; the weights file is 4.4 MB. Tops, trousers, dresses and coats come out
+recognisable; sandals, sneakers, bags and boots are rough.
 """
 from __future__ import annotations
 

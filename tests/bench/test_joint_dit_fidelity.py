@@ -130,7 +130,7 @@ def parse(*argv):
 
 def test_the_command_line_has_the_study_with_its_defaults_and_checks():
     args = parse()
-    assert args.ratios == [0.25, 0.5, 0.75] and args.rules == ["rows", "position"] and args.threads == 1
+    assert args.ratios == [0.1, 0.25, 0.5, 0.75] and args.rules == ["rows", "position"] and args.threads == 1
     assert args.samples % args.batch == 0
     with pytest.raises(cli.UsageError, match="multiple"):
         jf.check(parse("--samples", "30", "--batch", "20"))
@@ -138,3 +138,32 @@ def test_the_command_line_has_the_study_with_its_defaults_and_checks():
         jf.check(parse("--rules", "rows", "rows"))
     with pytest.raises(cli.UsageError, match="rotary"):
         jf.check(parse("--rules", "rows", "destination"))
+
+
+def test_relative_errors_are_per_image_l2_ratios_averaged_over_calls():
+    import torch
+
+    ref = [torch.ones(2, 1, 2, 2), torch.ones(2, 1, 2, 2)]  # |ref| = 2 per image
+    out = [ref[0] + torch.tensor([0.0, 1.0]).view(2, 1, 1, 1),  # image 1 off by 1 everywhere: |diff| = 2
+           ref[1].clone()]
+    errors = jf.relative_errors(out, ref)
+    assert errors.tolist() == pytest.approx([0.0, 0.5])  # (1 + 0) / 2 for image 1
+
+
+def test_the_control_has_the_same_weights_and_no_rotation():
+    import torch
+
+    model, _ = jf.small_model()
+    control = jf.without_rotation(model)
+    cos, sin = control.rotation(4, 4)
+    assert torch.equal(cos, torch.ones_like(cos)) and torch.equal(sin, torch.zeros_like(sin))
+    assert torch.equal(control.blocks[0].image.qkv.weight, model.blocks[0].image.qkv.weight)
+    assert bool(model.frequencies.ne(0).any())  # the model itself keeps its rotation
+
+
+def test_the_control_table_puts_each_rule_beside_the_rotation_free_error():
+    p = payload()
+    p["rows"][1]["call_error"] = {"mean": 0.2, "ci": [0.15, 0.25], "per_image": []}
+    p["control"] = [{"ratio": 0.5, "mean": 0.02, "ci": [0.01, 0.03]}]
+    assert jf.control_rows(p) == [["0.5", "0.200 [0.150, 0.250]", "0.020 [0.010, 0.030]"]]
+    assert "no rotation (control)" in jf.markdown(p)

@@ -153,6 +153,46 @@ def test_duplicated_cells_rotated_alike_give_the_unmerged_output(turbo, rule, ce
         assert (got - want).abs().max() > 1e-3
 
 
+class ColumnRotation(jd.FashionJointDiT):
+    """Rotated by the column only: the row half of every angle is 0."""
+
+    def rotation(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = jd.grid_angles(rows, cols, self.frequencies)
+        half = angles.shape[-1] // 2
+        angles = torch.cat([torch.zeros_like(angles[:, :half]), angles[:, half:]], dim=-1)
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def vertically_duplicated_images(n: int = 2, size: int = 16, seed: int = 1) -> torch.Tensor:
+    """Images whose token rows 2i and 2i + 1 are equal (pixel rows a, b, a, b in every band of
+    four), while neighbouring columns differ."""
+    bands = torch.randn(n, 1, size // 4, 2, size, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([bands, bands], dim=3).reshape(n, 1, size, size)
+
+
+@pytest.mark.parametrize("rule", ["rows", "position"])
+def test_within_a_cell_a_merged_token_keeps_the_rotation_of_its_own_members(turbo, rule):
+    # In each 2x2 cell the two tokens of a column are equal and, rotated by column, share their
+    # rotation; a quarter merge takes exactly those pairs (similarity 1). The output is the
+    # unmerged one only if every merged and restored token gets its own column's table row
+    # (a row from the cell's other column would turn it by a different angle).
+    torch.manual_seed(0)
+    model = ColumnRotation(jd.JointDiTConfig(**TINY))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.2)
+    model.eval()
+    args = inputs(fd.ClassTokens(), vertically_duplicated_images())
+    with torch.no_grad():
+        want = model(*args)
+    compiled = turbo(model, ratio=0.25, rotary=rule)
+    got = compiled(*args)
+    assert [(c.tokens_in, c.tokens_merged) for c in compiled.report.components if c.decision == "merges"] == [(64, 48)] * 2
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- training, sampling, weights
 
 
