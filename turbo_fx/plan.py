@@ -64,6 +64,7 @@ class GraphPlan:
     runs: list[GridRun] = field(default_factory=list)
     components: list[ComponentPlan] = field(default_factory=list)
     mode_note: str = ""  # why merge-and-restore mode serves a graph that is not a generation graph
+    no_stream: bool = False  # merge mode found no sequence that can merge whole (not a refused option)
 
     @property
     def split_refusal(self) -> Optional[str]:
@@ -84,11 +85,8 @@ def analyse(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: Tu
         if plan.runs:
             _plan_generation(gm, plan)
         else:
-            try:
-                _plan_merges(gm, example_inputs, plan)
-            except CannotRewrite as exc:
-                plan.stop = exc
-            if isinstance(plan.stop, CannotRewrite):
+            _plan_merges(gm, example_inputs, plan)
+            if plan.no_stream:
                 _plan_local(gm, plan, config)
     except CannotRewrite as exc:
         plan.stop = exc
@@ -108,6 +106,7 @@ def _plan_merges(gm: GraphModule, example_inputs: Optional[Sequence[Any]], plan:
     plan.site_reports = site_reports(plan.sites, streams)
     if streams.chosen is None:
         plan.stop = CannotRewrite(streams.problems())
+        plan.no_stream = True
         return
     plan.merging = sites = streams.chosen.sites
     plan.readers = [(plan.sites[i], after, streams.chosen.key_layout.get(i, (0, 0)))
@@ -178,7 +177,7 @@ def _solve_generation_budget(gm: GraphModule, plan: GraphPlan, config: TurboConf
 
 
 def _plan_local(gm: GraphModule, plan: GraphPlan, config: TurboConfig) -> None:
-    """Where merge mode cannot take the graph, each attention sub-block that can merge and
+    """Where merge mode finds no sequence that can merge whole, each attention sub-block that can merge and
     restore on its own (``find_local_runs``: regrouped around the attention, or a joint
     attention whose tokens are never reshaped to a grid) does; the plan keeps merge mode's
     reason in ``mode_note``. Unchanged when there is no such sub-block."""
