@@ -3,7 +3,6 @@ merged one (BLIP's text encoder and decoder over the image tokens) attends over 
 tokens with their log-size key bias, so for exact duplicates it gives the unmerged result."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
