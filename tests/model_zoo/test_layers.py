@@ -16,6 +16,7 @@ LAYERS = {
     "fashion_diffusion": 2,
     "fashion_captioner": 2,
     "fashion_rope_vit": 2,
+    "fashion_joint_dit": 3,  # builds on fashion_diffusion's training and sampling
     "registry": 3,
     "__init__": 4,
 }
