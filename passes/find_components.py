@@ -71,8 +71,11 @@ class Component:
     tokens: int = 0
     grid: tuple[int, int] = (0, 0)
     problems: list[str] = field(default_factory=list)
-    lead: int = 0  # tokens of other origin before the merged ones inside the component (local components)
-    trail: int = 0  # and after them
+    # Tokens of other sequences around the merged ones, which stay whole: in a local component,
+    # those a ``cat`` inside it adds (a frame's class token); in a closed one, those its stream
+    # holds around the merged slice (Flux's text in the single-stream blocks).
+    lead: int = 0
+    trail: int = 0
 
 
 @dataclass
