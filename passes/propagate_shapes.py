@@ -326,10 +326,20 @@ class _Propagation:
                                 "merge they come from was found")
         assign, tokens_in = merge
         n_in = self.hints(self.env[tokens_in].shape[1])
+        lead, trail = self.token_layout(use.tokens) if n_in != use.n_before else (0, 0)
+        if self.rotary == "destination" and lead + n_in + trail == use.n_before:
+            key = (use.table, assign, use.token_axis, self.env[use.tokens].dim())
+            if key not in self.tables:
+                dst = assign.args[0].args[1]  # getitem(grid_merge(x, dst, ...), 1)
+                self.tables[key] = self.insert(node, ops.destination_token_rows,
+                                               (use.table, assign, dst, use.tokens, use.token_axis, lead, trail))
+                self.table_facts.append(f"{use.table.name} ({use.n_before} rows from token 0): destination")
+                counters["token_table.destination"] += 1
+            node.replace_input_with(use.table, self.tables[key])
+            return
         if n_in != use.n_before:
             # Tokens of another sequence concatenated around the merged ones (Flux's text before
             # its image tokens) have rows of their own in the table, which they keep.
-            lead, trail = self.token_layout(use.tokens)
             if lead + n_in + trail != use.n_before:
                 raise CannotRewrite(f"{node.format_node()} combines merged tokens with a per-token table of "
                                     f"{use.n_before} rows, which is not the merged sequence")
@@ -348,6 +358,8 @@ class _Propagation:
             if self.rotary == "position":
                 merged, why = self.merged_from_angles(node, use, assign, offset)
                 rule = "position" if merged is not None else f"rows ({why})"
+            elif self.rotary == "destination":
+                rule = "rows (the destination rule applies in merge-and-restore mode only)"
             if merged is None:
                 merged = self.insert(node, ops.merge_token_rows, (use.table, assign, use.tokens, use.token_axis, offset))
             self.tables[key] = merged

@@ -22,7 +22,7 @@ METRICS = ("keys", "queries")
 # Shapes of the r schedule that a FLOP budget solves for (``passes/flop_budget.py``).
 BUDGET_SCHEDULES = ("constant", "decreasing")
 # How a rotary cos/sin table follows merged tokens (``passes/token_tables.py``).
-ROTARY_RULES = ("rows", "position")
+ROTARY_RULES = ("rows", "position", "destination")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 # Components of a generation block that merge-and-restore mode can merge before and restore after.
 COMPONENTS = ("self-attention", "cross-attention", "feed-forward")
@@ -271,7 +271,8 @@ class TurboConfig:
     rotary: the rotary cos/sin rows of a merged token: "rows" (default: the mean of its
         members' cos/sin rows) or "position" (the mean of its members' rotation angles, the
         angle of their mean position, with cos/sin recomputed, where the graph computes the
-        tables from angles; elsewhere "rows"). On a RoPE ViT trained on Fashion-MNIST "rows"
+        tables from angles; elsewhere "rows") or, in merge-and-restore mode, "destination"
+        (the row of the token whose place the merged token keeps; elsewhere "rows"). On a RoPE ViT trained on Fashion-MNIST "rows"
         kept closer to the unmerged model at every merge amount (docs/results.md). Per-token
         tables that are added (position embeddings) are always averaged by rows, which
         equals merging after the add.

@@ -63,10 +63,10 @@ def test_unknown_rule_is_refused():
     from turbo_fx.config import TurboConfig, TurboConfigError
 
     with pytest.raises(TurboConfigError, match="rotary"):
-        TurboConfig(rotary="destination")
+        TurboConfig(rotary="nearest")
 
 
-@pytest.mark.parametrize("rule", ["rows", "position"])
+@pytest.mark.parametrize("rule", ["rows", "position", "destination"])
 def test_merge_and_restore_rotates_merged_image_tokens_by_their_members(turbo, rule):
     # A joint-attention DiT with 2D rotary positions on the image tokens: within a block the
     # tables follow that block's merge. Rotated by 2x2 cell, duplicated cells stay duplicates and
@@ -92,3 +92,22 @@ def test_merge_and_restore_rotates_merged_image_tokens_by_their_members(turbo, r
             assert (got - want).abs().max() > 1e-3
     torch._dynamo.reset()
     assert torch.equal(turbo(model, ratio=0.0)(x, t, y), want)
+
+
+def test_destination_rows_take_the_row_of_the_token_whose_place_each_merged_token_keeps():
+    from turbo_fx import ops
+
+    table = torch.arange(10.0).reshape(5, 2)  # rows: one text token, then four image tokens
+    # Image tokens 0..3: destinations [2, 0]; token 1 merged into slot 0, token 3 kept in slot 2.
+    assign, dst = torch.tensor([[1, 0, 0, 2]]), torch.tensor([2, 0])
+    like = torch.zeros(1, 4, 2)  # text + 3 merged image tokens
+    rows = ops.destination_token_rows(table, assign, dst, like, 1, lead=1)
+    # text row 0; slot 0 -> image token 2 (table row 3); slot 1 -> token 0 (row 1); slot 2 -> token 3 (row 4)
+    assert rows[0].tolist() == [[0.0, 1.0], [6.0, 7.0], [2.0, 3.0], [8.0, 9.0]]
+
+
+def test_destination_rule_is_rows_in_merge_mode(turbo):
+    model = RotaryViT(axes="y").eval()
+    compiled = turbo(model, r=2, rotary="destination")
+    compiled(row_duplicated_images())
+    assert compiled.report.token_tables and all("merge-and-restore mode only" in t for t in compiled.report.token_tables)

@@ -37,7 +37,7 @@ from .grid_merge import cell_offsets, cell_shape, destination_count, cross_atten
 from .merge_step import MergeRecord, _is_fake, merge_block, merge_block_op, record_merges
 from .packed_attention import key_padding_bias, packed_cls_probs, packed_head_mean
 from .reductions import weighted_token_mean, weighted_token_sum
-from .restore import assign_with_whole_tokens, merge_token_rows, restore_tokens
+from .restore import assign_with_whole_tokens, destination_token_rows, merge_token_rows, restore_tokens
 from .semantic import cls_attention, cls_attention_from_probs
 
 __all__ = [
@@ -45,7 +45,7 @@ __all__ = [
     "add_bias", "pad_key_bias", "check_key_padding_mask", "check_reader_padding", "key_bias", "key_validity",
     "compose_assign", "head_mean", "information_degree", "initial_assign", "initial_sizes",
     "merge_count", "merge_tokens", "MergeRecord", "merge_block", "merge_block_op", "record_merges",
-    "weighted_token_mean", "weighted_token_sum", "restore_tokens", "merge_token_rows", "assign_with_whole_tokens", "cls_attention",
+    "weighted_token_mean", "weighted_token_sum", "restore_tokens", "merge_token_rows", "assign_with_whole_tokens", "destination_token_rows", "cls_attention",
     "cls_attention_from_probs", "_is_fake", "key_padding_bias", "packed_cls_probs", "packed_head_mean",
     "cell_offsets", "cell_shape", "destination_count", "cross_attention_saliency", "grid_merge", "grid_merge_plan", "grid_partition", "merge_by_plan",
 ]

@@ -52,3 +52,27 @@ def assign_with_whole_tokens(assign: Tensor, lead: int, trail: int, merged: int)
     before = torch.arange(lead, device=assign.device).expand(batch, lead)
     after = (lead + merged + torch.arange(trail, device=assign.device)).expand(batch, trail)
     return torch.cat([before, assign + lead, after], dim=1)
+
+
+def destination_token_rows(table: Tensor, assign: Tensor, dst: Tensor, like: Tensor, token_axis: int,
+                           lead: int = 0, trail: int = 0) -> Tensor:
+    """A per-token table for the merged tokens of ``like`` in merge-and-restore mode, each merged
+    token taking the row of the original token whose place it keeps: its destination (merged
+    tokens are laid out [destinations | kept sources], ``grid_merge``) or, for a kept source,
+    itself. ``lead`` and ``trail`` tokens of other sequences around the merged ones keep their
+    own rows. Table layout and result shape as in ``merge_token_rows``."""
+    rank = like.dim()
+    token_axis %= rank
+    full = table.reshape((1,) * (rank - table.dim()) + tuple(table.shape)).movedim(token_axis, 1)
+    batch, n = assign.shape
+    merged = like.shape[token_axis] - lead - trail
+    members = torch.arange(n, device=assign.device).expand(batch, n)
+    # A kept source is its slot's only member, so this scatter writes each kept slot once; the
+    # destinations' slots are then set from ``dst``, whatever their members wrote.
+    kept = torch.zeros(batch, merged, dtype=torch.long, device=assign.device).scatter(1, assign, members)
+    place = torch.cat([dst.expand(batch, -1), kept[:, dst.numel():]], dim=1)
+    rows = torch.cat([torch.arange(lead, device=assign.device).expand(batch, lead), place + lead,
+                      (lead + n + torch.arange(trail, device=assign.device)).expand(batch, trail)], dim=1)
+    source = full.expand(batch, *full.shape[1:])
+    index = rows.reshape(rows.shape + (1,) * (source.dim() - 2)).expand(batch, rows.shape[1], *source.shape[2:])
+    return source.gather(1, index).movedim(1, token_axis)
