@@ -137,7 +137,7 @@ def test_the_command_line_has_the_study_with_its_defaults_and_checks():
     with pytest.raises(cli.UsageError, match="twice"):
         jf.check(parse("--rules", "rows", "rows"))
     with pytest.raises(cli.UsageError, match="rotary"):
-        jf.check(parse("--rules", "rows", "destination"))
+        jf.check(parse("--rules", "rows", "nearest"))
 
 
 def test_relative_errors_are_per_image_l2_ratios_averaged_over_calls():
