@@ -231,6 +231,7 @@ class _Propagation:
         self.rotary = "rows"
         self.tables: dict[tuple, Node] = {}
         self.whole_token_assigns: dict[tuple, Node] = {}
+        self.layouts: dict[tuple, tuple[int, int]] = {}  # token_layout's answers; ancestors no longer change
         self.table_facts: list[str] = []
 
     def run(self, dirty: set[Node]) -> set[Node]:
@@ -408,6 +409,12 @@ class _Propagation:
         token axis: a token ``cat`` puts other sequences' tokens around the merged ones (CaiT's
         class token before the patches; SD3's text tokens after the image tokens in its joint
         attention, whose output follows the queries)."""
+        key = (node, depth)
+        if key not in self.layouts:  # a residual add reads two changed inputs: without this, 2**depth walks
+            self.layouts[key] = self._token_layout(node, depth)
+        return self.layouts[key]
+
+    def _token_layout(self, node: Node, depth: int) -> tuple[int, int]:
         while isinstance(node, Node) and depth > 0:
             depth -= 1
             axis = _sequence_cat_axis(node)
