@@ -4,7 +4,7 @@
     turbo-fx eval      --task fashion-mnist --suite full --train 4000 --test 2000
     turbo-fx analyze   --model dinov2-s
     turbo-fx visualize --model dinov2-s --image chelsea --r 16
-    turbo-fx merge-paths | diffusion-speed | diffusion-fidelity | vlm-speed | vlm-eval | rotary-fidelity | joint-dit-fidelity | sweep ...
+    turbo-fx merge-paths | diffusion-speed | diffusion-fidelity | vlm-speed | llava-speed | vlm-eval | rotary-fidelity | joint-dit-fidelity | sweep ...
     turbo-fx calibration --max-drift 0.005 0.01
 
 A study is one entry of ``STUDIES``: its name, what it measures, the module whose ``run(args)``
@@ -177,6 +177,14 @@ STUDIES = (
             help="BLIP: also a 'turbo r=R explicit' row per r (explicit_as_sdpa=False)"),
         arg("--note", default=None, help="a line for the result files"),
         SEED, COMPILER)),
+    Study("llava-speed", "LLaVA-style time to first token: Inductor vs turbo (tower merged, visual tokens compacted)",
+          "llava_speed", (
+              arg("--small", action="store_true", help="tiny configurations of the same classes (a smoke test)"),
+              arg("--batch", nargs="+", type=positive, default=[1]),
+              arg("--r", type=non_negative, default=8, help="tokens the tower merges per block (default 8)"),
+              arg("--ratio", type=ratio, default=0.75,
+                  help="fraction of the language model's visual tokens merged away (default 0.75: keep 0.25)"),
+              arg("--rounds", type=positive, default=5, help="interleaved timing rounds (default 5)"))),
     Study("vlm-eval", "captioning fidelity: DINOv2-S + a trained decoder on Fashion-MNIST", "vlm_eval", (
         arg("--test", type=positive, default=1000, help="class-balanced test images (default 1000)"),
         arg("--r", type=non_negative, nargs="+", default=[8, 12, 16]),

@@ -241,6 +241,7 @@ class _Propagation:
             if not (node in dirty or any(i in self.changed for i in node.all_input_nodes)):
                 self.env[node] = _recorded_value(self.gm, node, self.fake_mode)
                 continue
+            self.restore_before_batch_fold(node)
             self.rewrite_shape_args(node)
             self.merge_token_table(node)
             value = self.evaluate(node)
@@ -266,6 +267,32 @@ class _Propagation:
             new = self.gm.graph.call_function(target, args)
         self.evaluate(new)
         return new
+
+    def restore_before_batch_fold(self, node: Node) -> None:
+        """A node that takes merged tokens out of their [B, N, ...] layout into one where the
+        token axis no longer follows the batch (one sample picked, ``unbind`` over the batch,
+        batch and tokens flattened together: LLaVA lists each image's tokens and concatenates
+        them) reads them restored: what follows it runs on every original token, as readers
+        after the graph would."""
+        if not self.assign_by_count or not node.args or not _folds_batch(node):
+            return
+        src = node.args[0]
+        if not isinstance(src, Node) or src not in self.changed:
+            return
+        old, new = self.old_values.get(src), self.env.get(src)
+        if not isinstance(old, torch.Tensor) or not isinstance(new, torch.Tensor) or new.dim() < 3:
+            return
+        if changed_axes(old.shape, new.shape, self.hints) != [1]:
+            return
+        count = self.hints(new.shape[1])
+        assign = self.assign_by_count.get(count)
+        dropped = next((c - count for c in self.assign_by_count if 0 < c - count <= self.protected), None)
+        if assign is None and dropped is not None:  # the protected tokens in front were sliced off
+            assign = self.insert(node, ops.assign_after_prefix, (self.assign_by_count[count + dropped], dropped))
+        if assign is None:
+            return
+        restored = self.insert(node, ops.restore_tokens, (src, assign, 1))
+        node.replace_input_with(src, restored)
 
     def rewrite_shape_args(self, node: Node) -> None:
         if node.op not in ("call_method", "call_function") or not node.args:
@@ -533,6 +560,23 @@ class _Propagation:
                 continue
             raise CannotRewrite(f"{node.format_node()}: cannot map expand size {entry!r} on token axis {a}")
         _set_shape_spec(node, spec, packed)
+
+
+def _folds_batch(node: Node) -> bool:
+    """Whether ``node`` moves a [B, N, ...] tensor's token axis away from behind the batch:
+    an integer index on the batch axis, ``unbind`` over it, or ``flatten`` from axis 0."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        index = node.args[1]
+        first = index[0] if isinstance(index, tuple) and index else index
+        return isinstance(first, int) and not isinstance(first, bool)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name == "unbind":
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        return dim == 0
+    if name == "flatten":
+        start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+        return start == 0
+    return False
 
 
 def _sequence_cat_axis(node: Node) -> Optional[int]:

@@ -359,3 +359,53 @@ class PaddedPatchEncoder(torch.nn.Module):
             x = x + block["mlp"](block["norm2"](x))
         pooled, _ = self.pool(self.probe.expand(batch, -1, -1), x, x, key_padding_mask=~valid.bool(), need_weights=False)
         return pooled[:, 0]
+
+
+class PlaceholderPrefixLM(torch.nn.Module):
+    """A language model that reads image features the way vision-language models do: token
+    embeddings whose placeholder positions (``image_token``) a ``masked_scatter`` fills with the
+    features, pre-norm SDPA blocks, no positions at all, and a prefix-LM mask built from arange
+    (every token sees the first ``prefix`` tokens; after them attention is causal), as PaliGemma's
+    prompt is read. Duplicated features stay duplicated through every layer inside the prefix."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 2, depth: int = 2, image_token: int = 63,
+                 prefix: int = 0) -> None:
+        super().__init__()
+        self.image_token, self.heads, self.prefix = image_token, heads, prefix
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(dim) for _ in range(2 * depth))
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(depth))
+        self.proj = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(depth))
+        self.mlp = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+            for _ in range(depth))
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        mask = (input_ids == self.image_token).unsqueeze(-1)
+        x = x.masked_scatter(mask, image_features)
+        batch, length, dim = x.shape
+        q_index = torch.arange(length, device=x.device)[:, None]
+        k_index = torch.arange(length, device=x.device)[None, :]
+        allowed = (k_index <= q_index) | (k_index < self.prefix)
+        for i, (qkv, proj, mlp) in enumerate(zip(self.qkv, self.proj, self.mlp)):
+            q, k, v = qkv(self.norms[2 * i](x)).reshape(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            x = x + proj(y.transpose(1, 2).reshape(batch, length, dim))
+            x = x + mlp(self.norms[2 * i + 1](x))
+        return self.head(x)
+
+
+def placeholder_prompt(batch: int = 2, lead: int = 3, count: int = 16, trail: int = 4, image_token: int = 63,
+                       seed: int = 0) -> torch.Tensor:
+    """Token ids [B, lead + count + trail]: text, ``count`` placeholders, text."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, image_token, (batch, lead + trail), generator=g)
+    return torch.cat([text[:, :lead], torch.full((batch, count), image_token), text[:, lead:]], dim=1)
+
+
+def grouped_features(batch: int = 2, count: int = 16, group: int = 2, dim: int = 32, seed: int = 1) -> torch.Tensor:
+    """[B * count, dim] image features in which each run of ``group`` consecutive tokens is one token repeated."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, count // group, dim, generator=g).repeat_interleave(group, dim=1).reshape(-1, dim)

@@ -69,8 +69,8 @@ RSpec = Union[int, Sequence[int], LinearSchedule]
 # The rewrite's passes, by name, in the order the driver runs them (``turbo_fx.rewrite.PASSES``
 # holds the passes themselves; a test keeps the two lists equal). Named here, at the bottom of
 # the package, so that ``disabled_passes`` is checked with every other option at the edge.
-PASS_NAMES = ("explicit_as_sdpa", "insert_merges", "merge_and_restore", "propagate_shapes", "weight_token_means",
-              "restore_outputs")
+PASS_NAMES = ("explicit_as_sdpa", "insert_merges", "merge_and_restore", "compact_placeholders", "propagate_shapes",
+              "weight_token_means", "restore_outputs")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from turbo_fx.config import TurboConfig
 from turbo_fx.errors import CannotRewrite, NothingToMerge
 from turbo_fx.passes.check_masks import check_masks
 from turbo_fx.passes.find_attention import AttentionSite, find_attention_sites
+from turbo_fx.passes.compact_placeholders import compaction_problem
 from turbo_fx.passes.find_components import GridRun, find_grid_runs, find_local_runs
+from turbo_fx.passes.find_placeholders import PlaceholderScatter, find_placeholder_scatter
 from turbo_fx.passes.flop_budget import component_costs, solve_for_graph, solve_generation
 from turbo_fx.passes.graph_traits import GraphTraits, graph_traits
 from turbo_fx.passes.graph_utils import graph_fake_mode
@@ -31,12 +33,13 @@ from turbo_fx.passes.insert_merges import plan_merges
 from turbo_fx.passes.merge_and_restore import ComponentPlan, plan_components
 from turbo_fx.passes.protected_tokens import count_protected_tokens, count_trailing_tokens, has_class_token
 from turbo_fx.passes.streams import StreamPlan, plan_streams
-from turbo_fx.report import BlockReport, ComponentReport, SiteReport
+from turbo_fx.report import PLACEHOLDERS, BlockReport, ComponentReport, SiteReport
 
 log = logging.getLogger("turbo_fx")
 
 MERGE = "merge"
 GENERATION = "merge-and-restore"
+COMPACT = "compact"
 
 
 @dataclass
@@ -65,10 +68,15 @@ class GraphPlan:
     components: list[ComponentPlan] = field(default_factory=list)
     mode_note: str = ""  # why merge-and-restore mode serves a graph that is not a generation graph
     no_stream: bool = False  # merge mode found no sequence that can merge whole (not a refused option)
+    # compact mode
+    scatter: Optional[PlaceholderScatter] = None
+    kept: int = 0  # placeholder tokens per row after the compaction
 
     @property
     def split_refusal(self) -> Optional[str]:
         """Why the rewritten graph will not be compiled block by block, or None."""
+        if self.mode == COMPACT:
+            return "a compacted language model merges once, before its first layer: there are no blocks to split at"
         return self.traits.split_refusal
 
 
@@ -81,6 +89,12 @@ def analyse(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: Tu
         if not plan.sites:
             plan.stop = CannotRewrite("no attention site found in the graph")
             return plan
+        scatter = find_placeholder_scatter(gm, plan.sites)
+        # A graph that also holds the tower (BLIP-2 compiles as one) merges the tower's sequence
+        # instead; compaction takes a language model compiled in a graph of its own.
+        if scatter is not None and len(scatter.sites) == len(plan.sites):
+            _plan_compaction(plan, scatter)
+            return _checked(gm, plan)
         plan.runs = find_grid_runs(gm, plan.sites)
         if plan.runs:
             _plan_generation(gm, plan)
@@ -93,9 +107,47 @@ def analyse(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: Tu
     except Exception as exc:  # an analysis bug must never break the user's model
         log.debug("turbo: internal error while analysing the graph", exc_info=True)
         plan.stop = CannotRewrite(f"internal error in a turbo pass: {type(exc).__name__}: {exc}")
+    return _checked(gm, plan)
+
+
+def _checked(gm: GraphModule, plan: GraphPlan) -> GraphPlan:
     if plan.stop is None and graph_fake_mode(gm) is None:
         plan.stop = CannotRewrite("no fake tensor mode to re-propagate shapes with (graph not from Dynamo)")
     return plan
+
+
+def _plan_compaction(plan: GraphPlan, scatter: PlaceholderScatter) -> None:
+    """A language model whose placeholder tokens are filled from a vision tower: they merge once
+    into fewer tokens (``ratio`` of them merged away), the rest of the sequence stays whole."""
+    plan.mode, plan.scatter = COMPACT, scatter
+    config = plan.config
+    removed = int(config.generation.ratio * scatter.count + 1e-9)
+    plan.kept = scatter.count - removed
+    reading = {s.index for s in scatter.sites}
+    plan.site_reports = [
+        SiteReport(s.index, s.module, s.kind, 0 if s.index in reading else -1,
+                   "merges" if s.index in reading else "untouched",
+                   "" if s.index in reading else "does not read the placeholder sequence")
+        for s in plan.sites
+    ]
+    first = scatter.sites[0]
+    plan.blocks = [BlockReport(first.index, first.module, PLACEHOLDERS, scatter.count, removed, removed)]
+    slots = scatter.length - removed
+    plan.mode_note = (f"placeholder compaction: each row's {scatter.count} placeholder tokens (filled from "
+                      f"'{scatter.features.name}') merge into {plan.kept} before the first layer, the other "
+                      f"{scatter.length - scatter.count} tokens stay whole ({scatter.length} -> {slots} tokens); "
+                      f"outputs, key/value caches among them, are restored to {scatter.length} tokens")
+    problem = compaction_problem(scatter)
+    if problem:
+        plan.stop = CannotRewrite(problem)
+    elif config.flops is not None:
+        plan.stop = CannotRewrite("a FLOP budget is not solved for placeholder compaction: give 'ratio', the "
+                                  "fraction of placeholder tokens merged away")
+    elif not config.restore_outputs:
+        plan.stop = CannotRewrite("placeholder compaction restores the outputs (a key/value cache must keep the "
+                                  "length the caller counts); restore_outputs=False is refused here")
+    elif removed == 0:
+        plan.stop = NothingToMerge("the configuration merges no placeholder token (ratio 0)")
 
 
 def _plan_merges(gm: GraphModule, example_inputs: Optional[Sequence[Any]], plan: GraphPlan) -> None:

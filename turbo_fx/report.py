@@ -23,6 +23,9 @@ class PassRecord:
     changes: int = 0
 
 
+PLACEHOLDERS = "placeholders"  # BlockReport.kind of a placeholder compaction (one per graph)
+
+
 @dataclass
 class BlockReport:
     index: int
@@ -88,7 +91,7 @@ class GraphReport:
     semantic_source: str = ""  # where the semantic value came from (merge mode)
     padding: bool = False
     budget: str = ""  # a FLOP budget: the schedule solved for it and the FLOP ratio it predicts
-    mode_note: str = ""  # why merge-and-restore serves a graph that is not a generation graph
+    mode_note: str = ""  # why merge-and-restore serves a graph that is not a generation graph; what compaction did
     sdpa_sites: list[int] = field(default_factory=list)  # explicit attention sites emitted as one SDPA call
     outputs_restored: int = 0
     reductions_weighted: int = 0  # token-axis means/sums made size-weighted
@@ -116,8 +119,11 @@ class GraphReport:
 
     @property
     def mode(self) -> str:
-        """"merge-and-restore" for generation graphs, "merge" for encoders."""
-        return "merge-and-restore" if self.components else "merge"
+        """"merge-and-restore" for generation graphs, "compact" for a language model whose
+        placeholder tokens merge once, "merge" for encoders."""
+        if self.components:
+            return "merge-and-restore"
+        return "compact" if self.blocks and self.blocks[0].kind == PLACEHOLDERS else "merge"
 
     @property
     def tokens_per_block(self) -> list[int]:

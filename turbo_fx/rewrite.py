@@ -26,13 +26,14 @@ from torch.fx import GraphModule, Node
 
 from turbo_fx.config import PASS_NAMES, TurboConfig
 from turbo_fx.errors import CannotRewrite
+from turbo_fx.passes.compact_placeholders import insert_compaction
 from turbo_fx.passes.explicit_as_sdpa import explicit_as_sdpa
 from turbo_fx.passes.insert_merges import insert_merges
 from turbo_fx.passes.merge_and_restore import insert_merge_and_restore
 from turbo_fx.passes.propagate_shapes import ShapeHints, propagate_shapes
 from turbo_fx.passes.restore_outputs import restore_outputs
 from turbo_fx.passes.weight_token_means import weight_token_means
-from turbo_fx.plan import GENERATION, MERGE, GraphPlan, component_report
+from turbo_fx.plan import COMPACT, GENERATION, MERGE, GraphPlan, component_report
 from turbo_fx.report import PassRecord, counters
 from turbo_fx.torch_compat import empty_graph_like
 
@@ -103,6 +104,14 @@ def _merge_and_restore(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) ->
     return PassResult(len(ctx.insertion.touched), {"components": ctx.insertion.reports})
 
 
+def _compact_placeholders(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> PassResult:
+    ctx.old_values = recorded_values(gm)
+    ctx.insertion = insert_compaction(gm, plan.scatter, plan.kept, ctx.config.prop_attn)
+    for compacted, filled in ctx.insertion.replaced.items():
+        ctx.old_values[compacted] = ctx.old_values[filled]
+    return PassResult(len(ctx.insertion.touched))
+
+
 def _propagate_shapes(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> PassResult:
     merge_mode = plan.mode == MERGE
     tables: list[str] = []
@@ -123,7 +132,7 @@ def _restore_outputs(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> P
     return PassResult(restored, {"outputs_restored": restored})
 
 
-_BOTH = frozenset({MERGE, GENERATION})
+_ALL = frozenset({MERGE, GENERATION, COMPACT})
 # Order matters: shapes are re-propagated after every insertion, and the passes after it read
 # the new shapes.
 PASSES: tuple[Pass, ...] = (
@@ -131,9 +140,10 @@ PASSES: tuple[Pass, ...] = (
          applies=lambda config: config.strategy.explicit_as_sdpa),
     Pass("insert_merges", _insert_merges, frozenset({MERGE})),
     Pass("merge_and_restore", _merge_and_restore, frozenset({GENERATION})),
-    Pass("propagate_shapes", _propagate_shapes, _BOTH),
+    Pass("compact_placeholders", _compact_placeholders, frozenset({COMPACT})),
+    Pass("propagate_shapes", _propagate_shapes, _ALL),
     Pass("weight_token_means", _weight_token_means, frozenset({MERGE}), required=False),
-    Pass("restore_outputs", _restore_outputs, frozenset({MERGE}), required=False,
+    Pass("restore_outputs", _restore_outputs, frozenset({MERGE, COMPACT}), required=False,
          applies=lambda config: config.restore_outputs),
 )
 assert tuple(p.name for p in PASSES) == PASS_NAMES, "config.PASS_NAMES must list PASSES in order"

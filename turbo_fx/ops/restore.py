@@ -20,6 +20,12 @@ def restore_tokens(y: Tensor, assign: Tensor, axis: int, lead: int = 0, trail: i
     return moved.gather(1, index).movedim(1, axis)
 
 
+def assign_after_prefix(assign: Tensor, prefix: int) -> Tensor:
+    """The assignment of the tokens after ``prefix`` protected ones (which never merge and keep
+    the first slots), for a sequence that sliced them off."""
+    return assign[:, prefix:] - prefix
+
+
 def merge_token_rows(table: Tensor, assign: Tensor, like: Tensor, token_axis: int, offset: int = 0) -> Tensor:
     """A per-token table for the merged tokens of ``like``: each merged token gets the mean of
     its members' rows, so adding the table to a merged token equals merging after the add.

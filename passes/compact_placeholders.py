@@ -1,0 +1,111 @@
+"""Pass: compact a language model's placeholder tokens once, right after they are filled in.
+
+Matches the scatter ``find_placeholders`` found. Right after it the graph gets one
+``compact_placeholders`` call: each row's placeholder tokens (the image's visual tokens) merge
+into ``kept`` tokens by rounds of bipartite matching, the text tokens keep a slot each, and
+every slot stays in position order (a merged token at its members' mean position). Every later
+use of the filled sequence takes the compacted one. A run-time check first makes sure every
+row holds the placeholder count the graph was built for (else the guard runs the call unmerged).
+
+Each attention site that reads the sequence gets the mask of the shorter sequence: its own
+mask (causal, padding, prefix) read at each slot's position for queries and keys, or a causal
+mask over slots where it was ``is_causal``, plus the ``log(size)`` key bias of proportional
+attention (``prop_attn``). Per-token tables (rotary cos/sin built for the original positions) are left to
+``propagate_shapes``, which merges them with the compaction's ``assign``; outputs, the key/value
+caches among them, are restored to the original length by ``restore_outputs``, so a cache
+holds each merged key once per member, and a later decode step attending over it sees exactly
+the merged key with its ``log(size)`` bias.
+
+Guarantees: only inserts calls into ``turbo_fx.ops`` and edits the mask arguments of the
+reading SDPA calls; returns every node it added or edited and the assign map at the compacted
+length. Shapes downstream are left stale for ``propagate_shapes``.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+
+from turbo_fx import ops
+from turbo_fx.errors import CannotRewrite
+
+from . import graph_utils as gu
+from .find_placeholders import PlaceholderScatter
+from .propagate_shapes import ShapeHints
+
+hint = ShapeHints()  # concrete lengths: a symbolic prompt length keys the maps by its hint
+
+
+@dataclass
+class CompactionInsertion:
+    touched: set[Node] = field(default_factory=set)
+    assign_by_count: dict[int, Node] = field(default_factory=dict)
+    replaced: dict[Node, Node] = field(default_factory=dict)  # compacted sequence -> the filled one
+    values: dict[Node, object] = field(default_factory=dict)
+
+
+def compaction_problem(scatter: PlaceholderScatter) -> str:
+    """Why the sites reading ``scatter``'s sequence cannot take the compacted one, or ''."""
+    for site in scatter.sites:
+        if site.kind != "sdpa":
+            return (f"site {site.index} ({site.module}) reads the placeholder sequence through {site.kind} attention; "
+                    "compaction rewrites scaled_dot_product_attention masks only")
+        if site.k not in gu.descendants(scatter.node):
+            return (f"site {site.index} ({site.module}) reads the placeholder sequence as queries over keys of "
+                    "another sequence; compaction needs every such site to attend over the sequence itself")
+    return ""
+
+
+def insert_compaction(gm: GraphModule, scatter: PlaceholderScatter, kept: int, prop_attn: bool = True) -> CompactionInsertion:
+    """Insert the compaction of ``scatter``'s placeholders into ``kept`` tokens (module docstring)."""
+    graph = gm.graph
+    result = CompactionInsertion()
+
+    def call(fn, *args) -> Node:
+        node = graph.call_function(fn, args)
+        result.touched.add(node)
+        return node
+
+    filled = scatter.node
+    with graph.inserting_after(filled):
+        rows = call(ops.placeholder_rows, scatter.mask, filled)
+    with graph.inserting_after(rows):
+        checked = call(torch.ops.turbo_fx.check_placeholder_count.default, rows, scatter.count)
+    with graph.inserting_after(checked):
+        out = call(ops.compact_placeholders, filled, checked, scatter.count, kept)
+    with graph.inserting_after(out):
+        compacted = call(operator.getitem, out, 0)
+    with graph.inserting_after(compacted):
+        size, assign, position = (call(operator.getitem, out, i) for i in (1, 2, 3))
+        # The original count's (identity) map, by which per-token tables know their row count.
+        result.assign_by_count[hint(scatter.length)] = call(ops.initial_assign, filled)
+    inserted = set(result.touched)
+    filled.replace_all_uses_with(compacted, delete_user_cb=lambda user: user not in inserted)
+    result.touched.update(compacted.users)
+    result.replaced[compacted] = filled
+    result.assign_by_count[hint(scatter.length) - scatter.count + kept] = assign
+    for site in scatter.sites:
+        _compact_site_mask(graph, site, scatter.length, position, size, prop_attn, call)
+        result.touched.add(site.attn)
+    return result
+
+
+def _compact_site_mask(graph, site, length, position: Node, size: Node, prop_attn: bool, call) -> None:
+    keys = gu.tensor_shape(site.k)
+    if keys is None:
+        raise CannotRewrite(f"site {site.index} ({site.module}): the keys' shape is unknown")
+    try:
+        prefix = int(keys[site.k_token_axis] - length)  # a cache's past keys in front of the sequence's own
+    except Exception:
+        raise CannotRewrite(f"site {site.index} ({site.module}): its keys hold a past of unknown length in front "
+                            "of the placeholder sequence") from None
+    dtype = gu.example_value(site.q).dtype
+    causal = bool(gu.sdpa_arg(site.attn, "is_causal", False))
+    with graph.inserting_before(site.attn):
+        mask = call(ops.compact_mask, gu.sdpa_arg(site.attn, "attn_mask"), position, size, dtype, causal, prefix,
+                    prop_attn)
+    gu.set_sdpa_arg(site.attn, "attn_mask", mask)
+    if causal:
+        gu.set_sdpa_arg(site.attn, "is_causal", False)

@@ -1,0 +1,215 @@
+"""A language model's placeholder tokens (the visual tokens a vision tower's features fill in)
+compacted once before the first layer: the ops by hand, exactness on duplicated features, and
+transformers' LLaVA through its own forward and ``generate``."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from tests.model_builders import PlaceholderPrefixLM, dynamo_graph, grouped_features, placeholder_prompt
+from turbo_fx import ops
+from turbo_fx.passes.find_attention import find_attention_sites
+from turbo_fx.passes.find_placeholders import find_placeholder_scatter
+from turbo_fx.report import recording
+
+
+def compacted(report) -> list[tuple]:
+    return [(b.kind, b.tokens_in, b.tokens_out) for b in report.blocks]
+
+
+# ---- the ops, checked by hand -------------------------------------------------------------------
+
+def test_compaction_merges_only_placeholders_and_keeps_position_order():
+    seq = torch.arange(2 * 9 * 2, dtype=torch.float32).reshape(2, 9, 2)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 2:6] = True  # rows hold their placeholders in different places
+    mask[1, 4:8] = True
+    seq[0, 2:6] = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    seq[1, 4:8] = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    out, size, assign, position = ops.compact_placeholders(seq, mask.unsqueeze(-1), 4, 2)
+    assert out.shape == (2, 7, 2)
+    assert size.tolist() == [[1, 1, 2, 2, 1, 1, 1], [1, 1, 1, 1, 2, 2, 1]]
+    assert position.tolist() == [[0, 1, 2.5, 4.5, 6, 7, 8], [0, 1, 2, 3, 4.5, 6.5, 8]]
+    assert assign.tolist() == [[0, 1, 2, 2, 3, 3, 4, 5, 6], [0, 1, 2, 3, 4, 4, 5, 5, 6]]
+    # text tokens untouched, each placeholder pair merged into its own value
+    torch.testing.assert_close(ops.restore_tokens(out, assign, 1), seq, rtol=0, atol=0)
+
+
+def test_merging_down_to_a_quarter_takes_two_rounds_of_pairs():
+    x = torch.randn(1, 4, 3).repeat_interleave(4, dim=1)  # 16 tokens, 4 groups of 4 equal ones
+    merged, size, assign = ops.merge_placeholder_tokens(x, 4)
+    assert size.tolist() == [[4.0] * 4]
+    assert assign.tolist() == [[0] * 4 + [1] * 4 + [2] * 4 + [3] * 4]
+    torch.testing.assert_close(merged, x[:, ::4])
+
+
+def test_compacted_mask_reads_the_original_mask_at_slot_positions():
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    position = torch.tensor([[0.0, 1.5, 3.0, 4.0]])  # positions 1 and 2 merged (mean 1.5 rounds to 2)
+    size = torch.tensor([[1.0, 2.0, 1.0, 1.0]])
+    got = ops.compact_mask(causal, position, size, torch.float32, False, 0)
+    low = torch.finfo(torch.float32).min
+    want = torch.tensor([[0, low, low, low], [0, math.log(2), low, low], [0, math.log(2), 0, low],
+                         [0, math.log(2), 0, 0]])
+    torch.testing.assert_close(got[0, 0], want)
+    # is_causal (no mask) gives the causal mask over slots, with a cache prefix of 2 keys in front
+    got = ops.compact_mask(None, position, size, torch.float32, True, 2)
+    assert (got[0, 0] > low).tolist() == [[True] * 3 + [False] * 3, [True] * 4 + [False] * 2,
+                                         [True] * 5 + [False], [True] * 6]
+    assert got[0, 0, 3, 3].item() == pytest.approx(math.log(2))
+
+
+def test_rows_with_different_placeholder_counts_are_refused_at_run_time():
+    rows = torch.tensor([[True, True, False], [True, False, False]])
+    with pytest.raises(RuntimeError, match="different numbers of placeholder tokens"):
+        torch.ops.turbo_fx.check_placeholder_count(rows, 2)
+
+
+# ---- a prefix language model written here --------------------------------------------------------
+
+def test_placeholder_scatter_is_found_by_structure():
+    model = PlaceholderPrefixLM().eval()
+    gm = dynamo_graph(model, placeholder_prompt(), grouped_features())
+    found = find_placeholder_scatter(gm, find_attention_sites(gm))
+    assert (found.length, found.count, found.batch, len(found.sites)) == (23, 16, 2, 2)
+
+
+@pytest.mark.parametrize("group, ratio", [(2, 0.5), (4, 0.75)])
+def test_duplicated_features_give_the_unmerged_logits(turbo, group, ratio):
+    ids = placeholder_prompt()
+    model = PlaceholderPrefixLM(prefix=ids.shape[1] - 2).eval()  # image and prompt read both ways
+    features = grouped_features(group=group)
+    with torch.no_grad():
+        want = model(ids, features)
+    compiled = turbo(model, ratio=ratio)
+    got = compiled(ids, features)
+    assert compacted(compiled.report) == [("placeholders", 16, 16 // group)]
+    assert compiled.report.fallback_reason is None
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    # the same merge without the log(size) bias: each merged key counts once, and the text moves
+    torch._dynamo.reset()
+    unbiased = turbo(model, ratio=ratio, prop_attn=False)(ids, features)
+    assert (unbiased - want)[:, -4:].abs().max() > 1e-3
+
+
+def test_ratio_zero_leaves_the_language_model_bit_identical(turbo):
+    model = PlaceholderPrefixLM().eval()
+    ids, features = placeholder_prompt(), torch.randn(32, 32)
+    with torch.no_grad():
+        want = model(ids, features)
+    compiled = turbo(model, ratio=0.0)
+    assert torch.equal(compiled(ids, features), want)
+    assert compacted(compiled.report) == [("placeholders", 16, 16)]
+
+
+def test_rows_with_placeholders_elsewhere_run_unmerged_without_error(turbo):
+    model = PlaceholderPrefixLM().eval()
+    ids, features = placeholder_prompt(), torch.randn(32, 32)
+    compiled = turbo(model, ratio=0.5)
+    compiled(ids, features)
+    moved = ids.clone()
+    moved[1, 3], moved[1, 0] = 5, model.image_token  # the same count per row, one placeholder moved
+    with torch.no_grad():
+        want = model(moved, features)
+    torch.testing.assert_close(compiled(moved, features)[1, -4:], want[1, -4:], rtol=0, atol=0.5)
+    uneven = ids.clone()
+    uneven[1, 3] = 5  # 15 placeholders in row 1: the guard runs this call unmerged
+    uneven[0, 0] = model.image_token
+    with torch.no_grad():
+        want = model(uneven, features)
+    torch.testing.assert_close(compiled(uneven, features), want)
+    assert compiled.graphs[0].run_time_failures == 1
+
+
+# ---- transformers' LLaVA -------------------------------------------------------------------------
+
+tf = pytest.importorskip("transformers")
+IMAGE_TOKEN, PATCHES = 127, 64
+GREEDY = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, num_beams=1)
+
+
+def tiny_llava(seed: int = 0) -> torch.nn.Module:
+    """A CLIP tower (8x8 patches) under a two-layer Llama decoder with rotary positions."""
+    torch.manual_seed(seed)
+    vision = tf.CLIPVisionConfig(image_size=32, patch_size=4, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2)
+    text = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                            image_seq_length=PATCHES, vision_feature_layer=-2,
+                            vision_feature_select_strategy="default")
+    return tf.LlavaForConditionalGeneration(config).eval()
+
+
+def llava_inputs(batch: int = 2) -> dict:
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(1, 100, (batch, 6), generator=g)
+    ids = torch.cat([prompt[:, :2], torch.full((batch, PATCHES), IMAGE_TOKEN), prompt[:, 2:]], dim=1)
+    pixels = torch.randn(batch, 3, 32, 32, generator=g)
+    return dict(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids))
+
+
+def with_turbo_forward(model: torch.nn.Module, **options) -> torch.nn.Module:
+    """A copy whose forward is compiled with turbo (so ``generate`` runs the compiled forward)."""
+    options.setdefault("inner_backend", "eager")
+    fast = copy.deepcopy(model)
+    fast.forward = torch.compile(fast.forward, backend="turbo", options=options)
+    return fast
+
+
+def compaction_report(graphs) -> object:
+    found = [g for g in graphs if g.blocks and g.blocks[0].kind == "placeholders"]
+    assert len(found) == 1, [g.fallback_reason for g in graphs]
+    return found[0]
+
+
+def test_llava_language_model_reads_the_compacted_image_tokens():
+    model, inputs = tiny_llava(), llava_inputs()
+    fast = with_turbo_forward(model, ratio=0.75)
+    with recording() as rec, torch.no_grad():
+        logits = fast(**inputs).logits
+    report = compaction_report(rec.graphs)
+    assert compacted(report) == [("placeholders", PATCHES, 16)]
+    assert "70 -> 22 tokens" in report.mode_note
+    assert report.fallback_reason is None and report.outputs_restored >= 3  # hidden states, keys, values
+    assert logits.shape == (2, 70, 128)
+    # the tower merges too: its tokens are restored where the projector's output is split by image
+    tower = [g for g in rec.graphs if g.blocks and g.blocks[0].kind != "placeholders"]
+    assert len(tower) == 1 and tower[0].fallback_reason is None
+    assert [b.tokens_out for b in tower[0].blocks][-1] < 65
+
+
+def test_llava_ratio_zero_generates_the_unmerged_tokens():
+    model, inputs = tiny_llava(), llava_inputs()
+    with torch.no_grad():
+        want = model.generate(**inputs, **GREEDY)
+        got = with_turbo_forward(model, ratio=0.0).generate(**inputs, **GREEDY)
+    assert torch.equal(got, want)
+
+
+def test_llava_decode_steps_agree_with_a_fresh_compacted_prefill():
+    """Each token ``generate`` picks from the restored cache is the one a full forward of the prompt
+    and the tokens so far picks (compacted the same way, no cache): decode steps see the merged
+    keys with their sizes exactly as the compacted prefill did."""
+    model, inputs = tiny_llava(), llava_inputs()
+    # r=0: the tower stays unmerged, since generate() runs it outside the compiled graphs (Dynamo
+    # hands the backend no tower graph there) while a plain forward compiles it
+    fast = with_turbo_forward(model, r=0, ratio=0.5)
+    with recording() as rec, torch.no_grad():
+        out = fast.generate(**inputs, **GREEDY, output_logits=True, return_dict_in_generate=True)
+    compaction_report(rec.graphs)
+    prompt = inputs["input_ids"].shape[1]
+    with recording() as fresh:
+        for step in range(GREEDY["max_new_tokens"]):
+            ids = out.sequences[:, :prompt + step]
+            with torch.no_grad():
+                logits = fast(input_ids=ids, pixel_values=inputs["pixel_values"],
+                              attention_mask=torch.ones_like(ids)).logits[:, -1]
+            torch.testing.assert_close(out.logits[step], logits, rtol=1e-4, atol=1e-4)
+    # the longer prompts recompile the language model for a symbolic length, and it still compacts
+    lengths = [g.mode_note.split("(")[-1].split(" -> ")[0] for g in fresh.graphs if g.mode_note]
+    assert lengths and not all(length.isdigit() for length in lengths), lengths
+    assert all(g.fallback_reason is None for g in fresh.graphs if g.mode_note)
