@@ -44,7 +44,12 @@ CASES = (
     Case("DINOv3ViTModel", "rotary", "transformers"),
     Case("FluxTransformer2DModel", "rotary, joint image-text attention", "diffusers", dict(RESTORE)),
     Case("SD3Transformer2DModel", "joint image-text attention", "diffusers", dict(RESTORE)),
-    Case("LlavaForConditionalGeneration", "reader reshapes the tokens", "transformers"),
+    Case("LlavaForConditionalGeneration", "reader reshapes the tokens; image tokens in a language model",
+         "transformers", dict(MERGE, ratio=0.5)),
+    Case("PaliGemmaForConditionalGeneration", "image tokens in a prefix language model", "transformers",
+         dict(MERGE, ratio=0.5)),
+    Case("Idefics3ForConditionalGeneration", "image tokens filled in a graph of their own", "transformers",
+         dict(MERGE, ratio=0.5)),
     Case("DPTForDepthEstimation", "reader reshapes the tokens", "transformers"),
     Case("TimesformerModel", "video", "transformers"),
     Case("Siglip2VisionModel", "NaFlex", "transformers"),
@@ -118,6 +123,40 @@ def _llava() -> Built:
     ids = torch.cat([prompt[:, :2], torch.full((2, patches), image_token), prompt[:, 2:]], dim=1)
     inputs = dict(input_ids=ids, pixel_values=_images(2, 32), attention_mask=torch.ones_like(ids))
     return Built(tf.LlavaForConditionalGeneration(config), kwargs=inputs, output=lambda out: out.logits)
+
+
+def _paligemma() -> Built:
+    """A SigLIP tower (8x8 patches) under a Gemma decoder; the image and the prompt's prefix are read
+    both ways (token_type_ids), the answer causally."""
+    import transformers as tf
+
+    vision = dict(HF, image_size=32, patch_size=4)
+    text = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
+                num_key_value_heads=1, head_dim=16)
+    image_token, patches = 299, (32 // 4) ** 2
+    config = tf.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                                projection_dim=48)
+    prompt = torch.randint(2, 200, (2, 8), generator=_generator())
+    ids = torch.cat([torch.full((2, patches), image_token), prompt], dim=1)
+    types = torch.cat([torch.zeros(2, patches + 4), torch.ones(2, 4)], dim=1).long()
+    inputs = dict(input_ids=ids, pixel_values=_images(2, 32), attention_mask=torch.ones_like(ids), token_type_ids=types)
+    return Built(tf.PaliGemmaForConditionalGeneration(config), kwargs=inputs, output=lambda out: out.logits)
+
+
+def _idefics3() -> Built:
+    """SmolVLM's form: a SigLIP-style tower whose tokens a pixel shuffle folds 4 to 1 before a Llama
+    decoder; transformers fills the image tokens in a graph of their own."""
+    import transformers as tf
+
+    vision = dict(HF, image_size=32, patch_size=4)
+    text = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
+                num_key_value_heads=3)
+    image_token, tokens = 299, (32 // 4) ** 2 // 4
+    config = tf.Idefics3Config(vision_config=vision, text_config=text, image_token_id=image_token, scale_factor=2)
+    prompt = torch.randint(2, 200, (1, 9), generator=_generator())
+    ids = torch.cat([prompt[:, :3], torch.full((1, tokens), image_token), prompt[:, 3:]], dim=1)
+    inputs = dict(input_ids=ids, pixel_values=_images(1, 32).unsqueeze(1), attention_mask=torch.ones_like(ids))
+    return Built(tf.Idefics3ForConditionalGeneration(config), kwargs=inputs, output=lambda out: out.logits)
 
 
 def _dpt() -> Built:
@@ -217,6 +256,8 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "DINOv3ViTModel": _dinov3,
     "CLIPVisionModel": _clip_vision,
     "LlavaForConditionalGeneration": _llava,
+    "PaliGemmaForConditionalGeneration": _paligemma,
+    "Idefics3ForConditionalGeneration": _idefics3,
     "DPTForDepthEstimation": _dpt,
     "TimesformerModel": _timesformer,
     "Siglip2VisionModel": _siglip2,

@@ -61,6 +61,17 @@ def find_placeholder_scatter(gm: GraphModule, sites: list[AttentionSite]) -> Opt
     return None
 
 
+def scatter_leaving_graph(gm: GraphModule) -> Optional[Node]:
+    """A placeholder-shaped scatter ([B, L, C] filled from features) whose result is an output of
+    this graph: the language model that reads it runs in another graph, which sees only a plain
+    sequence (Dynamo cut between them), so nothing there marks the placeholders."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    for node in gm.graph.nodes:
+        if is_masked_scatter(node) and len(gu.tensor_shape(node) or ()) == 3 and node in output.all_input_nodes:
+            return node
+    return None
+
+
 def _scatter(node: Node, sites: list[AttentionSite]) -> Optional[PlaceholderScatter]:
     seq, mask, features = node.args[:3]
     shape, feature_shape = gu.tensor_shape(node), gu.tensor_shape(features)

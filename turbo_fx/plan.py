@@ -25,7 +25,7 @@ from turbo_fx.passes.check_masks import check_masks
 from turbo_fx.passes.find_attention import AttentionSite, find_attention_sites
 from turbo_fx.passes.compact_placeholders import compaction_problem
 from turbo_fx.passes.find_components import GridRun, find_grid_runs, find_local_runs
-from turbo_fx.passes.find_placeholders import PlaceholderScatter, find_placeholder_scatter
+from turbo_fx.passes.find_placeholders import PlaceholderScatter, find_placeholder_scatter, scatter_leaving_graph
 from turbo_fx.passes.flop_budget import component_costs, solve_for_graph, solve_generation
 from turbo_fx.passes.graph_traits import GraphTraits, graph_traits
 from turbo_fx.passes.graph_utils import graph_fake_mode
@@ -87,7 +87,12 @@ def analyse(gm: GraphModule, example_inputs: Optional[Sequence[Any]], config: Tu
     try:
         plan.sites = find_attention_sites(gm)
         if not plan.sites:
-            plan.stop = CannotRewrite("no attention site found in the graph")
+            scatter = scatter_leaving_graph(gm)
+            plan.stop = CannotRewrite(
+                f"placeholder tokens filled here ({scatter.name}) leave the graph: the language model that reads "
+                "them is compiled in another graph (a graph break between them), where nothing marks the "
+                "placeholders, so they are not compacted" if scatter is not None else
+                "no attention site found in the graph")
             return plan
         scatter = find_placeholder_scatter(gm, plan.sites)
         # A graph that also holds the tower (BLIP-2 compiles as one) merges the tower's sequence

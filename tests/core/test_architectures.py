@@ -177,6 +177,8 @@ RECENT = {
     "FluxTransformer2DModel": "merge-and-restore",  # joint attention with no grid, then a concatenated stream
     "SD3Transformer2DModel": "merge-and-restore",
     "LlavaForConditionalGeneration": ["merge", "compact"],  # the tower; the language model's image tokens
+    "PaliGemmaForConditionalGeneration": ["merge", "compact"],  # the same, under a prefix-LM mask
+    "Idefics3ForConditionalGeneration": "fallback",  # image tokens filled in a graph of their own
     "DPTForDepthEstimation": "merge",
     "TimesformerModel": "merge-and-restore",  # divided space-time attention, around each spatial attention
     "Siglip2VisionModel": "merge",
