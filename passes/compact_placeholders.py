@@ -29,6 +29,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from turbo_fx import ops
+from turbo_fx.config import TurboConfig
 from turbo_fx.errors import CannotRewrite
 
 from . import graph_utils as gu
@@ -58,7 +59,7 @@ def compaction_problem(scatter: PlaceholderScatter) -> str:
     return ""
 
 
-def insert_compaction(gm: GraphModule, scatter: PlaceholderScatter, kept: int, prop_attn: bool = True) -> CompactionInsertion:
+def insert_compaction(gm: GraphModule, scatter: PlaceholderScatter, kept: int, config: TurboConfig) -> CompactionInsertion:
     """Insert the compaction of ``scatter``'s placeholders into ``kept`` tokens (module docstring)."""
     graph = gm.graph
     result = CompactionInsertion()
@@ -73,23 +74,51 @@ def insert_compaction(gm: GraphModule, scatter: PlaceholderScatter, kept: int, p
         rows = call(ops.placeholder_rows, scatter.mask, filled)
     with graph.inserting_after(rows):
         checked = call(torch.ops.turbo_fx.check_placeholder_count.default, rows, scatter.count)
-    with graph.inserting_after(checked):
-        out = call(ops.compact_placeholders, filled, checked, scatter.count, kept)
+    reads_whole: set[Node] = set()  # the copies that compute the semantic value on every token
+    semantic = _text_semantic(graph, scatter, checked, call, reads_whole) if config.semantic else None
+    after = semantic if semantic is not None else checked
+    with graph.inserting_after(after):
+        out = call(ops.compact_placeholders, filled, checked, scatter.count, kept, semantic, config.fusion,
+                   config.alpha, config.beta, config.gamma)
     with graph.inserting_after(out):
         compacted = call(operator.getitem, out, 0)
     with graph.inserting_after(compacted):
         size, assign, position = (call(operator.getitem, out, i) for i in (1, 2, 3))
         # The original count's (identity) map, by which per-token tables know their row count.
         result.assign_by_count[hint(scatter.length)] = call(ops.initial_assign, filled)
-    inserted = set(result.touched)
+    inserted = set(result.touched) | reads_whole
     filled.replace_all_uses_with(compacted, delete_user_cb=lambda user: user not in inserted)
     result.touched.update(compacted.users)
     result.replaced[compacted] = filled
     result.assign_by_count[hint(scatter.length) - scatter.count + kept] = assign
     for site in scatter.sites:
-        _compact_site_mask(graph, site, scatter.length, position, size, prop_attn, call)
+        _compact_site_mask(graph, site, scatter.length, position, size, config.prop_attn, call)
         result.touched.add(site.attn)
     return result
+
+
+def _text_semantic(graph, scatter: PlaceholderScatter, rows: Node, call, copied: set[Node]) -> Node:
+    """The placeholders' semantic value from the first attention site: its queries and keys
+    recomputed over the uncompacted sequence (copies of their path from the filled sequence; the
+    position tables and weights that path also reads are moved up to be computed first), then how
+    much the text after the placeholders attends to each (``ops.text_attention_to_placeholders``)."""
+    site, filled = scatter.sites[0], scatter.node
+    needed = gu.ancestors(site.q) | gu.ancestors(site.k) | {site.q, site.k}
+    from_filled = gu.descendants(filled)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    anchor = rows
+    for node in sorted(needed - from_filled - {filled}, key=order.get):
+        if node.op not in ("placeholder", "get_attr") and order[node] > order[rows]:
+            anchor.append(node)
+            anchor = node
+    copies: dict[Node, Node] = {}
+    for node in sorted(needed & from_filled, key=order.get):
+        with graph.inserting_after(anchor):
+            copies[node] = anchor = graph.node_copy(node, lambda n: copies.get(n, n))
+    copied.update(copies.values())
+    with graph.inserting_after(anchor):
+        return call(ops.text_attention_to_placeholders, copies[site.q], copies[site.k], rows, scatter.count,
+                    site.scale)
 
 
 def _compact_site_mask(graph, site, length, position: Node, size: Node, prop_attn: bool, call) -> None:

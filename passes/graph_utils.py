@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from turbo_fx import ops
 from turbo_fx.torch_compat import is_fake, sdpa_functions
 
 SDPA_TARGETS = sdpa_functions()
@@ -70,9 +71,12 @@ def set_packed_attention_arg(node: Node, name: str, value: Any) -> None:
 
 
 def is_attention_call(node: Node) -> bool:
-    """An SDPA call, packed attention, or the probabilities-times-values product of explicit
-    attention (a matmul whose first operand is a softmax, or a dropout of one)."""
+    """An SDPA call, packed attention, the probabilities-times-values product of explicit
+    attention (a matmul whose first operand is a softmax, or a dropout of one), or the attention
+    that ranks a language model's placeholder tokens (``ops.text_attention_to_placeholders``)."""
     if is_sdpa(node) or is_packed_attention(node):
+        return True
+    if node.op == "call_function" and node.target is ops.text_attention_to_placeholders:
         return True
     if not is_matmul(node) or not isinstance(node.args[0], Node):
         return False

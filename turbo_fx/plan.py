@@ -137,6 +137,9 @@ def _plan_compaction(plan: GraphPlan, scatter: PlaceholderScatter) -> None:
     ]
     first = scatter.sites[0]
     plan.blocks = [BlockReport(first.index, first.module, PLACEHOLDERS, scatter.count, removed, removed)]
+    plan.semantic_source = (
+        f"the text after the placeholders: how much it attends to each of them at site {first.index}, computed on "
+        "the uncompacted sequence" if config.semantic else "off (semantic=False: redundancy only)")
     slots = scatter.length - removed
     plan.mode_note = (f"placeholder compaction: each row's {scatter.count} placeholder tokens (filled from "
                       f"'{scatter.features.name}') merge into {plan.kept} before the first layer, the other "

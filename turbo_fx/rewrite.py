@@ -106,7 +106,7 @@ def _merge_and_restore(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) ->
 
 def _compact_placeholders(gm: GraphModule, plan: GraphPlan, ctx: RewriteContext) -> PassResult:
     ctx.old_values = recorded_values(gm)
-    ctx.insertion = insert_compaction(gm, plan.scatter, plan.kept, ctx.config.prop_attn)
+    ctx.insertion = insert_compaction(gm, plan.scatter, plan.kept, ctx.config)
     for compacted, filled in ctx.insertion.replaced.items():
         ctx.old_values[compacted] = ctx.old_values[filled]
     return PassResult(len(ctx.insertion.touched))

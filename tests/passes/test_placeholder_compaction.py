@@ -38,12 +38,37 @@ def test_compaction_merges_only_placeholders_and_keeps_position_order():
     torch.testing.assert_close(ops.restore_tokens(out, assign, 1), seq, rtol=0, atol=0)
 
 
-def test_merging_down_to_a_quarter_takes_two_rounds_of_pairs():
+def test_merging_down_to_a_quarter_merges_only_equal_tokens():
     x = torch.randn(1, 4, 3).repeat_interleave(4, dim=1)  # 16 tokens, 4 groups of 4 equal ones
     merged, size, assign = ops.merge_placeholder_tokens(x, 4)
     assert size.tolist() == [[4.0] * 4]
     assert assign.tolist() == [[0] * 4 + [1] * 4 + [2] * 4 + [3] * 4]
     torch.testing.assert_close(merged, x[:, ::4])
+
+
+def test_semantic_value_keeps_an_attended_token_from_merging():
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 16)
+    x[0, 1], x[0, 3] = x[0, 0] + 0.01, x[0, 2] + 0.01  # tokens 0 and 2 are the most redundant
+    _, size, assign = ops.merge_placeholder_tokens(x, 6)
+    assert assign[0, 0] == assign[0, 1] and assign[0, 2] == assign[0, 3]
+    attended = torch.full((1, 8), 0.1 / 7)
+    attended[0, 0] = 0.9  # the text attends to token 0: it keeps its own slot
+    _, size, assign = ops.merge_placeholder_tokens(x, 6, attended, alpha=0.5)
+    assert assign[0].tolist().count(assign[0, 0].item()) == 1 and assign[0, 2] == assign[0, 3]
+
+
+def test_text_attention_ranks_the_placeholders_the_text_after_them_reads():
+    rows = torch.tensor([[False, True, True, True, False, False]])
+    q, k = torch.zeros(1, 2, 6, 4), torch.zeros(1, 1, 6, 4)  # one key head shared by two query heads
+    k[0, 0, 2, 0] = 10.0
+    q[0, :, 4:, 0] = 1.0  # the two text tokens after the image look for key 2
+    value = ops.text_attention_to_placeholders(q, k, rows, 3, None)
+    assert value.shape == (1, 3) and value.sum().item() == pytest.approx(1.0)
+    assert value[0].argmax().item() == 1 and value[0, 1] > 0.9
+    nothing_after = torch.tensor([[False, False, False, True, True, True]])
+    torch.testing.assert_close(ops.text_attention_to_placeholders(q, k, nothing_after, 3, None),
+                               torch.full((1, 3), 1 / 3))
 
 
 def test_compacted_mask_reads_the_original_mask_at_slot_positions():
@@ -195,9 +220,10 @@ def test_llava_decode_steps_agree_with_a_fresh_compacted_prefill():
     and the tokens so far picks (compacted the same way, no cache): decode steps see the merged
     keys with their sizes exactly as the compacted prefill did."""
     model, inputs = tiny_llava(), llava_inputs()
-    # r=0: the tower stays unmerged, since generate() runs it outside the compiled graphs (Dynamo
-    # hands the backend no tower graph there) while a plain forward compiles it
-    fast = with_turbo_forward(model, r=0, ratio=0.5)
+    # r=0: the tower stays unmerged, since generate() encodes the images outside the compiled
+    # forward, while a plain forward compiles the tower too. semantic=False: the semantic value
+    # comes from the text after the image, which a fresh prefill extends with the generated tokens.
+    fast = with_turbo_forward(model, r=0, ratio=0.5, semantic=False)
     with recording() as rec, torch.no_grad():
         out = fast.generate(**inputs, **GREEDY, output_logits=True, return_dict_in_generate=True)
     compaction_report(rec.graphs)

@@ -35,7 +35,7 @@ from .merge import (
     merge_count,
     merge_tokens,
 )
-from .compact import compact_mask, compact_placeholders, check_placeholder_count, merge_placeholder_tokens, placeholder_rows
+from .compact import compact_mask, compact_placeholders, check_placeholder_count, merge_placeholder_tokens, placeholder_rows, text_attention_to_placeholders
 from .grid_merge import cell_offsets, cell_shape, destination_count, cross_attention_saliency, grid_merge, grid_merge_plan, grid_partition, merge_by_plan
 from .merge_step import MergeRecord, _is_fake, merge_block, merge_block_op, record_merges
 from .packed_attention import key_padding_bias, packed_cls_probs, packed_head_mean
@@ -50,6 +50,6 @@ __all__ = [
     "merge_count", "merge_tokens", "MergeRecord", "merge_block", "merge_block_op", "record_merges",
     "weighted_token_mean", "weighted_token_sum", "restore_tokens", "merge_token_rows", "assign_after_prefix", "assign_with_whole_tokens", "destination_token_rows", "cls_attention",
     "cls_attention_from_probs", "_is_fake", "key_padding_bias", "packed_cls_probs", "packed_head_mean",
-    "compact_mask", "compact_placeholders", "check_placeholder_count", "merge_placeholder_tokens", "placeholder_rows",
+    "compact_mask", "compact_placeholders", "check_placeholder_count", "merge_placeholder_tokens", "placeholder_rows", "text_attention_to_placeholders",
     "cell_offsets", "cell_shape", "destination_count", "cross_attention_saliency", "grid_merge", "grid_merge_plan", "grid_partition", "merge_by_plan",
 ]

@@ -46,26 +46,58 @@ def _check_placeholder_count_fake(rows: Tensor, count: int) -> Tensor:
     return torch.empty_like(rows)
 
 
-def merge_placeholder_tokens(x: Tensor, kept: int) -> tuple[Tensor, Tensor, Tensor]:
+def merge_placeholder_tokens(x: Tensor, kept: int, semantic: Tensor | None = None, fusion: str = "sub",
+                             alpha: float = 0.0, beta: float = 1.0, gamma: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """x [B, V, C] merged down to ``kept`` tokens by rounds of bipartite matching on cosine
-    similarity (each round merges at most half, as one block's merge does). Returns (merged
-    [B, kept, C], size [B, kept], assign [B, V]: each token's merged index). Merged tokens keep
-    the order of their surviving members."""
+    similarity, ranked by the information degree when ``semantic`` [B, V] (a distribution over the
+    tokens) is given: a merged token's semantic value is the sum of its members'. A round merges at
+    most half of its candidates (a quarter of the tokens), so that the ranking decides which of
+    them merge; a round that merged them all would leave it nothing to choose. Returns (merged [B, kept, C], size
+    [B, kept], assign [B, V]: each token's merged index). Merged tokens keep the order of their
+    surviving members."""
     batch, count, _ = x.shape
     size = torch.ones(batch, count, dtype=torch.float32, device=x.device)
     assign = torch.arange(count, device=x.device).expand(batch, count)
     n = count
     while n > kept:
-        r = min(n // 2, n - kept)
-        x, size, dest = merge_tokens(x, size, x, None, r, 0)
+        r = min(max(n // 4, 1), n - kept)
+        x, size, dest = merge_tokens(x, size, x, semantic, r, 0, fusion, alpha, beta, gamma)
+        if semantic is not None:
+            semantic = semantic.new_zeros(batch, n - r).scatter_add(1, dest, semantic)
         assign = dest.gather(1, assign)
         n -= r
     return x, size, assign
 
 
-def compact_placeholders(seq: Tensor, mask: Tensor, count: int, kept: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def text_attention_to_placeholders(q: Tensor, k: Tensor, rows: Tensor, count: int, scale: float | None) -> Tensor:
+    """The semantic value of each placeholder token [B, count] (a distribution over them): how much
+    the text tokens after the last placeholder attend to it, causally, averaged over those tokens
+    and the heads. ``q`` [B, H, L, D] and ``k`` [B, H_kv, L or more, D] are a layer's rotated
+    queries and keys over the whole (uncompacted) sequence; keys before the last L (a cache's past)
+    are dropped, key heads shared by several query heads repeated. A row with no text after its
+    placeholders gets the uniform distribution."""
+    batch, heads, length, dim = q.shape
+    k = k[:, :, k.shape[2] - length:]
+    if k.shape[1] != heads:
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    position = torch.arange(length, device=q.device)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else dim ** -0.5)
+    logits = logits.masked_fill(position[None, :] > position[:, None], float("-inf"))
+    seen = logits.softmax(dim=-1).mean(dim=1)  # [B, L queries, L keys]
+    last = torch.where(rows, position, -1).amax(dim=1, keepdim=True)
+    after = (position[None, :] > last).to(seen.dtype)
+    value = (after.unsqueeze(-1) * seen).sum(dim=1) / after.sum(dim=1, keepdim=True).clamp_min(1.0)
+    order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :count]
+    value = value.gather(1, order)
+    total = value.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, value / total.clamp_min(1e-12), torch.full_like(value, 1.0 / count))
+
+
+def compact_placeholders(seq: Tensor, mask: Tensor, count: int, kept: int, semantic: Tensor | None = None,
+                         fusion: str = "sub", alpha: float = 0.0, beta: float = 1.0,
+                         gamma: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``seq`` [B, L, C] with each row's ``count`` placeholder tokens (``mask``) merged into
-    ``kept`` tokens. Returns (compacted [B, L - count + kept, C], size [B, L'] (1 for every text
+    ``kept`` tokens, ranked with ``semantic`` [B, count] when given (``merge_placeholder_tokens``). Returns (compacted [B, L - count + kept, C], size [B, L'] (1 for every text
     token), assign [B, L] (original position -> slot), position [B, L'] (float: a text token's
     own position, a merged token's mean member position))."""
     batch, length, channels = seq.shape
@@ -73,7 +105,8 @@ def compact_placeholders(seq: Tensor, mask: Tensor, count: int, kept: int) -> tu
     # Placeholders first and text after, each in position order (a stable sort of a 0/1 key).
     order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)
     visual, text = order[:, :count], order[:, count:]
-    merged, size, assign_visual = merge_placeholder_tokens(_rows_at(seq, visual), kept)
+    merged, size, assign_visual = merge_placeholder_tokens(_rows_at(seq, visual), kept, semantic, fusion, alpha, beta,
+                                                           gamma)
     member_sum = torch.zeros(batch, kept, device=seq.device).scatter_add(1, assign_visual, visual.to(torch.float32))
     anchor = torch.cat([member_sum / size, text.to(torch.float32)], dim=1)  # items: merged, then text
     slot_item = torch.argsort(anchor, dim=1, stable=True)
