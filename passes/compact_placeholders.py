@@ -2,21 +2,25 @@
 
 Matches the scatter ``find_placeholders`` found. Right after it the graph gets one
 ``compact_placeholders`` call: each row's placeholder tokens (the image's visual tokens) merge
-into ``kept`` tokens by rounds of bipartite matching, the text tokens keep a slot each, and
-every slot stays in position order (a merged token at its members' mean position). Every later
-use of the filled sequence takes the compacted one. A run-time check first makes sure every
-row holds the placeholder count the graph was built for (else the guard runs the call unmerged).
+into ``kept`` tokens by rounds of bipartite matching ranked by the information degree (the
+semantic value: how much the text after the image attends to each placeholder at the first
+attention site, whose query and key paths are copied to run over the uncompacted sequence), the
+text tokens keep a slot each, and every slot stays in position order (a merged token at its
+members' mean position). Every later use of the filled sequence takes the compacted one. A
+run-time check first makes sure every row holds the placeholder count the graph was built for
+(else the guard runs the call unmerged).
 
 Each attention site that reads the sequence gets the mask of the shorter sequence: its own
 mask (causal, padding, prefix) read at each slot's position for queries and keys, or a causal
 mask over slots where it was ``is_causal``, plus the ``log(size)`` key bias of proportional
-attention (``prop_attn``). Per-token tables (rotary cos/sin built for the original positions) are left to
-``propagate_shapes``, which merges them with the compaction's ``assign``; outputs, the key/value
+attention (``prop_attn``). Per-token tables (rotary cos/sin built for the original positions)
+are left to ``propagate_shapes``, which merges them with the compaction's ``assign``; outputs, the key/value
 caches among them, are restored to the original length by ``restore_outputs``, so a cache
 holds each merged key once per member, and a later decode step attending over it sees exactly
 the merged key with its ``log(size)`` bias.
 
-Guarantees: only inserts calls into ``turbo_fx.ops`` and edits the mask arguments of the
+Guarantees: inserts calls into ``turbo_fx.ops`` and copies of the first site's query and key
+paths, moves the position tables those read ahead of them, and edits the mask arguments of the
 reading SDPA calls; returns every node it added or edited and the assign map at the compacted
 length. Shapes downstream are left stale for ``propagate_shapes``.
 """
@@ -44,7 +48,6 @@ class CompactionInsertion:
     touched: set[Node] = field(default_factory=set)
     assign_by_count: dict[int, Node] = field(default_factory=dict)
     replaced: dict[Node, Node] = field(default_factory=dict)  # compacted sequence -> the filled one
-    values: dict[Node, object] = field(default_factory=dict)
 
 
 def compaction_problem(scatter: PlaceholderScatter) -> str:

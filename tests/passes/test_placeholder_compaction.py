@@ -218,8 +218,11 @@ def test_llava_ratio_zero_generates_the_unmerged_tokens():
 def test_llava_decode_steps_agree_with_a_fresh_compacted_prefill():
     """Each token ``generate`` picks from the restored cache is the one a full forward of the prompt
     and the tokens so far picks (compacted the same way, no cache): decode steps see the merged
-    keys with their sizes exactly as the compacted prefill did."""
+    keys with their sizes exactly as the compacted prefill did, in a left-padded row too."""
     model, inputs = tiny_llava(), llava_inputs()
+    ids, mask = inputs["input_ids"].clone(), inputs["attention_mask"].clone()
+    ids[1, 3:], ids[1, :3], mask[1, :3] = inputs["input_ids"][1, :-3], 0, 0  # row 1 left-padded by 3
+    inputs = dict(inputs, input_ids=ids, attention_mask=mask)
     # r=0: the tower stays unmerged, since generate() encodes the images outside the compiled
     # forward, while a plain forward compiles the tower too. semantic=False: the semantic value
     # comes from the text after the image, which a fresh prefill extends with the generated tokens.
@@ -233,7 +236,7 @@ def test_llava_decode_steps_agree_with_a_fresh_compacted_prefill():
             ids = out.sequences[:, :prompt + step]
             with torch.no_grad():
                 logits = fast(input_ids=ids, pixel_values=inputs["pixel_values"],
-                              attention_mask=torch.ones_like(ids)).logits[:, -1]
+                              attention_mask=torch.cat([mask, torch.ones(2, step, dtype=mask.dtype)], 1)).logits[:, -1]
             torch.testing.assert_close(out.logits[step], logits, rtol=1e-4, atol=1e-4)
     # the longer prompts recompile the language model for a symbolic length, and it still compacts
     lengths = [g.mode_note.split("(")[-1].split(" -> ")[0] for g in fresh.graphs if g.mode_note]
