@@ -219,6 +219,18 @@ STUDIES = (
               arg("--batch", type=positive, default=50, help="samples per model call, doubled by guidance (default 50)"),
               arg("--small", action="store_true", help="a tiny untrained model, pixel-space reference (a smoke test)"),
               SEED), defaults={"threads": 1}, renders=True),
+    Study("llava-fidelity", "a LLaVA-style stand-in trained here: answers under visual-token compaction vs "
+          "VisionZip-style selection and pooling", "llava_fidelity", (
+              arg("--test", type=positive, default=1000, help="class-balanced test images (default 1000)"),
+              arg("--ratios", type=ratio, nargs="+", default=[0.5, 0.75, 0.89],
+                  help="fractions of the 256 visual tokens merged away (default 0.5 0.75 0.89: keep 0.5 0.25 "
+                       "0.11); the unmerged model always runs"),
+              arg("--methods", nargs="+", default=["turbo-compact", "turbo-redundancy", "visionzip", "pool"],
+                  choices=("turbo-compact", "turbo-redundancy", "visionzip", "pool"),
+                  help="turbo-compact: turbo's default ranking; turbo-redundancy: semantic=False (default: all)"),
+              arg("--batch", type=positive, default=50, help="images per batch (default 50)"),
+              arg("--small", action="store_true", help="a tiny untrained model on random features (a smoke test)"),
+              SEED), defaults={"threads": 1}, renders=True),
     Study("calibration", "turbo_fx.calibrate on DINOv2-S: does the chosen budget keep its drift on held-out images",
           "calibration", (
               arg("--max-drift", type=float, nargs="+", default=[0.002, 0.005, 0.01, 0.02],
