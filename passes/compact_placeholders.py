@@ -106,7 +106,10 @@ def _text_semantic(graph, scatter: PlaceholderScatter, rows: Node, call, copied:
     position tables and weights that path also reads are moved up to be computed first), then how
     much the text after the placeholders attends to each (``ops.text_attention_to_placeholders``)."""
     site, filled = scatter.sites[0], scatter.node
+    mask = gu.sdpa_arg(site.attn, "attn_mask")
     needed = gu.ancestors(site.q) | gu.ancestors(site.k) | {site.q, site.k}
+    if isinstance(mask, Node):  # it marks padding, which is no text to rank by
+        needed |= gu.ancestors(mask) | {mask}
     from_filled = gu.descendants(filled)
     order = {n: i for i, n in enumerate(graph.nodes)}
     anchor = rows
@@ -121,7 +124,7 @@ def _text_semantic(graph, scatter: PlaceholderScatter, rows: Node, call, copied:
     copied.update(copies.values())
     with graph.inserting_after(anchor):
         return call(ops.text_attention_to_placeholders, copies[site.q], copies[site.k], rows, scatter.count,
-                    site.scale)
+                    site.scale, copies.get(mask, mask))
 
 
 def _compact_site_mask(graph, site, length, position: Node, size: Node, prop_attn: bool, call) -> None:

@@ -66,6 +66,13 @@ def test_text_attention_ranks_the_placeholders_the_text_after_them_reads():
     value = ops.text_attention_to_placeholders(q, k, rows, 3, None)
     assert value.shape == (1, 3) and value.sum().item() == pytest.approx(1.0)
     assert value[0].argmax().item() == 1 and value[0, 1] > 0.9
+    # position 5 is padding (no query may read it): only position 4 ranks, and it reads key 3
+    q[0, :, 5, 0], q[0, :, 4, 0], k[0, 0, 3, 1] = 1.0, 0.0, 10.0
+    q[0, :, 4, 1] = 1.0
+    padding = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    padding[..., 5] = False
+    value = ops.text_attention_to_placeholders(q, k, rows, 3, None, padding)
+    assert value[0].argmax().item() == 2 and value[0, 2] > 0.9
     nothing_after = torch.tensor([[False, False, False, True, True, True]])
     torch.testing.assert_close(ops.text_attention_to_placeholders(q, k, nothing_after, 3, None),
                                torch.full((1, 3), 1 / 3))

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from turbo_fx import torch_compat
 
+from .attention_bias import MASKED_BELOW
 from .merge import merge_tokens
 
 PLACEHOLDER_COUNT_DIFFERS = ("turbo_fx: the rows of the batch hold different numbers of placeholder tokens; the "
@@ -69,13 +70,16 @@ def merge_placeholder_tokens(x: Tensor, kept: int, semantic: Tensor | None = Non
     return x, size, assign
 
 
-def text_attention_to_placeholders(q: Tensor, k: Tensor, rows: Tensor, count: int, scale: float | None) -> Tensor:
+def text_attention_to_placeholders(q: Tensor, k: Tensor, rows: Tensor, count: int, scale: float | None,
+                                   mask: Tensor | None = None) -> Tensor:
     """The semantic value of each placeholder token [B, count] (a distribution over them): how much
     the text tokens after the last placeholder attend to it, causally, averaged over those tokens
     and the heads. ``q`` [B, H, L, D] and ``k`` [B, H_kv, L or more, D] are a layer's rotated
     queries and keys over the whole (uncompacted) sequence; keys before the last L (a cache's past)
-    are dropped, key heads shared by several query heads repeated. A row with no text after its
-    placeholders gets the uniform distribution."""
+    are dropped, key heads shared by several query heads repeated. ``mask`` (the site's own, bool or
+    additive) marks padding: a position no query may read (its column in the last query row, which
+    a causal mask lets read every earlier position) is not text that ranks. A row with no text
+    after its placeholders gets the uniform distribution."""
     batch, heads, length, dim = q.shape
     k = k[:, :, k.shape[2] - length:]
     if k.shape[1] != heads:
@@ -85,7 +89,11 @@ def text_attention_to_placeholders(q: Tensor, k: Tensor, rows: Tensor, count: in
     logits = logits.masked_fill(position[None, :] > position[:, None], float("-inf"))
     seen = logits.softmax(dim=-1).mean(dim=1)  # [B, L queries, L keys]
     last = torch.where(rows, position, -1).amax(dim=1, keepdim=True)
-    after = (position[None, :] > last).to(seen.dtype)
+    after = position[None, :] > last
+    if mask is not None:
+        readable = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))[:, 0, -1, mask.shape[-1] - length:]
+        after = after & (readable if readable.dtype == torch.bool else readable > MASKED_BELOW)
+    after = after.to(seen.dtype)
     value = (after.unsqueeze(-1) * seen).sum(dim=1) / after.sum(dim=1, keepdim=True).clamp_min(1.0)
     order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :count]
     value = value.gather(1, order)
