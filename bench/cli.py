@@ -4,7 +4,7 @@
     turbo-fx eval      --task fashion-mnist --suite full --train 4000 --test 2000
     turbo-fx analyze   --model dinov2-s
     turbo-fx visualize --model dinov2-s --image chelsea --r 16
-    turbo-fx merge-paths | diffusion-speed | diffusion-fidelity | vlm-speed | llava-speed | vlm-eval | rotary-fidelity | joint-dit-fidelity | sweep ...
+    turbo-fx merge-paths | diffusion-speed | diffusion-fidelity | vlm-speed | llava-speed | llava-fidelity | vlm-eval | rotary-fidelity | joint-dit-fidelity | sweep ...
     turbo-fx calibration --max-drift 0.005 0.01
 
 A study is one entry of ``STUDIES``: its name, what it measures, the module whose ``run(args)``

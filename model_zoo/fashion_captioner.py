@@ -41,7 +41,6 @@ decoder's cross-attention sites read the merged tokens with their ``log(size)`` 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -534,19 +533,12 @@ def greedy_captions(model: Callable, pixel_values: torch.Tensor, max_new_tokens:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m turbo_fx.model_zoo.fashion_captioner",
-                                     description="Train the Fashion-MNIST caption decoder on frozen DINOv2 features "
-                                                 "and cache its weights.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="compute (or read) the features, train, save the weights and a JSON of the run")
-    p.add_argument("--train-images", type=int, default=DEFAULT_TRAIN_IMAGES)
-    p.add_argument("--validation-images", type=int, default=DEFAULT_VALIDATION_IMAGES)
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR)
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--out", default=None, help=f"weights file (default: the cache, {weights_path()})")
+    parser, train_parser = training.train_command(
+        "fashion_captioner", "Train the Fashion-MNIST caption decoder on frozen DINOv2 features and cache its weights.",
+        "compute (or read) the features, train, save the weights and a JSON of the run",
+        DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SEED, weights_path())
+    train_parser.add_argument("--train-images", type=int, default=DEFAULT_TRAIN_IMAGES)
+    train_parser.add_argument("--validation-images", type=int, default=DEFAULT_VALIDATION_IMAGES)
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else weights_path()
     print(f"training on {args.train_images} images ({args.validation_images} held out), {args.steps} steps of batch "

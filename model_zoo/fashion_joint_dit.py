@@ -38,7 +38,6 @@ recognisable; sandals, sneakers, bags and boots are rough.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -369,16 +368,10 @@ def load_fashion_joint_dit(cache_dir: Optional[str | os.PathLike] = None, steps:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m turbo_fx.model_zoo.fashion_joint_dit",
-                                     description="Train the Fashion-MNIST joint rotary DiT stand-in and cache its weights.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train and save the weights (and a JSON of the run next to them)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR)
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
-    p.add_argument("--out", default=None, help=f"weights file (default: the cache, {weights_path()})")
+    parser, _ = training.train_command(
+        "fashion_joint_dit", "Train the Fashion-MNIST joint rotary DiT stand-in and cache its weights.",
+        "train and save the weights (and a JSON of the run next to them)",
+        DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SEED, weights_path())
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else weights_path()
     print(f"training {args.steps} steps of batch {args.batch} (seed {args.seed}, {args.threads} thread(s)) -> {out}",

@@ -1,7 +1,9 @@
 """What the stand-ins trained here share: the learning-rate schedule, seeded reshuffling
-batches and the loss log (mean loss per ``log_every`` steps, time left, the final mean)."""
+batches, the loss log (mean loss per ``log_every`` steps, time left, the final mean) and the
+``train`` command line."""
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from typing import Callable, Iterator
@@ -61,3 +63,19 @@ class LossLog:
     def final_loss(self) -> float:
         """The mean of the last 50 losses (NaN before any step)."""
         return round(float(np.mean(self.all[-50:])), 5) if self.all else math.nan
+
+
+def train_command(module: str, description: str, help: str, steps: int, batch: int, lr: float, seed: int,
+                  weights: object) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """``python -m turbo_fx.model_zoo.<module> train``: the parser and its ``train`` subparser with
+    the options every stand-in takes (steps, batch, lr, seed, threads, out: ``weights`` by default);
+    a stand-in adds its own to the subparser."""
+    parser = argparse.ArgumentParser(prog=f"python -m turbo_fx.model_zoo.{module}", description=description)
+    train = parser.add_subparsers(dest="command", required=True).add_parser("train", help=help)
+    train.add_argument("--steps", type=int, default=steps)
+    train.add_argument("--batch", type=int, default=batch)
+    train.add_argument("--lr", type=float, default=lr)
+    train.add_argument("--seed", type=int, default=seed)
+    train.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
+    train.add_argument("--out", default=None, help=f"weights file (default: the cache, {weights})")
+    return parser, train
