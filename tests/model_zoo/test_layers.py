@@ -17,6 +17,7 @@ LAYERS = {
     "fashion_captioner": 2,
     "fashion_rope_vit": 2,
     "fashion_joint_dit": 3,  # builds on fashion_diffusion's training and sampling
+    "fashion_llava": 3,  # builds on fashion_captioner's features, vocabulary and scoring
     "registry": 3,
     "__init__": 4,
 }
