@@ -355,6 +355,8 @@ def _tokens(r: dict) -> str:
     for mode, per_graph in zip(r["mode"], r["tokens_per_block"]):
         if mode == "merge":
             parts.append("→".join(str(n) for n in per_graph))
+        elif mode == "compact":
+            parts.append("→".join(str(n) for n in per_graph) + " image tokens (compacted)")
         else:
             parts.append(", ".join(f"{a}→{b}" for a, b in per_graph) + " (merge and restore)")
     return "; ".join(parts) or "-"
