@@ -408,7 +408,7 @@ def balanced_labels(n: int) -> torch.Tensor:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser, _ = training.train_command(
+    parser = training.train_command(
         "fashion_diffusion", "Train the Fashion-MNIST diffusion stand-in and cache its weights.",
         "train and save the weights (and a JSON of the run next to them)",
         DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SEED, weights_path())

@@ -368,7 +368,7 @@ def load_fashion_joint_dit(cache_dir: Optional[str | os.PathLike] = None, steps:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser, _ = training.train_command(
+    parser = training.train_command(
         "fashion_joint_dit", "Train the Fashion-MNIST joint rotary DiT stand-in and cache its weights.",
         "train and save the weights (and a JSON of the run next to them)",
         DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SEED, weights_path())

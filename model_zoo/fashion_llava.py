@@ -435,12 +435,11 @@ def load_fashion_llava(cache_dir: Optional[str | os.PathLike] = None, log: Calla
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser, train_parser = training.train_command(
+    parser = training.train_command(
         "fashion_llava", "Train the Fashion-MNIST LLaVA stand-in on frozen DINOv2 patch tokens and cache its weights.",
         "compute (or read) the features, train, save the weights and a JSON of the run",
-        DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SEED, weights_path())
-    train_parser.add_argument("--train-images", type=int, default=DEFAULT_TRAIN_IMAGES)
-    train_parser.add_argument("--validation-images", type=int, default=DEFAULT_VALIDATION_IMAGES)
+        DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SEED, weights_path(),
+        (DEFAULT_TRAIN_IMAGES, DEFAULT_VALIDATION_IMAGES))
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else weights_path()
     print(f"training on {args.train_images} images ({args.validation_images} held out), {args.steps} steps of batch "

@@ -371,7 +371,7 @@ def load_fashion_rope_vit(cache_dir: Optional[str | os.PathLike] = None, steps: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser, _ = training.train_command(
+    parser = training.train_command(
         "fashion_rope_vit", "Train the Fashion-MNIST RoPE ViT stand-in and cache its weights.",
         "train, score the test split, and save the weights (and a JSON of the run)",
         DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SEED, weights_path())

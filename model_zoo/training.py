@@ -66,10 +66,10 @@ class LossLog:
 
 
 def train_command(module: str, description: str, help: str, steps: int, batch: int, lr: float, seed: int,
-                  weights: object) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """``python -m turbo_fx.model_zoo.<module> train``: the parser and its ``train`` subparser with
-    the options every stand-in takes (steps, batch, lr, seed, threads, out: ``weights`` by default);
-    a stand-in adds its own to the subparser."""
+                  weights: object, images: tuple[int, int] | None = None) -> argparse.ArgumentParser:
+    """``python -m turbo_fx.model_zoo.<module> train``: the parser with the options every stand-in
+    takes (steps, batch, lr, seed, threads, out: ``weights`` by default), and for a stand-in trained on
+    cached image features, ``images``: the default training and held-out image counts."""
     parser = argparse.ArgumentParser(prog=f"python -m turbo_fx.model_zoo.{module}", description=description)
     train = parser.add_subparsers(dest="command", required=True).add_parser("train", help=help)
     train.add_argument("--steps", type=int, default=steps)
@@ -78,4 +78,7 @@ def train_command(module: str, description: str, help: str, steps: int, batch: i
     train.add_argument("--seed", type=int, default=seed)
     train.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
     train.add_argument("--out", default=None, help=f"weights file (default: the cache, {weights})")
-    return parser, train
+    if images is not None:
+        train.add_argument("--train-images", type=int, default=images[0])
+        train.add_argument("--validation-images", type=int, default=images[1])
+    return parser
